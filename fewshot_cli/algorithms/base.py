@@ -1,0 +1,40 @@
+"""The interface every few-shot algorithm implements; trainer and evaluator know only this."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_cli.data.sampler import Episode
+
+
+class FewShotAlgorithm(nn.Module):
+    """Wraps a plain backbone network and owns the episode logic around it.
+
+    Subclasses implement :meth:`predict`; the default :meth:`loss` is cross-entropy of the query
+    logits. The evaluator calls ``predict`` under ``torch.no_grad()``: an algorithm that needs
+    gradients at test time (MAML's inner loop) turns them back on itself. Every algorithm is
+    built as ``Algo(backbone=..., ways=train.ways, **algo_config)``.
+    """
+
+    def __init__(self, backbone: nn.Module, ways: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.ways = ways
+
+    def predict(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
+                ways: int) -> torch.Tensor:
+        """Logits ``[B, N*Q, ways]`` for the query images of each task in the meta-batch."""
+        raise NotImplementedError
+
+    def loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """The meta-training loss of a meta-batch and the query logits ``[B, N*Q, ways]``."""
+        logits = self.predict(episode.support, episode.support_y, episode.query, episode.ways)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), episode.query_y.flatten())
+        return loss, logits
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-task accuracy ``[B]`` of logits ``[B, M, ways]`` against labels ``[B, M]``."""
+    return (logits.argmax(dim=-1) == labels).float().mean(dim=-1)

@@ -1,0 +1,126 @@
+"""Episodes sampled from a ClassStore by tensor indexing on the training device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from fewshot_cli.data.store import ClassStore
+from fewshot_cli.errors import FewshotError
+
+
+@dataclass
+class Episode:
+    """A meta-batch of ``B`` few-shot tasks (``N`` ways, ``K`` shots, ``Q`` queries per class).
+
+    support ``float [B, N*K, C, H, W]``, support_y ``long [B, N*K]``,
+    query ``float [B, N*Q, C, H, W]``, query_y ``long [B, N*Q]``; labels run 0..N-1 and
+    images are ordered class by class (``support_y[b] == [0]*K + [1]*K + ...``).
+    """
+
+    support: torch.Tensor
+    support_y: torch.Tensor
+    query: torch.Tensor
+    query_y: torch.Tensor
+    ways: int
+    shots: int
+    queries: int
+
+    @property
+    def meta_batch(self) -> int:
+        return self.support.shape[0]
+
+    def to(self, device: torch.device | str) -> Episode:
+        return replace(
+            self,
+            support=self.support.to(device),
+            support_y=self.support_y.to(device),
+            query=self.query.to(device),
+            query_y=self.query_y.to(device),
+        )
+
+
+def check_episode_shape(store: ClassStore, ways: int, shots: int, queries: int, split: str,
+                        prefix: str = "train") -> None:
+    """Raise a FewshotError naming the key when the split cannot supply such episodes."""
+    if ways < 2:
+        raise FewshotError(f"{prefix}.ways={ways} is impossible: an episode needs at least 2 ways")
+    if shots < 1 or queries < 1:
+        raise FewshotError(
+            f"{prefix}.shots={shots} and {prefix}.queries={queries} must both be at least 1"
+        )
+    if ways > store.num_classes:
+        raise FewshotError(
+            f"{prefix}.ways={ways} exceeds the {store.num_classes} classes of the {split} split; "
+            f"lower {prefix}.ways or choose a larger split"
+        )
+    if shots + queries > store.min_images:
+        raise FewshotError(
+            f"{prefix}.shots + {prefix}.queries = {shots + queries} exceeds the {store.min_images} "
+            f"images per class of the {split} split; lower {prefix}.shots or {prefix}.queries"
+        )
+
+
+class EpisodeSampler:
+    """Draws episodes from a split held on ``device`` as uint8; no per-image Python.
+
+    Indices are drawn on the CPU from a seeded generator, so the same seed gives the same
+    episodes on every device, then the images are gathered on the device in one indexing op.
+    """
+
+    def __init__(self, store: ClassStore, ways: int, shots: int, queries: int, meta_batch: int = 1,
+                 device: torch.device | str = "cpu", seed: int = 0, split: str = "train",
+                 prefix: str = "train") -> None:
+        check_episode_shape(store, ways, shots, queries, split, prefix)
+        if meta_batch < 1:
+            raise FewshotError(f"{prefix}.meta_batch={meta_batch} must be at least 1")
+        self.store = store
+        self.ways, self.shots, self.queries, self.meta_batch = ways, shots, queries, meta_batch
+        self.device = torch.device(device)
+        self.images = store.images.to(self.device)
+        self.counts = store.counts.cpu()
+        self.generator = torch.Generator().manual_seed(seed)
+        n, k, q = ways, shots, queries
+        self._support_y = torch.arange(n).repeat_interleave(k).to(self.device)
+        self._query_y = torch.arange(n).repeat_interleave(q).to(self.device)
+
+    def _draw(self, g: torch.Generator, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class indices ``[B, N]`` and distinct image indices ``[B, N, K+Q]`` (on the CPU)."""
+        n, k, q = self.ways, self.shots, self.queries
+        classes = torch.rand(b, self.store.num_classes, generator=g).argsort(dim=1)[:, :n]
+        # A random key per image slot; padding slots of short classes sort last.
+        slots = self.images.shape[1]
+        keys = torch.rand(b, n, slots, generator=g)
+        keys[torch.arange(slots) >= self.counts[classes].unsqueeze(-1)] = 2.0
+        return classes, keys.argsort(dim=-1)[..., : k + q]
+
+    def _gather(self, classes: torch.Tensor, picks: torch.Tensor) -> Episode:
+        b, n, k, q = classes.shape[0], self.ways, self.shots, self.queries
+        classes, picks = classes.to(self.device), picks.to(self.device)
+        images = self.images[classes.unsqueeze(-1), picks]  # [B, N, K+Q, C, H, W]
+        images = images.float().div_(255)
+        shape = images.shape[-3:]
+        return Episode(
+            support=images[:, :, :k].reshape(b, n * k, *shape),
+            support_y=self._support_y.expand(b, -1),
+            query=images[:, :, k:].reshape(b, n * q, *shape),
+            query_y=self._query_y.expand(b, -1),
+            ways=n,
+            shots=k,
+            queries=q,
+        )
+
+    def sample(self) -> Episode:
+        """One meta-batch of ``meta_batch`` random tasks from the sampler's generator."""
+        return self._gather(*self._draw(self.generator, self.meta_batch))
+
+    def fixed(self, episodes: int, seed: int, batch: int | None = None) -> Iterator[Episode]:
+        """``episodes`` tasks, identical for the same seed whatever ``batch`` groups them."""
+        g = torch.Generator().manual_seed(seed)
+        draws = [self._draw(g, 1) for _ in range(episodes)]
+        batch = batch or self.meta_batch
+        for start in range(0, episodes, batch):
+            chunk = draws[start : start + batch]
+            yield self._gather(torch.cat([c for c, _ in chunk]), torch.cat([p for _, p in chunk]))

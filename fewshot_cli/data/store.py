@@ -1,0 +1,169 @@
+"""The in-memory class store: every image of a split, decoded once, as one uint8 tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fewshot_cli.errors import FewshotError
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class ClassStore:
+    """Images of one split grouped by class.
+
+    ``images`` is ``uint8 [classes, max_images, C, H, W]``; class ``c`` owns the first
+    ``counts[c]`` rows (the rest is padding when classes have different image counts).
+    """
+
+    images: torch.Tensor
+    names: list[str]
+    counts: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 5:
+            raise ValueError("ClassStore.images must be uint8 [classes, images, C, H, W]")
+        if len(self.names) != self.images.shape[0]:
+            raise ValueError("ClassStore needs one name per class")
+        if self.counts is None:
+            rows, per_class = self.images.shape[:2]
+            self.counts = torch.full((rows,), per_class, dtype=torch.long)
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[2]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def min_images(self) -> int:
+        return int(self.counts.min()) if self.num_classes else 0
+
+    def select(self, names: list[str]) -> ClassStore:
+        """The sub-store holding the named classes, in the given order."""
+        index = {n: i for i, n in enumerate(self.names)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise FewshotError(f"unknown classes requested: {', '.join(missing[:5])}")
+        rows = torch.tensor([index[n] for n in names], dtype=torch.long)
+        return ClassStore(self.images[rows], list(names), self.counts[rows])
+
+    @staticmethod
+    def concat(stores: list[ClassStore]) -> ClassStore:
+        """All classes of several stores (same image shape) in one store."""
+        width = max(s.images.shape[1] for s in stores)
+        padded = [
+            torch.nn.functional.pad(s.images, (0, 0, 0, 0, 0, 0, 0, width - s.images.shape[1]))
+            for s in stores
+        ]
+        return ClassStore(
+            torch.cat(padded),
+            [n for s in stores for n in s.names],
+            torch.cat([s.counts for s in stores]),
+        )
+
+    def rotated(self, degrees: list[int]) -> ClassStore:
+        """Each rotation by a multiple of 90 degrees becomes a class of its own (Omniglot x4)."""
+        if not degrees or list(degrees) == [0]:
+            return self
+        for d in degrees:
+            if d % 90:
+                raise FewshotError(f"rotations must be multiples of 90 degrees, got {d}")
+        parts = [torch.rot90(self.images, (d // 90) % 4, dims=(-2, -1)) for d in degrees]
+        names = [f"{n}/rot{d:03d}" for d in degrees for n in self.names]
+        return ClassStore(torch.cat(parts), names, self.counts.repeat(len(degrees)))
+
+    def save(self, path: Path) -> None:
+        """Write the store atomically (a reader never sees half a file)."""
+        payload = {"version": CACHE_VERSION, "images": self.images, "names": self.names,
+                   "counts": self.counts}
+        atomic_torch_save(payload, path)
+
+    @staticmethod
+    def load(path: Path, mmap: bool = True) -> ClassStore:
+        """Read a store written by :meth:`save`; the image tensor is memory-mapped."""
+        payload = torch.load(path, mmap=mmap, weights_only=True)
+        if payload.get("version") != CACHE_VERSION:
+            raise ValueError(f"{path} was written by another cache version")
+        return ClassStore(payload["images"], list(payload["names"]), payload["counts"])
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` into a temporary file beside ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write text into a temporary file beside ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fewshot`` (``~/.cache/fewshot`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fewshot"
+
+
+def cache_file(data_root: Path, key: dict) -> Path:
+    """Where the decoded cache for ``key`` lives: next to the data, or in the user cache.
+
+    The key (reader name, source files, image size...) is hashed into the file name, so a
+    change of any of them builds a new cache instead of reading a stale one.
+    """
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"{key.get('reader', 'store')}-{digest}.pt"
+    beside = Path(data_root) / ".fewshot-cache"
+    try:
+        beside.mkdir(parents=True, exist_ok=True)
+        if os.access(beside, os.W_OK):
+            return beside / name
+    except OSError:
+        pass
+    return user_cache_dir() / "stores" / name
+
+
+def cached_store(path: Path, build: Callable[[], ClassStore]) -> ClassStore:
+    """Load the store cached at ``path``, building and saving it first when absent or stale."""
+    if path.exists():
+        try:
+            return ClassStore.load(path)
+        except Exception:  # a cache from another version or a torn copy: rebuild it
+            path.unlink(missing_ok=True)
+    store = build()
+    store.save(path)
+    return ClassStore.load(path)
