@@ -1,0 +1,56 @@
+"""Shared fixtures: the real Omniglot location, and running the real CLI in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def omniglot_dir() -> Path | None:
+    """``$FEWSHOT_DATA/omniglot`` when it holds the real release, else None."""
+    base = os.environ.get("FEWSHOT_DATA")
+    if not base:
+        return None
+    root = Path(base) / "omniglot"
+    return root if (root / "images_background_small1.zip").exists() else None
+
+
+@pytest.fixture
+def omniglot_root() -> Path:
+    root = omniglot_dir()
+    if root is None:
+        pytest.skip("real Omniglot not found: set FEWSHOT_DATA to a folder holding omniglot/ "
+                    "(.ci/run points it at ../shared/data)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Decoded caches of the tests go to one session-wide temporary folder."""
+    cache = tmp_path_factory.getbasetemp() / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``fewshot <args>`` as a user would, from ``cwd``; returns the finished process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fewshot_cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path: Path):
+    """``cli("train", "dataset=glyphs", ...)`` runs the real CLI inside a temp folder."""
+
+    def run(*args: str, env: dict | None = None, cwd: Path | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+        return run_cli(list(args), cwd or tmp_path, timeout=timeout, env=env)
+
+    return run
