@@ -17,6 +17,13 @@ from fewshot_cli.errors import FewshotError
 CACHE_VERSION = 1
 
 
+def _umask_mode() -> int:
+    """The mode a plain ``open(..., "w")`` would give a new file (mkstemp makes it 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @dataclass
 class ClassStore:
     """Images of one split grouped by class.
@@ -113,6 +120,7 @@ def atomic_torch_save(obj: object, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -127,6 +135,7 @@ def atomic_write_text(text: str, path: Path) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
