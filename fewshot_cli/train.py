@@ -76,7 +76,15 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         start, best = state["step"], state["best"]
         log.info("resuming from step %d in %s", start, run_dir)
 
+    def diverged(what: str, step: int) -> FewshotError:
+        kept = run_dir / "last.pt"
+        return FewshotError(
+            f"{what} at step {step}; stopped without saving, the last good checkpoint is "
+            f"{kept if kept.exists() else 'none yet'}; lower train.lr or set train.grad_clip")
+
     def checkpoint(name: str, step: int) -> Path:
+        if not all(torch.isfinite(p).all() for p in algo.parameters()):
+            raise diverged("the weights became NaN or infinite", step)
         path = run_dir / name
         save_checkpoint(path, {
             "config": OmegaConf.to_container(cfg, resolve=True),
@@ -119,11 +127,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
             with autocast():
                 loss, logits = algo.loss(episode)
             if not torch.isfinite(loss):
-                kept = run_dir / "last.pt"
-                raise FewshotError(
-                    f"the training loss became {loss.item()} at step {step}; stopped without "
-                    f"saving, the last good checkpoint is {kept if kept.exists() else 'none yet'}"
-                    "; lower train.lr or set train.grad_clip")
+                raise diverged(f"the training loss became {loss.item()}", step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip:
