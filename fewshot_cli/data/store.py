@@ -158,12 +158,18 @@ def cache_file(data_root: Path, key: dict) -> Path:
     name = f"{key.get('reader', 'store')}-{digest}.pt"
     beside = Path(data_root) / ".fewshot-cache"
     try:
-        beside.mkdir(parents=True, exist_ok=True)
-        if os.access(beside, os.W_OK):
-            return beside / name
+        if beside.is_dir() or _writable(Path(data_root)):
+            beside.mkdir(parents=True, exist_ok=True)
+            if _writable(beside):
+                return beside / name
     except OSError:
         pass
     return user_cache_dir() / "stores" / name
+
+
+def _writable(folder: Path) -> bool:
+    """We may write into ``folder`` and it is not marked read-only (root could, but must not)."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
 def cached_store(path: Path, build: Callable[[], ClassStore]) -> ClassStore:

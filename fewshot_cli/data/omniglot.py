@@ -1,0 +1,362 @@
+"""Omniglot (Lake et al. 2015) from the official release, as zips or extracted folders.
+
+The release has four sources, each ``<name>/<Alphabet>/<characterNN>/<drawer>_<nn>.png`` (20
+drawers per character, 105x105 px): ``images_background`` (30 alphabets, 964 characters),
+``images_evaluation`` (20 alphabets, 659 characters) and the two small background subsets
+``images_background_small1`` / ``images_background_small2``. A source is read from the folder
+``root/<name>`` or, failing that, straight out of ``root/<name>.zip``. Each source is decoded once
+per image size and cached; a class is named ``<source>/<Alphabet>/<characterNN>``.
+
+Splits (``dataset.split``):
+
+* ``vinyals`` — Vinyals et al. 2016, as shipped by Snell et al.'s prototypical-networks repo
+  (``data/omniglot/splits/vinyals/*.txt``) and torchmeta (``assets/omniglot/*.json``): over all
+  1623 characters, val = the 172 characters of five background alphabets (Armenian, Bengali,
+  Early_Aramaic, Hebrew, Mkhedruli_(Georgian)), test = the last 423 characters of
+  ``images_evaluation`` in sorted (alphabet, character) order (Gurmukhi/character42 to ULOG),
+  train = the other 1028 (25 background alphabets + evaluation up to Gurmukhi/character41).
+* ``lake`` — train on all 30 ``images_background`` alphabets; as in Koch et al. 2015, the 20
+  ``images_evaluation`` alphabets are halved in sorted order: val = the first 10 (Angelic ...
+  Keble), test = the last 10 (Malayalam ... ULOG).
+* ``minimal`` — train on ``images_background_small1`` (5 alphabets, 136 characters); val and
+  test are the SAME 106 characters: the alphabets of ``images_background_small2`` that small1
+  lacks (Japanese_(katakana), Sanskrit, Tagalog), so only the two small zips are needed.
+* ``custom`` — ``dataset.alphabets: {train: [...], val: [...], test: [...]}``, alphabet names
+  looked up in the sources present (the full sets first, then small1, small2).
+
+Training rotations (``dataset.rotations``) make each rotation of a train character a class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fewshot_cli.data.base import SPLITS, FewShotDataset
+from fewshot_cli.data.store import ClassStore, cache_file, cached_store
+from fewshot_cli.errors import FewshotError
+
+log = logging.getLogger(__name__)
+
+# Official zips and their md5 (the first two as in torchvision.datasets.Omniglot).
+MD5 = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+    "images_background_small1": "e704a628b5459e08445c13499850abc4",
+    "images_background_small2": "b75a71a51d3b13f821f212756fe481fd",
+}
+URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}.zip"
+FULL = ("images_background", "images_evaluation")
+VINYALS_VAL = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
+VINYALS_TEST = 423  # the last characters of images_evaluation in sorted order
+RESAMPLE = "lanczos"  # part of the cache key: another filter means another cache
+PARALLEL_FROM = 2000  # below this many images a process pool costs more than it saves
+FIX = "set dataset.root=<folder with the release> or use dataset=glyphs"
+
+
+def _alphabet(name: str) -> str:
+    return name.split("/")[1]
+
+
+@dataclass
+class Source:
+    """One part of the release on disk: a folder or a zip, and its characters' image files."""
+
+    name: str
+    path: Path
+    is_zip: bool
+    files: dict[str, list[str]]  # class name -> image paths (relative to folder / zip members)
+
+    @staticmethod
+    def open(root: Path, name: str) -> Source | None:
+        """The source ``name`` under ``root`` (folder preferred over zip), or None if absent."""
+        folder, archive = root / name, root / f"{name}.zip"
+        if folder.is_dir():
+            return Source(name, folder, False, _list_folder(folder, name))
+        if archive.is_file():
+            return Source(name, archive, True, _list_zip(archive, name))
+        return None
+
+    def fingerprint(self) -> str:
+        """Changes when any image file is added, removed, resized or touched."""
+        h = hashlib.sha1()
+        if self.is_zip:
+            st = self.path.stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            for rel in (f for files in self.files.values() for f in files):
+                st = (self.path / rel).stat()
+                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def where(self, rel: str) -> str:
+        """How the user finds one image: its path, or the zip and the member."""
+        return f"{self.path}:{rel}" if self.is_zip else str(self.path / rel)
+
+
+def _list_folder(folder: Path, name: str) -> dict[str, list[str]]:
+    files: dict[str, list[str]] = {}
+    for alphabet in sorted(e.name for e in os.scandir(folder) if e.is_dir()):
+        for char in sorted(e.name for e in os.scandir(folder / alphabet) if e.is_dir()):
+            pngs = sorted(e.name for e in os.scandir(folder / alphabet / char)
+                          if e.name.endswith(".png"))
+            if pngs:
+                files[f"{name}/{alphabet}/{char}"] = [f"{alphabet}/{char}/{p}" for p in pngs]
+    return files
+
+
+def _list_zip(archive: Path, name: str) -> dict[str, list[str]]:
+    try:
+        with zipfile.ZipFile(archive) as z:
+            members = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise FewshotError(f"{archive} is not a readable zip ({e}); replace it with the official "
+                           f"{archive.name} or {FIX}") from None
+    files: dict[str, list[str]] = {}
+    for m in sorted(members):
+        parts = m.split("/")
+        # <top>/<Alphabet>/<character>/<file>.png; the top folder's name does not matter
+        if len(parts) == 4 and parts[3].endswith(".png") and not m.startswith("__MACOSX"):
+            files.setdefault(f"{name}/{parts[1]}/{parts[2]}", []).append(m)
+    return files
+
+
+def _decode(path: str, is_zip: bool, rels: list[str], size: int) -> bytes:
+    """Grayscale ``size`` x ``size`` pixels of each image, concatenated (a pool worker's job)."""
+    out = bytearray()
+    archive = zipfile.ZipFile(path) if is_zip else None
+    try:
+        for rel in rels:
+            try:
+                raw = archive.read(rel) if archive else Path(path, rel).read_bytes()
+                with Image.open(io.BytesIO(raw)) as img:
+                    img = img.convert("L")
+                    if img.size != (size, size):
+                        img = img.resize((size, size), Image.Resampling.LANCZOS)
+                    out += img.tobytes()
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
+                where = f"{path}:{rel}" if archive else str(Path(path, rel))
+                raise FewshotError(f"cannot decode the Omniglot image {where} ({e}); restore it "
+                                   "from the official release under dataset.root") from None
+    finally:
+        if archive:
+            archive.close()
+    return bytes(out)
+
+
+def _workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def decode_source(source: Source, size: int) -> ClassStore:
+    """Decode every image of ``source`` at ``size`` px into a ClassStore (parallel when big)."""
+    names = list(source.files)
+    rels = [r for n in names for r in source.files[n]]
+    counts = torch.tensor([len(source.files[n]) for n in names], dtype=torch.long)
+    path, workers = str(source.path), min(_workers(), 8)
+    if workers > 1 and len(rels) >= PARALLEL_FROM:
+        step = -(-len(rels) // (workers * 4))
+        chunks = [rels[i : i + step] for i in range(0, len(rels), step)]
+        # fork: workers need no torch and start instantly (DataLoader's default on Linux too)
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            parts = list(pool.map(_decode, repeat(path), repeat(source.is_zip), chunks,
+                                  repeat(size)))
+    else:
+        parts = [_decode(path, source.is_zip, rels, size)]
+    flat = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+    flat = flat.view(len(rels), 1, size, size)
+    # Characters normally all have 20 drawers; pad the odd short one (counts marks the padding).
+    width = int(counts.max())
+    images = torch.zeros(len(names), width, 1, size, size, dtype=torch.uint8)
+    slot = torch.arange(width).expand(len(names), width) < counts.unsqueeze(1)
+    images[slot] = flat
+    return ClassStore(images, names, counts)
+
+
+def _fetch(url: str, dest: Path) -> None:
+    """Download ``url`` into ``dest`` (tests replace this: they have no network)."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+        shutil.copyfileobj(response, f, 1 << 20)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(root: Path, name: str) -> Path:
+    """Fetch the official ``<name>.zip`` into ``root``, check its md5, and move it in place."""
+    url = URL.format(name=name)
+    log.info("downloading %s into %s", url, root)
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
+        os.close(fd)
+        _fetch(url, Path(tmp))
+    except Exception as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise FewshotError(f"Omniglot's {name} is not in {root} and downloading {url} failed "
+                           f"({e}); {FIX}") from None
+    digest = _md5(Path(tmp))
+    if digest != MD5[name]:
+        Path(tmp).unlink(missing_ok=True)
+        raise FewshotError(f"the downloaded {name}.zip has md5 {digest}, not the official "
+                           f"{MD5[name]}, so it was discarded; retry, or {FIX}")
+    target = root / f"{name}.zip"
+    os.replace(tmp, target)
+    return target
+
+
+class Omniglot(FewShotDataset):
+    """Omniglot characters as classes, 20 drawings each: uint8 ``[chars, 20, 1, S, S]``."""
+
+    def __init__(self, root: str, split: str = "vinyals", alphabets: dict | None = None,
+                 image_size: int = 28, rotations: list[int] | tuple[int, ...] = (0,),
+                 download: bool = True) -> None:
+        self.rules: dict[str, Callable[[str], list[str]]] = {
+            "vinyals": self._vinyals, "lake": self._lake, "minimal": self._minimal,
+            "custom": self._custom,
+        }
+        if split not in self.rules:
+            raise FewshotError(f"dataset.split={split} is unknown; choose one of "
+                               f"{', '.join(self.rules)}")
+        if not isinstance(image_size, int) or image_size < 1:
+            raise FewshotError(f"dataset.image_size={image_size} must be a positive integer")
+        self.root = Path(os.path.expanduser(str(root)))
+        self.split, self.image_size, self.download = split, image_size, bool(download)
+        self.rotations = [int(r) for r in rotations]
+        self.alphabets = self._check_alphabets(alphabets) if split == "custom" else None
+        self._sources: dict[str, Source] = {}
+        self._stores: dict[str, ClassStore] = {}
+
+    @staticmethod
+    def _check_alphabets(alphabets: dict | None) -> dict[str, list[str]]:
+        usage = "set dataset.alphabets={train: [...], val: [...], test: [...]}"
+        if alphabets is None or any(s not in alphabets for s in SPLITS):
+            raise FewshotError(f"dataset.alphabets needs alphabets for train, val and test "
+                               f"when dataset.split=custom; {usage}")
+        chosen = {s: [str(a) for a in alphabets[s]] for s in SPLITS}
+        shared = set(chosen["train"]) & (set(chosen["val"]) | set(chosen["test"]))
+        if shared:
+            raise FewshotError(f"dataset.alphabets lists {', '.join(sorted(shared))} for training "
+                               "and evaluation; keep the train alphabets apart from val/test")
+        return chosen
+
+    def load(self, split: str) -> ClassStore:
+        """The classes of ``split`` (train/val/test); train includes the rotated copies."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        names = self.rules[self.split](split)
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(n.split("/")[0], []).append(n)
+        store = ClassStore.concat([self._store(src).select(ns) for src, ns in groups.items()])
+        return store.rotated(self.rotations) if split == "train" else store
+
+    # ---- sources: located, downloaded when missing, decoded once per image size
+
+    def _present(self, name: str) -> Source | None:
+        if name not in self._sources:
+            source = Source.open(self.root, name)
+            if source is None:
+                return None
+            self._sources[name] = source
+        return self._sources[name]
+
+    def _source(self, name: str) -> Source:
+        if self._present(name) is None:
+            if not self.download:
+                raise FewshotError(f"Omniglot's {name} (folder or .zip) is not in {self.root} "
+                                   f"and dataset.download=false; {FIX}")
+            download(self.root, name)
+        return self._present(name)
+
+    def _characters(self, name: str) -> list[str]:
+        """Class names of source ``name``, sorted by (alphabet, character)."""
+        return list(self._source(name).files)
+
+    def _store(self, name: str) -> ClassStore:
+        if name not in self._stores:
+            source = self._source(name)
+            key = {"reader": "omniglot", "source": name, "image_size": self.image_size,
+                   "resample": RESAMPLE, "fingerprint": source.fingerprint()}
+
+            def build() -> ClassStore:
+                log.info("decoding %s at %d px once (cached for later runs)", name,
+                         self.image_size)
+                return decode_source(source, self.image_size)
+
+            self._stores[name] = cached_store(cache_file(self.root, key), build)
+        return self._stores[name]
+
+    # ---- split rules: split -> class names
+
+    def _vinyals(self, split: str) -> list[str]:
+        if split in ("train", "val"):
+            background = self._characters("images_background")
+            found = {_alphabet(c) for c in background}
+            missing = [a for a in VINYALS_VAL if a not in found]
+            if missing:
+                raise FewshotError(f"dataset.split=vinyals needs the full images_background, but "
+                                   f"{', '.join(missing)} is missing under {self.root}; {FIX}")
+            if split == "val":
+                return [c for c in background if _alphabet(c) in VINYALS_VAL]
+        evaluation = self._characters("images_evaluation")
+        if len(evaluation) <= VINYALS_TEST:
+            raise FewshotError(f"dataset.split=vinyals needs the full images_evaluation (659 "
+                               f"characters) but {self.root} holds {len(evaluation)}; {FIX}")
+        if split == "test":
+            return evaluation[-VINYALS_TEST:]
+        return [c for c in background if _alphabet(c) not in VINYALS_VAL] + \
+            evaluation[:-VINYALS_TEST]
+
+    def _lake(self, split: str) -> list[str]:
+        if split == "train":
+            return self._characters("images_background")
+        evaluation = self._characters("images_evaluation")
+        alphabets = sorted({_alphabet(c) for c in evaluation})
+        half = set(alphabets[: len(alphabets) // 2])
+        return [c for c in evaluation if (_alphabet(c) in half) == (split == "val")]
+
+    def _minimal(self, split: str) -> list[str]:
+        small1 = self._characters("images_background_small1")
+        if split == "train":
+            return small1
+        seen = {_alphabet(c) for c in small1}
+        return [c for c in self._characters("images_background_small2")
+                if _alphabet(c) not in seen]
+
+    def _custom(self, split: str) -> list[str]:
+        present = [n for n in MD5 if self._present(n) is not None] or list(FULL)
+        owner: dict[str, str] = {}  # alphabet -> first source holding it
+        for name in present:
+            for c in self._characters(name):
+                owner.setdefault(_alphabet(c), name)
+        unknown = [a for a in self.alphabets[split] if a not in owner]
+        if unknown:
+            raise FewshotError(f"dataset.alphabets.{split} names {', '.join(unknown)}, not found "
+                               f"in {self.root}; choose from {', '.join(sorted(owner))}")
+        wanted = self.alphabets[split]
+        return [c for a in wanted for c in self._characters(owner[a]) if _alphabet(c) == a]
