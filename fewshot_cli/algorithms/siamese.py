@@ -1,0 +1,105 @@
+"""Siamese Networks for one-shot recognition (Koch, Zemel & Salakhutdinov, 2015)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.data.sampler import Episode
+
+
+def random_affine(images: torch.Tensor, prob: float = 0.5) -> torch.Tensor:
+    """Koch et al.'s distortions of ``[M, C, H, W]``: each of rotation (±10°), shear (±0.3),
+    scale (0.8-1.2) and translation (±2 px) is applied independently with probability ``prob``.
+    """
+    m, _, h, w = images.shape
+    opts = {"device": images.device, "dtype": images.dtype}
+
+    def draw(low: float, high: float, neutral: float, n: int = 1) -> torch.Tensor:
+        value = torch.empty(m, n, **opts).uniform_(low, high)
+        keep = torch.rand(m, 1, **opts) < prob
+        return torch.where(keep, value, torch.full_like(value, neutral))
+
+    angle = draw(-math.pi / 18, math.pi / 18, 0.0)[:, 0]
+    shear = draw(-0.3, 0.3, 0.0, 2)
+    scale = draw(0.8, 1.2, 1.0, 2)
+    shift = draw(-2.0, 2.0, 0.0, 2) * torch.tensor([2 / w, 2 / h], **opts)  # pixels -> [-1, 1]
+    cos, sin = angle.cos(), angle.sin()
+    rotation = torch.stack([cos, -sin, sin, cos], dim=-1).view(m, 2, 2)
+    shearing = torch.stack([torch.ones_like(cos), shear[:, 0], shear[:, 1],
+                            torch.ones_like(cos)], dim=-1).view(m, 2, 2)
+    linear = rotation @ shearing @ torch.diag_embed(scale)
+    theta = torch.cat([linear, shift.unsqueeze(-1)], dim=-1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # Border padding repeats the background instead of drawing a dark frame.
+    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
+class SiameseNet(FewShotAlgorithm):
+    """Twin embeddings compared by a weighted L1 distance and a sigmoid: p(same class).
+
+    Trained with binary cross-entropy on balanced same/different pairs drawn inside each
+    episode; a query is classified by its most similar support image (one-shot N-way).
+    """
+
+    def __init__(self, backbone: nn.Module, ways: int, distortions: bool = False,
+                 distortion_prob: float = 0.5) -> None:
+        super().__init__(backbone, ways)
+        self.distance = nn.Linear(backbone.out_features, 1)  # the weights alpha_j of the L1
+        self.distortions = distortions
+        self.distortion_prob = distortion_prob
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``[..., C, H, W]`` images to codes ``[..., D]``."""
+        return self.backbone(images.flatten(0, -4)).flatten(1).view(*images.shape[:-3], -1)
+
+    def pair_logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Same-class logits ``[..., P, R]`` of every code of ``a [..., P, D]`` with ``b``."""
+        # sum_j w_j |a_j - b_j| split by the sign of w_j: two L1 distances of rescaled codes,
+        # so no [P, R, D] tensor is ever built (20-way 5-shot at D=4096 would not fit).
+        w = self.distance.weight[0]
+        pos, neg = w.clamp_min(0), (-w).clamp_min(0)
+        return (torch.cdist(a * pos, b * pos, p=1) - torch.cdist(a * neg, b * neg, p=1)
+                + self.distance.bias)
+
+    def class_scores(self, support: torch.Tensor, support_y: torch.Tensor,
+                     query: torch.Tensor, ways: int) -> torch.Tensor:
+        """``[B, Q, ways]``: for each class, the logit of its most similar support image."""
+        logits = self.pair_logits(query, support)  # [B, Q, M]
+        own = F.one_hot(support_y, ways).bool().unsqueeze(1)  # [B, 1, M, ways]
+        return logits.unsqueeze(-1).masked_fill(~own, float("-inf")).amax(dim=2)
+
+    def predict(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
+                ways: int) -> torch.Tensor:
+        return self.class_scores(self.embed(support), support_y, self.embed(query), ways)
+
+    def loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, k, q = episode.meta_batch, episode.ways, episode.shots, episode.queries
+        shape = episode.support.shape[-3:]
+        images = torch.cat([episode.support.view(b, n, k, *shape),
+                            episode.query.view(b, n, q, *shape)], dim=2)  # [B, N, K+Q, ...]
+        if self.distortions:
+            images = random_affine(images.flatten(0, 2), self.distortion_prob).view_as(images)
+        codes = self.embed(images)  # [B, N, S, D] with S = K + Q images per class
+        s = k + q
+        # Each image is paired once with another image of its class and once with an image of
+        # another class: balanced pairs, and no image is paired with itself.
+        cls = torch.arange(n, device=codes.device).view(1, n, 1).expand(b, n, s)
+        idx = torch.arange(s, device=codes.device).view(1, 1, s).expand(b, n, s)
+        same_idx = (idx + torch.randint(1, s, idx.shape, device=codes.device)) % s
+        other_cls = (cls + torch.randint(1, n, cls.shape, device=codes.device)) % n
+        other_idx = torch.randint(0, s, idx.shape, device=codes.device)
+        batch = torch.arange(b, device=codes.device).view(b, 1, 1).expand(b, n, s)
+        partners = torch.cat([codes[batch, cls, same_idx], codes[batch, other_cls, other_idx]])
+        anchors = torch.cat([codes, codes])
+        logits = self.distance((anchors - partners).abs()).squeeze(-1)
+        target = torch.cat([torch.ones_like(logits[:b]), torch.zeros_like(logits[b:])])
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        with torch.no_grad():
+            scores = self.class_scores(codes[:, :, :k].flatten(1, 2), episode.support_y,
+                                       codes[:, :, k:].flatten(1, 2), n)
+        return loss, scores

@@ -1,0 +1,391 @@
+"""miniImageNet (Vinyals et al. 2016) with the Ravi & Larochelle (2017) split, from the user's copy.
+
+100 ImageNet classes of 600 images at 84x84: 64 train, 16 val, 20 test classes. fewshot never
+downloads it (there is no official mirror); build it from ILSVRC-2012 with
+``scripts/prepare_miniimagenet.py`` or point ``dataset.root`` at a copy in one of the layouts
+people have, looked up per split in this order (``dataset.layout=auto``):
+
+* ``csv`` — ``root/{train,val,test}.csv`` (``filename,label`` rows, as in Ravi & Larochelle's
+  repository) and the images in ``root/images/<filename>`` or ``root/images/<label>/<filename>``;
+* ``pickle`` — ``root/mini-imagenet-cache-{train,val,test}.pkl``, dicts holding ``image_data``
+  (uint8 ``[N, 84, 84, 3]``) and ``class_dict`` (wnid -> image indices), as in Ren et al. 2018;
+* ``folders`` — ``root/{train,val,test}/<wnid>/*.jpg`` (or ``.jpeg``/``.png``).
+
+Each split is decoded once per image size into a uint8 ClassStore cached beside the data (or in
+the user cache); later runs memory-map that file and start in seconds. ``augment`` turns on
+training-only augmentation applied to whole episodes on the device (:meth:`train_transform`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import multiprocessing
+import os
+import pickle
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fewshot_cli.data.base import SPLITS, FewShotDataset
+from fewshot_cli.data.store import ClassStore, cache_file, cached_store
+from fewshot_cli.errors import FewshotError
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("csv", "pickle", "folders")
+RAVI_CLASSES = {"train": 64, "val": 16, "test": 20}
+IMAGES_PER_CLASS = 600
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+RESAMPLE = "lanczos"  # part of the cache key: another filter means another cache
+PARALLEL_FROM = 1000  # below this many images a process pool costs more than it saves
+AUGMENT_KEYS = {"crop_padding": 0, "flip": False, "color_jitter": 0.0}
+# The numpy objects an array pickle refers to; anything else could run code, so it is refused.
+PICKLE_GLOBALS = {
+    (mod, name)
+    for base in ("numpy.core", "numpy._core")
+    for mod, name in ((f"{base}.multiarray", "_reconstruct"), (f"{base}.multiarray", "scalar"),
+                      (f"{base}.numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+def _pickle_name(split: str) -> str:
+    return f"mini-imagenet-cache-{split}.pkl"
+
+
+def missing_message(root: Path, split: str) -> str:
+    """The one sentence shown when no layout holds ``split`` under ``root``."""
+    return (f"miniImageNet's {split} split was not found under dataset.root={root}: put there "
+            f"either images/ with {split}.csv, or {_pickle_name(split)}, or a {split}/<wnid>/*.jpg "
+            "folder tree; fewshot never downloads miniImageNet, so build it from your ILSVRC-2012 "
+            "train folder with scripts/prepare_miniimagenet.py and set dataset.root to the result")
+
+
+# ---------------------------------------------------------------- listing image files
+
+
+def _list_csv(csv_path: Path, images: Path) -> dict[str, list[Path]]:
+    """Class (wnid) -> image paths of a Ravi & Larochelle csv, in file order."""
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FewshotError(f"cannot read {csv_path} ({e}); restore it from Ravi & Larochelle's "
+                           "split files under dataset.root") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["filename", "label"]:
+        rows = rows[1:]
+    bad = next((i for i, r in enumerate(rows) if len(r) < 2 or not r[0] or not r[1]), None)
+    if bad is not None or not rows:
+        where = f"row {bad + 2}" if bad is not None else "it has no rows"
+        raise FewshotError(f"{csv_path} is not a filename,label split file ({where}); restore it "
+                           "from Ravi & Larochelle's split files under dataset.root")
+    # Some copies keep images/<filename>, others images/<wnid>/<filename>: decided once.
+    nested = not (images / rows[0][0]).exists() and (images / rows[0][1] / rows[0][0]).exists()
+    files: dict[str, list[Path]] = {}
+    for name, label in rows:
+        files.setdefault(label, []).append(images / label / name if nested else images / name)
+    return files
+
+
+def _list_folders(folder: Path) -> dict[str, list[Path]]:
+    """Class (sub-folder name) -> its image files, both sorted by name."""
+    files: dict[str, list[Path]] = {}
+    for cls in sorted(e.name for e in os.scandir(folder) if e.is_dir()):
+        images = sorted(e.name for e in os.scandir(folder / cls)
+                        if e.name.lower().endswith(EXTENSIONS) and not e.name.startswith("."))
+        if images:
+            files[cls] = [folder / cls / n for n in images]
+    return files
+
+
+def _fingerprint(files: dict[str, list[Path]]) -> str:
+    """Changes when any image is added, removed, renamed, resized or touched."""
+    h = hashlib.sha1()
+    for cls, paths in files.items():
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:
+                raise FewshotError(f"the miniImageNet image {p} (class {cls}) is missing; restore "
+                                   "it or rebuild the data set with "
+                                   "scripts/prepare_miniimagenet.py") from None
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _decode(paths: list[str], size: int) -> bytes:
+    """RGB ``size`` x ``size`` pixels of each image, channel-major, concatenated (a pool job)."""
+    out = bytearray()
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale still >= size
+                img = img.convert("RGB")
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.Resampling.LANCZOS)
+                for band in img.split():  # [C, H, W] order, as the store keeps it
+                    out += band.tobytes()
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
+            raise FewshotError(f"cannot decode the miniImageNet image {path} ({e}); replace it "
+                               "with a good copy or rebuild with scripts/prepare_miniimagenet.py"
+                               ) from None
+    return bytes(out)
+
+
+def _workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _empty_store(counts: torch.Tensor, channels: int, size: int) -> tuple[torch.Tensor,
+                                                                            torch.Tensor]:
+    """A zeroed ``[classes, max_count, C, S, S]`` tensor and each image's row in its flat view."""
+    width = int(counts.max())
+    images = torch.zeros(len(counts), width, channels, size, size, dtype=torch.uint8)
+    slot = torch.arange(width).expand(len(counts), width) < counts.unsqueeze(1)
+    return images, slot.flatten().nonzero().squeeze(1)
+
+
+def decode_files(files: dict[str, list[Path]], size: int) -> ClassStore:
+    """Decode every listed image at ``size`` px into a ClassStore (in parallel when many)."""
+    names = list(files)
+    paths = [str(p) for n in names for p in files[n]]
+    counts = torch.tensor([len(files[n]) for n in names], dtype=torch.long)
+    images, rows = _empty_store(counts, 3, size)
+    flat = images.view(-1, 3 * size * size)
+    workers = min(_workers(), 8)
+    step = -(-len(paths) // (workers * 8)) if workers > 1 and len(paths) >= PARALLEL_FROM else \
+        len(paths)
+    chunks = [paths[i : i + step] for i in range(0, len(paths), step)]
+    if len(chunks) > 1:
+        # fork: workers need only PIL and start instantly (DataLoader's default on Linux too)
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            parts = pool.map(_decode, chunks, repeat(size))
+            _fill(flat, rows, parts)
+    else:
+        _fill(flat, rows, (_decode(c, size) for c in chunks))
+    return ClassStore(images, names, counts)
+
+
+def _fill(flat: torch.Tensor, rows: torch.Tensor, parts: object) -> None:
+    """Copy decoded chunks, in order, into their rows as they arrive (no second full copy)."""
+    start = 0
+    for part in parts:
+        block = torch.frombuffer(bytearray(part), dtype=torch.uint8).view(-1, flat.shape[1])
+        flat[rows[start : start + len(block)]] = block
+        start += len(block)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dicts, lists and strings, and nothing that could run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_pickle(path: Path, size: int) -> ClassStore:
+    """The ClassStore of one ``mini-imagenet-cache-<split>.pkl`` (resized when size != 84)."""
+    fix = "replace it with a good copy or use another layout under dataset.root"
+    try:
+        import numpy  # noqa: F401  (the pickle holds numpy arrays)
+    except ImportError:
+        raise FewshotError(f"reading {path} needs numpy; pip install numpy, or use the csv or "
+                           "folder layout under dataset.root") from None
+    try:
+        with open(path, "rb") as f:
+            # latin1: the caches were first written by Python 2 (bytes of the array as str)
+            data = _ArrayUnpickler(f, encoding="latin1").load()
+        array, class_dict = data["image_data"], data["class_dict"]
+    except Exception as e:
+        raise FewshotError(f"{path} is not a readable miniImageNet pickle ({e}); {fix}") from None
+    if getattr(array, "dtype", None) != "uint8" or array.ndim != 4 or array.shape[-1] != 3 or \
+            not isinstance(class_dict, Mapping):
+        raise FewshotError(f"{path} must hold image_data as uint8 [N, H, W, 3] and a class_dict; "
+                           f"{fix}")
+    source = torch.from_numpy(array)
+    names = sorted(class_dict)
+    index = [torch.as_tensor(list(class_dict[n]), dtype=torch.long) for n in names]
+    if any(len(i) == 0 or int(i.min()) < 0 or int(i.max()) >= len(source) for i in index):
+        raise FewshotError(f"{path} has a class_dict pointing outside image_data; {fix}")
+    counts = torch.tensor([len(i) for i in index], dtype=torch.long)
+    images, _ = _empty_store(counts, 3, size)
+    for c, rows in enumerate(index):  # a loop over classes, each one batched op
+        chunk = source[rows].permute(0, 3, 1, 2)
+        if chunk.shape[-1] != size or chunk.shape[-2] != size:
+            chunk = F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
+                                  antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        images[c, : len(rows)] = chunk
+    return ClassStore(images, [str(n) for n in names], counts)
+
+
+# ---------------------------------------------------------------- on-device augmentation
+
+
+def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Zero-pad by ``padding`` px and crop back at a random offset per image, in one gather."""
+    m, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dev = images.device
+    oy = torch.randint(0, 2 * padding + 1, (m, 1, 1), device=dev)
+    ox = torch.randint(0, 2 * padding + 1, (m, 1, 1), device=dev)
+    rows = oy + torch.arange(h, device=dev).view(1, h, 1)
+    cols = ox + torch.arange(w, device=dev).view(1, 1, w)
+    index = (rows * (w + 2 * padding) + cols).view(m, 1, h * w).expand(m, c, h * w)
+    return padded.flatten(2).gather(2, index).view(m, c, h, w)
+
+
+def random_flip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror a random half of the images left to right."""
+    flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+    return torch.where(flip, images.flip(-1), images)
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """Luma ``[M, 1, H, W]`` (ITU-R 601-2 weights, as PIL and torchvision use)."""
+    if images.shape[1] == 1:
+        return images
+    weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
+
+
+def color_jitter(images: torch.Tensor, strength: float) -> torch.Tensor:
+    """Brightness, contrast and saturation, each scaled by a factor from [1-s, 1+s] per image.
+
+    Applied in this fixed order (torchvision's ColorJitter shuffles it); images stay in [0, 1].
+    """
+    m = images.shape[0]
+    factor = lambda: 1 + strength * (2 * torch.rand(m, 1, 1, 1, device=images.device) - 1)
+    x = (images * factor()).clamp_(0, 1)
+    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+    x = ((x - mean) * factor() + mean).clamp_(0, 1)
+    if x.shape[1] == 3:
+        gray = _gray(x)
+        x = ((x - gray) * factor() + gray).clamp_(0, 1)
+    return x
+
+
+# ---------------------------------------------------------------- the data set
+
+
+class MiniImageNet(FewShotDataset):
+    """miniImageNet classes (wnids) as a uint8 store ``[classes, 600, 3, S, S]`` per split."""
+
+    def __init__(self, root: str, image_size: int = 84, layout: str = "auto",
+                 augment: Mapping | None = None) -> None:
+        if layout != "auto" and layout not in LAYOUTS:
+            raise FewshotError(f"dataset.layout={layout} is unknown; choose auto, "
+                               f"{', '.join(LAYOUTS)}")
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+            raise FewshotError(f"dataset.image_size={image_size} must be a positive integer "
+                               "(84 in the papers)")
+        self.root = Path(os.path.expanduser(str(root)))
+        self.image_size, self.layout = image_size, layout
+        self.augment = self._check_augment(augment)
+        self._stores: dict[str, ClassStore] = {}
+
+    @staticmethod
+    def _check_augment(augment: Mapping | None) -> dict:
+        chosen = dict(AUGMENT_KEYS)
+        for key, value in dict(augment or {}).items():
+            if key not in AUGMENT_KEYS:
+                raise FewshotError(f"dataset.augment.{key} is unknown; use "
+                                   f"{', '.join(f'dataset.augment.{k}' for k in AUGMENT_KEYS)}")
+            chosen[key] = value
+        if not isinstance(chosen["crop_padding"], int) or chosen["crop_padding"] < 0:
+            raise FewshotError(f"dataset.augment.crop_padding={chosen['crop_padding']} must be a "
+                               "whole number of pixels, 0 for no random crop (8 in Tian et al.)")
+        if not 0 <= float(chosen["color_jitter"]) < 1:
+            raise FewshotError(f"dataset.augment.color_jitter={chosen['color_jitter']} must be in "
+                               "[0, 1), 0 for none (0.4 in Tian et al.)")
+        chosen["flip"] = bool(chosen["flip"])
+        return chosen
+
+    def load(self, split: str) -> ClassStore:
+        """The classes of ``split`` (train/val/test), decoded once and memory-mapped after."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self._stores:
+            store = self._read(split)
+            if store.num_classes != RAVI_CLASSES[split] or store.min_images != IMAGES_PER_CLASS:
+                log.warning("the miniImageNet %s split under %s has %d classes of at least %d "
+                            "images, not Ravi & Larochelle's %d of %d: results are not comparable "
+                            "with published ones", split, self.root, store.num_classes,
+                            store.min_images, RAVI_CLASSES[split], IMAGES_PER_CLASS)
+            self._stores[split] = store
+        return self._stores[split]
+
+    def locate(self, split: str) -> tuple[str, Path]:
+        """The layout holding ``split`` and its csv, pickle or folder path."""
+        candidates = {
+            "csv": self.root / f"{split}.csv",
+            "pickle": self.root / _pickle_name(split),
+            "folders": self.root / split,
+        }
+        found = {"csv": candidates["csv"].is_file() and (self.root / "images").is_dir(),
+                 "pickle": candidates["pickle"].is_file(),
+                 "folders": candidates["folders"].is_dir()}
+        for layout in LAYOUTS if self.layout == "auto" else (self.layout,):
+            if found[layout]:
+                return layout, candidates[layout]
+        if self.layout != "auto":
+            others = [lay for lay in LAYOUTS if found[lay]]
+            hint = f"; dataset.layout={others[0]} would find it" if others else ""
+            raise FewshotError(f"{missing_message(self.root, split)}{hint} (dataset.layout="
+                               f"{self.layout} is set)")
+        raise FewshotError(missing_message(self.root, split))
+
+    def _read(self, split: str) -> ClassStore:
+        layout, path = self.locate(split)
+        key = {"reader": "miniimagenet", "split": split, "layout": layout,
+               "image_size": self.image_size, "resample": RESAMPLE}
+        if layout == "pickle":
+            st = path.stat()
+            key["fingerprint"] = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+            build = lambda: read_pickle(path, self.image_size)
+        else:
+            files = _list_csv(path, self.root / "images") if layout == "csv" else \
+                _list_folders(path)
+            if not files:
+                raise FewshotError(f"{path} lists no images; {missing_message(self.root, split)}")
+            key["fingerprint"] = _fingerprint(files)
+            build = lambda: decode_files(files, self.image_size)
+
+        def logged_build() -> ClassStore:
+            log.info("decoding miniImageNet %s (%s layout) at %d px once; later runs read the "
+                     "cache", split, layout, self.image_size)
+            return build()
+
+        return cached_store(cache_file(self.root, key), logged_build)
+
+    def train_transform(self, images: torch.Tensor) -> torch.Tensor:
+        """Random crop, flip and colour jitter as configured, ``[M, C, H, W]`` on the device."""
+        a = self.augment
+        if a["crop_padding"]:
+            images = random_crop(images, a["crop_padding"])
+        if a["flip"]:
+            images = random_flip(images)
+        if a["color_jitter"]:
+            images = color_jitter(images, float(a["color_jitter"]))
+        return images
+
+
+def encode_jpeg(image: torch.Tensor, quality: int = 95) -> bytes:
+    """JPEG bytes of a uint8 ``[3, H, W]`` image (used by the tests and the benchmark)."""
+    c, h, w = image.shape
+    img = Image.frombytes("RGB", (w, h), image.permute(1, 2, 0).contiguous().numpy().tobytes())
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
