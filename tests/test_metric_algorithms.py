@@ -284,8 +284,12 @@ def test_cli_train_then_eval(cli, tmp_path, name):
     assert result["episodes"] == 8 and 0.0 <= result["accuracy"] <= 1.0
 
 
-def test_cli_relation_on_a_flat_backbone_names_the_fix(cli, tmp_path):
-    proc = cli("train", "algo=relation", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+def test_cli_relation_brings_its_encoder_unless_told_otherwise(cli, tmp_path):
+    run = tmp_path / "run"
+    ok(cli("train", "algo=relation", "backbone.hidden=8", *TINY, f"hydra.run.dir={run}"))
+    assert "conv4_relation" in (run / ".hydra" / "hydra.yaml").read_text()
+    proc = cli("train", "algo=relation", "backbone=conv4", *TINY,
+               f"hydra.run.dir={tmp_path / 'flat'}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "backbone=conv4_relation" in proc.stderr
 
