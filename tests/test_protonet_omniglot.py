@@ -20,8 +20,11 @@ def train_and_test(cli, tmp_path: Path, root: Path, split: str, steps: int) -> d
                f"dataset.split={split}", f"train.steps={steps}", f"train.val_every={steps // 4}",
                f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for ways in (5, 20):
-        proc = cli("eval", f"ckpt={run / 'best.pt'}", f"eval.ways={ways}", "eval.episodes=600")
+    # 600 episodes where the floor is tight (5-way), 200 for the far-above-chance 20-way check:
+    # a 20-way episode costs four times the images.
+    for ways, episodes in ((5, 600), (20, 200)):
+        proc = cli("eval", f"ckpt={run / 'best.pt'}", f"eval.ways={ways}",
+                   f"eval.episodes={episodes}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         print(proc.stdout)
     return json.loads((run / "results.json").read_text())["best.pt"]

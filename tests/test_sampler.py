@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewshot_cli.data.sampler import EpisodeSampler
+from fewshot_cli.data.sampler import EpisodeSampler, storage_device
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.errors import FewshotError
 
@@ -82,3 +82,11 @@ def test_impossible_episodes_fail_clearly():
         EpisodeSampler(store, ways=1, shots=1, queries=1)
     with pytest.raises(FewshotError, match="meta_batch=0"):
         EpisodeSampler(store, ways=2, shots=1, queries=1, meta_batch=0)
+
+
+def test_a_split_too_big_for_the_gpu_stays_in_host_memory(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
+    assert storage_device(4 * 2**30, cuda) == cuda          # half of the free memory: resident
+    assert storage_device(4 * 2**30 + 1, cuda) == torch.device("cpu")
+    assert storage_device(10**12, torch.device("cpu")) == torch.device("cpu")

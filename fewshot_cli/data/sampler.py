@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -9,6 +10,29 @@ import torch
 
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.errors import FewshotError
+
+log = logging.getLogger(__name__)
+
+# A split stays on the GPU only while it takes at most this share of the GPU's free memory;
+# the rest is left to the model, its activations and (for MAML) the inner-loop graphs.
+RESIDENT_SHARE = 0.5
+
+
+def storage_device(nbytes: int, device: torch.device) -> torch.device:
+    """Where a split of ``nbytes`` is kept: on ``device`` when it fits, else in host memory.
+
+    On CUDA a split larger than ``RESIDENT_SHARE`` of the free memory stays in host memory;
+    episodes are then gathered there and copied to the GPU one meta-batch at a time.
+    """
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes <= RESIDENT_SHARE * free:
+        return device
+    log.warning("the split takes %.1f GiB, more than half of the %.1f GiB free on %s: it stays "
+                "in host memory and each episode is copied over", nbytes / 2**30, free / 2**30,
+                device)
+    return torch.device("cpu")
 
 
 @dataclass
@@ -64,7 +88,8 @@ def check_episode_shape(store: ClassStore, ways: int, shots: int, queries: int, 
 
 
 class EpisodeSampler:
-    """Draws episodes from a split held on ``device`` as uint8; no per-image Python.
+    """Draws episodes from a split held on ``device`` as uint8 (see ``storage_device``); no
+    per-image Python.
 
     Indices are drawn on the CPU from a seeded generator, so the same seed gives the same
     episodes on every device, then the images are gathered on the device in one indexing op.
@@ -79,7 +104,8 @@ class EpisodeSampler:
         self.store = store
         self.ways, self.shots, self.queries, self.meta_batch = ways, shots, queries, meta_batch
         self.device = torch.device(device)
-        self.images = store.images.to(self.device)
+        where = storage_device(store.images.nbytes, self.device)
+        self.images = store.images.to(where)
         self.counts = store.counts.cpu()
         self.generator = torch.Generator().manual_seed(seed)
         n, k, q = ways, shots, queries
@@ -98,9 +124,10 @@ class EpisodeSampler:
 
     def _gather(self, classes: torch.Tensor, picks: torch.Tensor) -> Episode:
         b, n, k, q = classes.shape[0], self.ways, self.shots, self.queries
-        classes, picks = classes.to(self.device), picks.to(self.device)
+        where = self.images.device
+        classes, picks = classes.to(where), picks.to(where)
         images = self.images[classes.unsqueeze(-1), picks]  # [B, N, K+Q, C, H, W]
-        images = images.float().div_(255)
+        images = images.to(self.device).float().div_(255)
         shape = images.shape[-3:]
         return Episode(
             support=images[:, :, :k].reshape(b, n * k, *shape),
