@@ -67,8 +67,10 @@ def _guarded(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]
     """Turn our errors into one sentence and a non-zero exit instead of a traceback."""
 
     def run(cfg: DictConfig) -> None:
+        from fewshot_cli.engine.runtime import pad_host_heap
         from fewshot_cli.train import Interrupted
 
+        pad_host_heap()
         try:
             task(cfg)
         except KeyboardInterrupt:

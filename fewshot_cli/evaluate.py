@@ -15,7 +15,12 @@ from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import atomic_write_text
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.metrics import evaluate_episodes, mean_ci95
-from fewshot_cli.engine.runtime import autocast_for, resolve_device
+from fewshot_cli.engine.runtime import (
+    autocast_for,
+    episodes_per_batch,
+    memory_format_for,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +49,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     dataset = build_dataset(run)
     test_store = dataset.load("test")
-    sampler = EpisodeSampler(test_store, e.ways, e.shots, e.queries, e.batch, device,
+    batch = episodes_per_batch(device, e.batch)
+    sampler = EpisodeSampler(test_store, e.ways, e.shots, e.queries, batch, device,
                              split="test", prefix="eval")
-    algo = build_algorithm(run, test_store).to(device)
+    algo = build_algorithm(run, test_store)
+    algo = algo.to(device, memory_format=memory_format_for(
+        device, run.device.get("memory_format", "auto"), algo.prefers_channels_last))
     algo.load_state_dict(state["model"])
     episodes = sampler.fixed(e.episodes, seed=e.seed)
-    progress = lambda it: tqdm(it, total=-(-e.episodes // e.batch), desc="eval", unit="batch")
+    progress = lambda it: tqdm(it, total=-(-e.episodes // batch), desc="eval", unit="batch")
     mean, ci = mean_ci95(evaluate_episodes(algo, episodes, autocast, progress))
 
     result = {"accuracy": mean, "ci95": ci, "episodes": e.episodes, "ways": e.ways,

@@ -18,7 +18,13 @@ from fewshot_cli.build import build_algorithm, build_dataset, build_optimizer
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from fewshot_cli.engine.metrics import evaluate_episodes, mean_ci95
-from fewshot_cli.engine.runtime import StopRequest, autocast_for, resolve_device
+from fewshot_cli.engine.runtime import (
+    StopRequest,
+    autocast_for,
+    episodes_per_batch,
+    memory_format_for,
+    resolve_device,
+)
 from fewshot_cli.errors import FewshotError
 
 log = logging.getLogger(__name__)
@@ -58,9 +64,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     train_store, val_store = dataset.load("train"), dataset.load("val")
     train_sampler = EpisodeSampler(train_store, t.ways, t.shots, t.queries, t.meta_batch, device,
                                    seed=cfg.seed, split="train", prefix="train")
-    val_sampler = EpisodeSampler(val_store, e.ways, e.shots, e.queries, e.batch, device,
-                                 split="val", prefix="eval")
-    algo = build_algorithm(cfg, train_store).to(device)
+    val_sampler = EpisodeSampler(val_store, e.ways, e.shots, e.queries,
+                                 episodes_per_batch(device, e.batch), device, split="val",
+                                 prefix="eval")
+    algo = build_algorithm(cfg, train_store)
+    algo = algo.to(device, memory_format=memory_format_for(
+        device, cfg.device.get("memory_format", "auto"), algo.prefers_channels_last))
     optimizer, scheduler = build_optimizer(cfg, algo)
 
     start, best = 0, {"accuracy": -1.0, "ci95": float("nan"), "step": 0}

@@ -18,6 +18,10 @@ class FewShotAlgorithm(nn.Module):
     built as ``Algo(backbone=..., ways=train.ways, **algo_config)``.
     """
 
+    #: ``device.memory_format=auto`` gives the weights the channels_last layout on the CPU
+    #: unless an algorithm runs slower with it (see ``engine.runtime.memory_format_for``).
+    prefers_channels_last: bool = True
+
     def __init__(self, backbone: nn.Module, ways: int) -> None:
         super().__init__()
         self.backbone = backbone

@@ -110,6 +110,9 @@ class MAML(FewShotAlgorithm):
     each inner step in the backward pass (long inner loops).
     """
 
+    # Measured on 2 CPU cores: channels_last made the second-order meta-step 0-30% slower.
+    prefers_channels_last = False
+
     def __init__(self, backbone: nn.Module, ways: int, inner_lr: float = 0.4,
                  inner_steps: int = 1, eval_inner_steps: int = 3, first_order: bool = False,
                  adapt: str = "all", learn_inner_lr: bool = False,
