@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from fewshot_cli.algorithms.base import FewShotAlgorithm
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.store import ClassStore
+from fewshot_cli.engine.runtime import memory_format_for
 
 
 def build_dataset(cfg: DictConfig) -> FewShotDataset:
@@ -16,10 +17,20 @@ def build_dataset(cfg: DictConfig) -> FewShotDataset:
     return instantiate(cfg.dataset)
 
 
-def build_algorithm(cfg: DictConfig, store: ClassStore) -> FewShotAlgorithm:
-    """Backbone sized for the store's images, wrapped by the algorithm for ``train.ways``."""
+def build_algorithm(cfg: DictConfig, store: ClassStore,
+                    device: torch.device | None = None) -> FewShotAlgorithm:
+    """Backbone sized for the store's images, wrapped by the algorithm for ``train.ways``.
+
+    Given a ``device``, the algorithm is moved there with the weight layout of
+    ``device.memory_format`` (channels_last on the CPU unless the algorithm declines it).
+    """
     backbone = instantiate(cfg.backbone, in_channels=store.channels, image_size=store.image_size)
-    return instantiate(cfg.algo, backbone=backbone, ways=cfg.train.ways)
+    algo = instantiate(cfg.algo, backbone=backbone, ways=cfg.train.ways)
+    if device is None:
+        return algo
+    layout = memory_format_for(device, cfg.device.get("memory_format", "auto"),
+                               algo.prefers_channels_last)
+    return algo.to(device, memory_format=layout)
 
 
 def build_optimizer(cfg: DictConfig, algo: FewShotAlgorithm

@@ -15,12 +15,7 @@ from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import atomic_write_text
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.metrics import evaluate_episodes, mean_ci95
-from fewshot_cli.engine.runtime import (
-    autocast_for,
-    episodes_per_batch,
-    memory_format_for,
-    resolve_device,
-)
+from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +47,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     batch = episodes_per_batch(device, e.batch)
     sampler = EpisodeSampler(test_store, e.ways, e.shots, e.queries, batch, device,
                              split="test", prefix="eval")
-    algo = build_algorithm(run, test_store)
-    algo = algo.to(device, memory_format=memory_format_for(
-        device, run.device.get("memory_format", "auto"), algo.prefers_channels_last))
+    algo = build_algorithm(run, test_store, device)
     algo.load_state_dict(state["model"])
     episodes = sampler.fixed(e.episodes, seed=e.seed)
     progress = lambda it: tqdm(it, total=-(-e.episodes // batch), desc="eval", unit="batch")

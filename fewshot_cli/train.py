@@ -22,7 +22,6 @@ from fewshot_cli.engine.runtime import (
     StopRequest,
     autocast_for,
     episodes_per_batch,
-    memory_format_for,
     resolve_device,
 )
 from fewshot_cli.errors import FewshotError
@@ -67,9 +66,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     val_sampler = EpisodeSampler(val_store, e.ways, e.shots, e.queries,
                                  episodes_per_batch(device, e.batch), device, split="val",
                                  prefix="eval")
-    algo = build_algorithm(cfg, train_store)
-    algo = algo.to(device, memory_format=memory_format_for(
-        device, cfg.device.get("memory_format", "auto"), algo.prefers_channels_last))
+    algo = build_algorithm(cfg, train_store, device)
     optimizer, scheduler = build_optimizer(cfg, algo)
 
     start, best = 0, {"accuracy": -1.0, "ci95": float("nan"), "step": 0}

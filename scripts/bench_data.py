@@ -75,7 +75,7 @@ def meta_step(c: dict, device: torch.device):
         cfg = compose("train", overrides=[f"experiment={c['preset']}", "train.queries=15"])
     tiny = ClassStore(torch.zeros(2, 1, c["channels"], c["size"], c["size"], dtype=torch.uint8),
                       ["a", "b"])
-    algo = build_algorithm(cfg, tiny).to(device).train()
+    algo = build_algorithm(cfg, tiny, device).train()
     optimizer, _ = build_optimizer(cfg, algo)
     what = (f"MAML {'2nd' if not cfg.algo.first_order else '1st'} order, Conv4-"
             f"{cfg.backbone.hidden}, {cfg.algo.inner_steps} inner step(s)")
