@@ -8,9 +8,12 @@ A meta-step is: adapt every task of the meta-batch, query loss, backward, Adam s
 (configuration, implementation) runs in a fresh subprocess, so peak memory is its own: on CPU the
 peak resident set (ru_maxrss) above the resident set before the first step, on CUDA
 torch.cuda.max_memory_allocated above the memory held before it. Times are medians of --runs
-meta-steps after --warmup ones. The competitors follow their documentation: learn2learn
-``MAML(model, lr).clone()`` + ``adapt()`` per task, higher ``innerloop_ctx`` per task, each with a
-backward per task as in their MAML examples. Prints a Markdown table with ratios to learn2learn.
+meta-steps after --warmup ones, pooled over --rounds rounds; each round runs every
+implementation once, in turn, so that a slow spell of the machine hits them all alike, and the
+"per round" column gives the range of the speed ratios measured within one round. The
+competitors follow their documentation: learn2learn ``MAML(model, lr).clone()`` + ``adapt()`` per
+task, higher ``innerloop_ctx`` per task, each with a backward per task as in their MAML examples,
+all on the same Conv4. Prints a Markdown table with ratios to learn2learn.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ CONFIGS = {
 }
 # fewshot-vmap/8: vmap over chunks of 8 tasks, each backpropagated at once (algo.task_chunk=8).
 IMPLS = ["fewshot-auto", "fewshot-vmap", "fewshot-vmap/8", "fewshot-loop", "learn2learn", "higher"]
+
+
+def implementation(name: str) -> str:
+    """An --impls entry: one of IMPLS, or fewshot-vmap/N with any chunk size N."""
+    chunk = name.removeprefix("fewshot-vmap/")
+    if name in IMPLS or (chunk != name and chunk.isdigit() and int(chunk) > 0):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown implementation {name!r}")
 
 
 def network(c: dict, device: torch.device):
@@ -152,7 +163,32 @@ def measure(impl: str, config: str, device: str, precision: str, runs: int, warm
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     return {"impl": impl, "config": config, "median_s": statistics.median(times),
-            "min_s": min(times), "peak_bytes": peak}
+            "times": times, "peak_bytes": peak}
+
+
+def pooled(rounds: list[list[dict]]) -> list[dict]:
+    """One result per (configuration, implementation): the median of all its rounds' meta-step
+    times, its largest peak, and the range of its per-round speed ratios to learn2learn."""
+    results = []
+    for first in rounds[0]:
+        key = (first["config"], first["impl"])
+        mine = [r for rnd in rounds for r in rnd if (r["config"], r["impl"]) == key]
+        done = [r for r in mine if "median_s" in r]
+        if len(done) < len(mine):
+            results.append(next(r for r in mine if "median_s" not in r))
+            continue
+        ratios = []
+        for rnd in rounds:
+            anchor = next((r for r in rnd if r["config"] == key[0] and r["impl"] == "learn2learn"
+                           and "median_s" in r), None)
+            own = next(r for r in rnd if (r["config"], r["impl"]) == key)
+            if anchor:
+                ratios.append(anchor["median_s"] / own["median_s"])
+        results.append({"impl": key[1], "config": key[0], "rounds": len(done),
+                        "median_s": statistics.median(t for r in done for t in r["times"]),
+                        "peak_bytes": max(r["peak_bytes"] for r in done),
+                        "ratio_range": (min(ratios), max(ratios)) if ratios else None})
+    return results
 
 
 def table(results: list[dict], device: str, precision: str) -> str:
@@ -162,17 +198,21 @@ def table(results: list[dict], device: str, precision: str) -> str:
         anchor = next((r for r in rows if r["impl"] == "learn2learn" and "median_s" in r), None)
         lines += [f"**{CONFIGS[config]['title']}** ({device}, {precision})", "",
                   "| implementation | median meta-step (ms) | peak memory (MiB) | speed vs "
-                  "learn2learn | memory vs learn2learn |", "| --- | ---: | ---: | ---: | ---: |"]
+                  "learn2learn | per round | memory vs learn2learn |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             if "median_s" not in r:
-                lines.append(f"| {r['impl']} | {r.get('skipped', r.get('error'))} | | | |")
+                lines.append(f"| {r['impl']} | {r.get('skipped', r.get('error'))} | | | | |")
                 continue
-            speed = mem = "n/a"
+            speed = mem = spread = "n/a"
             if anchor:
                 speed = f"{anchor['median_s'] / r['median_s']:.2f}×"
                 mem = f"{r['peak_bytes'] / max(anchor['peak_bytes'], 1):.2f}×"
+            if r.get("ratio_range"):
+                low, high = r["ratio_range"]
+                spread = f"{low:.2f}–{high:.2f}×"
             lines.append(f"| {r['impl']} | {1000 * r['median_s']:.1f} | "
-                         f"{r['peak_bytes'] / 2**20:.0f} | {speed} | {mem} |")
+                         f"{r['peak_bytes'] / 2**20:.0f} | {speed} | {spread} | {mem} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -182,9 +222,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", default=IMPLS, type=implementation,
+                        help=f"from {' '.join(IMPLS)}; fewshot-vmap/N for chunks of N tasks")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="run every implementation this many times, in turn")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,19 +241,22 @@ def main() -> None:
     # step; on a busy CPU that made every implementation up to 10x slower and noisy.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "33554432",
            "MALLOC_TRIM_THRESHOLD_": "17179869184", "MALLOC_TOP_PAD_": "1073741824"}
-    results = []
-    for config in args.configs:
-        for impl in args.impls:
-            cmd = [sys.executable, __file__, "--one", impl, config, "--device", args.device,
-                   "--precision", args.precision, "--runs", str(args.runs), "--warmup",
-                   str(args.warmup)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                error = (done.stderr.strip().splitlines() or ["failed"])[-1][:80]
-                results.append({"impl": impl, "config": config, "error": error})
-            else:
-                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append([])
+        for config in args.configs:
+            for impl in args.impls:
+                cmd = [sys.executable, __file__, "--one", impl, config, "--device",
+                       args.device, "--precision", args.precision, "--runs", str(args.runs),
+                       "--warmup", str(args.warmup)]
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    error = (done.stderr.strip().splitlines() or ["failed"])[-1][:80]
+                    rounds[-1].append({"impl": impl, "config": config, "error": error})
+                else:
+                    rounds[-1].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(json.dumps(rounds[-1][-1]), file=sys.stderr, flush=True)
+    results = pooled(rounds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -259,7 +259,7 @@ class MAML(FewShotAlgorithm):
         """``algo.batching``; ``auto`` is vmap on CUDA and loop on the CPU.
 
         Measured by scripts/bench_maml.py (README): on an H200 vmap made the Omniglot meta-step
-        13x faster than the per-task loop, on a 2-core CPU 3x slower (the CPU is busy with one
+        13x faster than the per-task loop, on a 2-core CPU 2.6x slower (the CPU is busy with one
         task already, and vmap's grouped convolutions are slower there than plain ones).
         """
         if self.batching != "auto":
