@@ -112,6 +112,8 @@ class MAML(FewShotAlgorithm):
 
     # On 2 CPU cores channels_last did not speed up the second-order meta-step: on the
     # miniImageNet shape it was 30-55% slower in each of four runs, on Omniglot's mixed.
+    # Profiled: BatchNorm's double backward sums slowly over channels_last tensors, and with a
+    # 1-channel input the first block stays NCHW, so max-pool's backward converts layouts.
     prefers_channels_last = False
 
     def __init__(self, backbone: nn.Module, ways: int, inner_lr: float = 0.4,
@@ -259,8 +261,9 @@ class MAML(FewShotAlgorithm):
         """``algo.batching``; ``auto`` is vmap on CUDA and loop on the CPU.
 
         Measured by scripts/bench_maml.py (README): on an H200 vmap made the Omniglot meta-step
-        13x faster than the per-task loop, on a 2-core CPU 2.6x slower (the CPU is busy with one
-        task already, and vmap's grouped convolutions are slower there than plain ones).
+        13x faster than learn2learn's per-task loop; on a 2-core CPU it was 2.6x slower than our
+        loop (the CPU is busy with one task already, and vmap's grouped convolutions are slower
+        there than plain ones).
         """
         if self.batching != "auto":
             return self.batching
