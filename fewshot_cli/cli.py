@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fewshot_cli.errors import FewshotError
+from fewshot_cli.errors import FewshotError, Interrupted
 
 GROUPS = ("algo", "backbone", "dataset", "device", "experiment")
 
@@ -68,7 +68,6 @@ def _guarded(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]
 
     def run(cfg: DictConfig) -> None:
         from fewshot_cli.engine.runtime import pad_host_heap
-        from fewshot_cli.train import Interrupted
 
         pad_host_heap()
         try:

@@ -12,10 +12,10 @@ from tqdm import tqdm
 
 from fewshot_cli.build import build_algorithm, build_dataset
 from fewshot_cli.data.sampler import EpisodeSampler
-from fewshot_cli.data.store import atomic_write_text
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.metrics import evaluate_episodes, mean_ci95
 from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch, resolve_device
+from fewshot_cli.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,9 @@ from fewshot_cli.engine.runtime import (
     episodes_per_batch,
     resolve_device,
 )
-from fewshot_cli.errors import FewshotError
+from fewshot_cli.errors import FewshotError, Interrupted
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(FewshotError):
-    """Training stopped by Ctrl-C after saving ``last.pt``."""
 
 
 def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict[str, Any]]:

@@ -77,7 +77,7 @@ def make_step(impl: str, c: dict, device: torch.device):
     b = c["meta_batch"]
     if impl.startswith("fewshot"):
         from fewshot_cli.algorithms.maml import MAML
-        from fewshot_cli.data.sampler import Episode
+        from fewshot_cli.episode import Episode
 
         body, _ = network(c, device)
         batching, _, chunk = impl.split("-")[1].partition("/")

@@ -17,8 +17,9 @@ from torch.func import functional_call
 
 from fewshot_cli.algorithms.maml import MAML
 from fewshot_cli.backbones.conv4 import Conv4
-from fewshot_cli.data.sampler import Episode, EpisodeSampler
+from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
+from fewshot_cli.episode import Episode
 from fewshot_cli.errors import FewshotError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,9 @@ from fewshot_cli.backbones.conv4 import Conv4
 from fewshot_cli.backbones.koch import Koch
 from fewshot_cli.build import build_algorithm
 from fewshot_cli.cli import conf_dir
-from fewshot_cli.data.sampler import Episode, EpisodeSampler
+from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
+from fewshot_cli.episode import Episode
 from fewshot_cli.errors import FewshotError
 
 CONF = conf_dir()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_cli.data.sampler import Episode
+from fewshot_cli.episode import Episode
 
 
 class FewShotAlgorithm(nn.Module):

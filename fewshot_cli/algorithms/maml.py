@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.checkpoint import checkpoint
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
-from fewshot_cli.data.sampler import Episode
+from fewshot_cli.episode import Episode
 from fewshot_cli.errors import FewshotError
 
 Params = dict[str, torch.Tensor]

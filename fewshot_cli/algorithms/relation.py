@@ -8,7 +8,7 @@ from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
 from fewshot_cli.backbones.conv4 import conv_block
-from fewshot_cli.data.sampler import Episode
+from fewshot_cli.episode import Episode
 from fewshot_cli.errors import FewshotError
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
-from fewshot_cli.data.sampler import Episode
+from fewshot_cli.episode import Episode
 
 
 def random_affine(images: torch.Tensor, prob: float = 0.5) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +12,9 @@ from pathlib import Path
 import torch
 
 from fewshot_cli.errors import FewshotError
+from fewshot_cli.files import atomic_torch_save
 
 CACHE_VERSION = 1
-
-
-def _umask_mode() -> int:
-    """The mode a plain ``open(..., "w")`` would give a new file (mkstemp makes it 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 @dataclass
@@ -108,38 +101,6 @@ class ClassStore:
         if payload.get("version") != CACHE_VERSION:
             raise ValueError(f"{path} was written by another cache version")
         return ClassStore(payload["images"], list(payload["names"]), payload["counts"])
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` into a temporary file beside ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write text into a temporary file beside ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def user_cache_dir() -> Path:

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from fewshot_cli.data.store import atomic_torch_save
 from fewshot_cli.errors import FewshotError
+from fewshot_cli.files import atomic_torch_save
 
 FORMAT = "fewshot-checkpoint"
 VERSION = 1

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm, accuracy
-from fewshot_cli.data.sampler import Episode
+from fewshot_cli.episode import Episode
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
