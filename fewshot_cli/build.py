@@ -1,31 +1,74 @@
-"""The one place where config becomes objects: data set, backbone, algorithm, optimizer."""
+"""The one place where config becomes objects: data set, backbone, algorithm, optimizer.
+
+Every object is built by Hydra's ``instantiate`` from its group's ``_target_``; a failure is
+turned into one sentence naming the config section (an option the class does not take, say).
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.algorithms.base import MetaAlgorithm
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.runtime import memory_format_for
+from fewshot_cli.errors import FewshotError
+
+
+def _choice(cfg: DictConfig, section: str) -> str:
+    """The group option a section came from (``algo=metasgd``), or its class name."""
+    name = cfg.get("choices", {}).get(section) if "choices" in cfg else None
+    return name or str(cfg[section].get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def build(cfg: DictConfig, section: str, label: str | None = None, **kwargs: Any) -> Any:
+    """``instantiate(cfg[section], **kwargs)`` with its failures as one sentence naming
+    ``label`` (default: the section)."""
+    label = label or section
+    try:
+        return instantiate(cfg[section], **kwargs)
+    except InstantiationException as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, FewshotError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        text = str(err.__cause__ or err)
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", text)
+        if unknown:
+            key = unknown.group(1)
+            raise FewshotError(f"{label}.{key} is not an option of {label}="
+                               f"{_choice(cfg, section)}; remove it (the options are the keys "
+                               f"`fewshot train --cfg job` shows under {label})") from None
+        raise FewshotError(f"{label}={_choice(cfg, section)} could not be built: "
+                           f"{text.strip().splitlines()[-1][:200]}") from None
 
 
 def build_dataset(cfg: DictConfig) -> FewShotDataset:
-    """The reader named by ``cfg.dataset._target_``."""
-    return instantiate(cfg.dataset)
+    """The reader named by ``cfg.dataset._target_`` (checks its options, reads nothing yet)."""
+    return build(cfg, "dataset")
 
 
-def build_algorithm(cfg: DictConfig, store: ClassStore,
-                    device: torch.device | None = None) -> FewShotAlgorithm:
-    """Backbone sized for the store's images, wrapped by the algorithm for ``train.ways``.
+def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
+                    device: torch.device | None = None) -> MetaAlgorithm:
+    """Backbone sized for the data (``dataset.input_spec()``, or a store's images), wrapped by
+    the algorithm for ``train.ways``; the task shapes are checked against the model.
 
     Given a ``device``, the algorithm is moved there with the weight layout of
     ``device.memory_format`` (channels_last on the CPU unless the algorithm declines it).
     """
-    backbone = instantiate(cfg.backbone, in_channels=store.channels, image_size=store.image_size)
-    algo = instantiate(cfg.algo, backbone=backbone, ways=cfg.train.ways)
+    if isinstance(inputs, ClassStore):
+        inputs = {"in_channels": inputs.channels, "image_size": inputs.image_size}
+    backbone = build(cfg, "backbone", **inputs)
+    algo = build(cfg, "algo", backbone=backbone, ways=cfg.train.ways)
+    algo.check_tasks(cfg.train, cfg.eval)
     if device is None:
         return algo
     layout = memory_format_for(device, cfg.device.get("memory_format", "auto"),
@@ -33,9 +76,10 @@ def build_algorithm(cfg: DictConfig, store: ClassStore,
     return algo.to(device, memory_format=layout)
 
 
-def build_optimizer(cfg: DictConfig, algo: FewShotAlgorithm
+def build_optimizer(cfg: DictConfig, algo: MetaAlgorithm
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """The meta-optimizer over all of the algorithm's parameters, and its schedule (or None)."""
-    optimizer = instantiate(cfg.train.optimizer)(algo.parameters())
-    scheduler = instantiate(cfg.train.scheduler)(optimizer) if cfg.train.scheduler else None
+    optimizer = build(cfg.train, "optimizer", "train.optimizer")(algo.parameters())
+    scheduler = build(cfg.train, "scheduler", "train.scheduler")(optimizer) \
+        if cfg.train.scheduler else None
     return optimizer, scheduler

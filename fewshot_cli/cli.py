@@ -1,31 +1,43 @@
-"""``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps for train and eval."""
+"""``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps for train and eval.
+
+Every failure a user can cause ends here as one sentence on stderr and a non-zero exit:
+our own errors (FewshotError, raised where the wrong value enters), the system's (a full disk,
+a read-only folder) and Hydra's composition errors (an unknown key or option), which Hydra
+prints over several lines before the task starts and which are condensed here.
+"""
 
 from __future__ import annotations
 
+import io
+import logging
+import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fewshot_cli.config import conf_dir
 from fewshot_cli.errors import FewshotError, Interrupted
 
 GROUPS = ("algo", "backbone", "dataset", "device", "experiment")
+_failures: list[str] = []  # runs of a sweep that failed (the sweep goes on without them)
 
 
-def conf_dir() -> Path:
-    """The config tree: inside the installed wheel, else the repository's top-level conf/."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
-
-
-def _train(cfg: DictConfig) -> None:
+def _train(cfg: DictConfig) -> float:
     from fewshot_cli.train import train
 
     hydra_cfg = HydraConfig.get()
-    train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    with open_dict(cfg):  # the group options chosen: names for hparams, results and errors
+        cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
+    files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg},
+             "overrides.yaml": hydra_cfg.overrides.task}
+    return train(cfg, Path(hydra_cfg.runtime.output_dir), files)
 
 
 def _eval(cfg: DictConfig) -> None:
@@ -34,7 +46,7 @@ def _eval(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
-COMMANDS: dict[str, tuple[Callable[[DictConfig], None], str]] = {
+COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
     "train": (_train, "meta-train an algorithm; writes TensorBoard events, last.pt and best.pt"),
     "eval": (_eval, "test a checkpoint on fixed episodes: accuracy ± 95% CI, results.json"),
 }
@@ -53,6 +65,7 @@ def usage() -> str:
               "  fewshot train dataset=glyphs train.steps=200",
               "  fewshot train algo=protonet dataset=omniglot dataset.split=minimal",
               "  fewshot train -m train.shots=1,5 seed=0,1,2",
+              "  fewshot train resume=outputs/<date>/<time>-protonet-omniglot/last.pt",
               "  fewshot eval ckpt=outputs/<date>/<time>-protonet-omniglot/best.pt",
               "", "`fewshot train --help` shows every key and its current value."]
     return "\n".join(lines)
@@ -63,26 +76,180 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _guarded(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
-    """Turn our errors into one sentence and a non-zero exit instead of a traceback."""
+def one_sentence(err: BaseException) -> tuple[str, int] | None:
+    """The message and exit status for an error a user can cause, or None for a bug."""
+    from fewshot_cli.files import os_error_in
 
-    def run(cfg: DictConfig) -> None:
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, FewshotError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return str(cause), 130 if isinstance(cause, Interrupted) else 1
+    system = os_error_in(err)
+    if system is not None:
+        where = f" {system.filename}" if system.filename else ""
+        return f"could not use{where}: {system.strerror}; free some space or check its " \
+               "permissions, then try again", 1
+    if isinstance(err, MemoryError):
+        return "out of memory; lower train.meta_batch, eval.batch or the image size", 1
+    return None
+
+
+def _guarded(task: Callable[[DictConfig], Any], held: HeldStderr) -> Callable[[DictConfig], Any]:
+    """Run a command's task; our errors become one sentence and a non-zero exit. In a sweep a
+    failed run is reported and the sweep goes on (its score is NaN, which Optuna skips)."""
+
+    def run(cfg: DictConfig) -> Any:
         from fewshot_cli.engine.runtime import pad_host_heap
 
+        held.release()
         pad_host_heap()
         try:
-            task(cfg)
+            return task(cfg)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
-        except Exception as err:  # Hydra's instantiate wraps our errors: find ours in the chain
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, FewshotError):
-                cause = cause.__cause__ or cause.__context__
-            if cause is None:
+        except Exception as err:
+            known = one_sentence(err)
+            if known is None:
                 raise
-            _fail(str(cause), 130 if isinstance(cause, Interrupted) else 1)
+            message, code = known
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                print(f"fewshot: error: {message}", file=sys.stderr)
+                _failures.append(message)
+                return math.nan
+            _fail(message, code)
 
     return run
+
+
+class HeldStderr:
+    """Holds back what Hydra writes to stderr until the task starts, so that a composition
+    error (an unknown key, a missing option) can be replaced by one sentence."""
+
+    def __init__(self) -> None:
+        self.real, self.buffer, self.released = sys.stderr, io.StringIO(), False
+
+    def __enter__(self) -> HeldStderr:
+        sys.stderr = self.buffer
+        return self
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            sys.stderr = self.real
+            self.real.write(self.buffer.getvalue())
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.released:
+            sys.stderr = self.real
+
+    def text(self) -> str:
+        return self.buffer.getvalue()
+
+
+def condense(text: str, command: str) -> str:
+    """One sentence for what Hydra printed when composing the config failed."""
+    help_hint = f"see fewshot {command} --help"
+    if m := re.search(r"Could not find '([\w/]+)/([^']+)'\s+Available options in '[^']+':"
+                      r"((?:\n\t\S+)+)", text):
+        group, option, options = m.group(1), m.group(2), m.group(3).split()
+        return f"{group}={option} is not an option; choose one of: {', '.join(options)}"
+    if m := re.search(r"Could not override '([^']+)'", text):
+        key = m.group(1)
+        return f"{key} is not a key of this config ({help_hint}); to add a new key write " \
+               f"+{key}=..."
+    if m := re.search(r"Could not (?:append to|delete from) config\. '?([^'\s.]+(?:\.\S+)?)", text):
+        return f"{m.group(1).rstrip('.')}: cannot add or delete this key ({help_hint})"
+    if "override_grammar" in text:  # the override parser's errors end with this link
+        m = re.search(r"Error parsing override '([^']*)'", text)
+        what = f"the override '{m.group(1)}'" if m else "an override"
+        return f"cannot read {what}: write key=value, or key=a,b,c with -m for a sweep " \
+               f"({help_hint})"
+    if m := re.search(r"Error merging override (\S+)\n(.+)", text):
+        return f"{m.group(1)}: {m.group(2).strip()}"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and
+             "HYDRA_FULL_ERROR" not in line and not line.startswith(("Traceback", "File "))]
+    return (lines[-1] if lines else "the config could not be composed") + f" ({help_hint})"
+
+
+# ---------------------------------------------------------------- resuming a run
+
+RESUMABLE = ("train.steps", "train.val_every", "train.val_episodes", "train.log_every",
+             "eval.batch", "eval.episodes", "dataset.root", "dataset.download", "device",
+             "device.type", "device.precision", "device.memory_format")
+
+
+def resume(args: list[str]) -> float:
+    """``fewshot train resume=PATH [key=value ...]``: continue a run in its own folder with its
+    stored config; only the keys of ``RESUMABLE`` may change, anything else is refused."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from fewshot_cli.engine.checkpoint import load_checkpoint
+    from fewshot_cli.train import train
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except OverrideParseException as err:
+        raise FewshotError(f"cannot read the overrides {' '.join(args)} ({err}); write "
+                           "key=value") from None
+    path = Path(str(next(o.value() for o in overrides if o.key_or_group == "resume")))
+    state = load_checkpoint(path)
+    cfg = OmegaConf.create(state["config"])
+    for o in overrides:
+        key = o.key_or_group
+        if key == "resume":
+            continue
+        if o.is_sweep_override() or o.is_add() or o.is_delete() or key not in RESUMABLE:
+            raise FewshotError(
+                f"resume cannot change {o.input_line}: the checkpoint's weights, optimizer and "
+                f"random state belong to its stored config; resume may change only "
+                f"{', '.join(RESUMABLE)}; start a new run for other settings")
+        if key == "device":
+            cfg.device = OmegaConf.load(_group_file("device", str(o.value())))
+        else:
+            OmegaConf.update(cfg, key, o.value(), merge=False)
+    _check_latest(path, state)
+    cfg.resume = str(path)
+    logging.getLogger(__name__).info("resuming %s at step %d%s", path, state["step"],
+                                     f" with {' '.join(args[1:])}" if len(args) > 1 else "")
+    return train(cfg, path.expanduser().resolve().parent, state=state)
+
+
+def _group_file(group: str, option: str) -> Path:
+    path = conf_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")))
+        raise FewshotError(f"{group}={option} is not an option; choose one of: {options}")
+    return path
+
+
+def _check_latest(path: Path, state: dict[str, Any]) -> None:
+    """Resuming an older checkpoint would overwrite the folder's later last.pt: refuse it."""
+    last = path.expanduser().resolve().parent / "last.pt"
+    if last.exists() and last.resolve() != path.expanduser().resolve():
+        from fewshot_cli.engine.checkpoint import load_checkpoint
+
+        newer = load_checkpoint(last)["step"]
+        if newer > state["step"]:
+            raise FewshotError(f"{path} is at step {state['step']} but {last} is at step "
+                               f"{newer}, and resuming would overwrite it; resume={last}")
+
+
+def _resuming(args: list[str]) -> bool:
+    return any(a.startswith("resume=") and a != "resume=null" for a in args)
+
+
+def _console_logging() -> None:
+    """What Hydra's job logging sets up, for the commands that do not go through Hydra."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,10 +262,31 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)} "
               "(see fewshot --help)", 2)
+    held = HeldStderr()
+    if command == "train" and _resuming(rest) and not {"-h", "--help"} & set(rest):
+        if {"-m", "--multirun"} & set(rest):
+            _fail("resume= continues one run; it cannot be part of a sweep (-m)", 2)
+        _console_logging()
+        _guarded(lambda _: resume(rest), held)(OmegaConf.create())
+        return
+    from fewshot_cli.engine.run_folder import claim_new_dir
+
+    OmegaConf.register_new_resolver("fewshot.new_dir", claim_new_dir, use_cache=True,
+                                    replace=True)
     task, _ = COMMANDS[command]
     sys.argv = [f"fewshot {command}", *rest]
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")
-    app(_guarded(task))()
+    try:
+        with held:
+            app(_guarded(task, held))()
+    except SystemExit as done:
+        if done.code not in (0, None) and not held.released:
+            _fail(condense(held.text(), command), 2)
+        raise
+    if not held.released:
+        sys.stderr.write(held.text())
+    if _failures:
+        _fail(f"{len(_failures)} run(s) of the sweep failed (see above)", 1)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Atomic writes: a reader (or a crash) never sees half a checkpoint, result or cache file.
 
-Ground floor: imports nothing of fewshot.
+Ground floor: imports nothing of fewshot but its errors.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+
+from fewshot_cli.errors import FewshotError
 
 
 def _umask_mode() -> int:
@@ -49,3 +52,30 @@ def atomic_write_text(text: str, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (torch wraps some in RuntimeError), or None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def write_failure(path: Path, err: BaseException, consequence: str) -> FewshotError:
+    """One sentence for a failed write of ``path``: the system's reason, what it left, the fix."""
+    cause = os_error_in(err)
+    reason = cause.strerror if cause is not None and cause.strerror else "the write failed"
+    if cause is not None and cause.errno in FULL:
+        fix = "free some space there or choose another folder"
+    elif cause is not None and cause.errno in DENIED:
+        fix = "make the folder writable or choose another one"
+    else:
+        fix = "check the disk and try again"
+    return FewshotError(f"could not write {path}: {reason}; {consequence}; {fix}")

@@ -1,10 +1,17 @@
-"""``fewshot train``: build the episodic pipeline and the algorithm, meta-train, validate, save."""
+"""``fewshot train``: build the episodic pipeline and the algorithm, meta-train, validate, save.
+
+:func:`meta_train` is the whole training loop, top to bottom: one meta-update per step
+(``MetaTrainer.train_step``: sample a meta-batch, meta-loss, backward, optimizer step), metrics
+to TensorBoard every ``train.log_every`` steps, validation on fixed tasks and checkpoints every
+``train.val_every`` steps, a clean stop on Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,167 +19,134 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fewshot_cli.algorithms.base import accuracy
-from fewshot_cli.build import build_algorithm, build_dataset, build_optimizer
-from fewshot_cli.data.sampler import EpisodeSampler
-from fewshot_cli.engine.checkpoint import load_checkpoint, save_checkpoint
-from fewshot_cli.engine.metrics import evaluate_episodes, mean_ci95
-from fewshot_cli.engine.runtime import (
-    StopRequest,
-    autocast_for,
-    episodes_per_batch,
-    resolve_device,
-)
-from fewshot_cli.errors import FewshotError, Interrupted
+from fewshot_cli.engine.run_folder import RunFolder
+from fewshot_cli.engine.runtime import StopRequest, resolve_device
+from fewshot_cli.engine.trainer import MetaTrainer
+from fewshot_cli.errors import Interrupted
+from fewshot_cli.options import check_train
 
 log = logging.getLogger(__name__)
+HPARAM_SECTIONS = ("train", "algo", "backbone", "dataset", "device", "augment")
 
 
-def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict[str, Any]]:
-    """The stored config of ``cfg.resume`` with this command's ``key.sub=value`` overrides."""
-    state = load_checkpoint(cfg.resume)
-    groups = [o.split("=")[0] for o in overrides if "=" in o and "." not in o.split("=")[0]]
-    changed = [g for g in groups if g not in ("resume", "seed")]
-    if changed:
-        raise FewshotError(f"cannot change {', '.join(changed)} when resuming; resume with the "
-                           "stored choices or start a new run")
-    stored = OmegaConf.create(state["config"])
-    dotted = [o for o in overrides if "=" in o and "." in o.split("=")[0]]
-    merged = OmegaConf.merge(stored, OmegaConf.from_dotlist(dotted))
-    merged.resume = str(cfg.resume)
-    return merged, state
+def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, Any] | None = None,
+          state: dict[str, Any] | None = None) -> float:
+    """Meta-train as configured in ``run_dir`` (continuing ``state``, a checkpoint, when
+    given); returns the best validation score, which Hydra's sweepers optimise."""
+    with RunFolder(run_dir, hydra_files, resuming=state is not None):
+        check_train(cfg)
+        device = resolve_device(cfg.device.type)
+        torch.manual_seed(cfg.seed)
+        trainer = MetaTrainer(cfg, device, run_dir)
+        if state is not None:
+            trainer.restore(state)
+            log.info("resuming from step %d in %s", trainer.step, run_dir)
+        return meta_train(trainer)
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Meta-train as configured; writes TensorBoard events, ``last.pt`` and ``best.pt``."""
-    state = None
-    if cfg.resume:
-        cfg, state = resume_config(cfg, overrides or [])
-        run_dir = Path(cfg.resume).expanduser().resolve().parent
-    device = resolve_device(cfg.device.type)
-    autocast = autocast_for(device, cfg.device.precision)
-    torch.manual_seed(cfg.seed)
-    t, e = cfg.train, cfg.eval
+def _bar(**kwargs: Any) -> tqdm:
+    """A progress bar on stderr; redrawn less often when stderr is a file (a SLURM log)."""
+    return tqdm(dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5.0, **kwargs)
 
-    dataset = build_dataset(cfg)
-    train_store, val_store = dataset.load("train"), dataset.load("val")
-    train_sampler = EpisodeSampler(train_store, t.ways, t.shots, t.queries, t.meta_batch, device,
-                                   seed=cfg.seed, split="train", prefix="train")
-    val_sampler = EpisodeSampler(val_store, e.ways, e.shots, e.queries,
-                                 episodes_per_batch(device, e.batch), device, split="val",
-                                 prefix="eval")
-    algo = build_algorithm(cfg, train_store, device)
-    optimizer, scheduler = build_optimizer(cfg, algo)
 
-    start, best = 0, {"accuracy": -1.0, "ci95": float("nan"), "step": 0}
-    if state is not None:
-        algo.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        train_sampler.generator.set_state(state["rng"]["sampler"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        start, best = state["step"], state["best"]
-        log.info("resuming from step %d in %s", start, run_dir)
+def meta_train(trainer: MetaTrainer) -> float:
+    """The training loop; returns the best validation score."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    t, metric = cfg.train, trainer.algo.score_name
+    if trainer.step >= t.steps:
+        log.info("nothing to do: the run is already at step %d of train.steps=%d; resume with a "
+                 "larger train.steps to continue", trainer.step, t.steps)
+        return trainer.best["score"]
+    writer = SummaryWriter(str(run_dir), purge_step=trainer.step or None)
+    try:
+        _loop(trainer, writer)
+        writer.add_hparams(hparams(cfg), {f"hparam/best_val_{metric}": trainer.best["score"]},
+                           run_name=".")
+    finally:
+        writer.close()
+    best = trainer.best
+    log.info("done: best val %s %s at step %d; evaluate with: fewshot eval ckpt=%s", metric,
+             _shown(metric, best["score"], best["ci95"]), best["step"], run_dir / "best.pt")
+    return best["score"]
 
-    def diverged(what: str, step: int) -> FewshotError:
-        kept = run_dir / "last.pt"
-        return FewshotError(
-            f"{what} at step {step}; stopped without saving, the last good checkpoint is "
-            f"{kept if kept.exists() else 'none yet'}; lower train.lr or set train.grad_clip")
 
-    def checkpoint(name: str, step: int) -> Path:
-        if not all(torch.isfinite(p).all() for p in algo.parameters()):
-            raise diverged("the weights became NaN or infinite", step)
-        path = run_dir / name
-        save_checkpoint(path, {
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "step": step,
-            "model": algo.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": {"torch": torch.get_rng_state(),
-                    "sampler": train_sampler.generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-            "best": best,
-        })
-        return path
-
-    def validate(step: int) -> tuple[float, float]:
-        accs = evaluate_episodes(algo, val_sampler.fixed(t.val_episodes, seed=cfg.eval.seed + 1),
-                                 autocast)
-        return mean_ci95(accs)
-
-    writer = SummaryWriter(str(run_dir), purge_step=start if start else None)
+def _loop(trainer: MetaTrainer, writer: SummaryWriter) -> None:
+    """Steps from ``trainer.step`` to ``train.steps``: update, log, validate, save."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    t, metric = cfg.train, trainer.algo.score_name
     log.info("run folder: %s", run_dir)
-    bar = tqdm(initial=start, total=t.steps, desc="meta-train", unit="step",
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5.0)
-    clock, last_log = time.perf_counter(), start
     stop = StopRequest()
-    with stop.installed():
-        for step in range(start, t.steps):
+    validation_bar = lambda it, total: _bar(iterable=it, total=total, desc="validate",
+                                            unit="batch", leave=False)
+    with stop.installed(), logging_redirect_tqdm(), _bar(
+            initial=trainer.step, total=t.steps, desc="meta-train", unit="step") as bar:
+        clock, last_log = time.perf_counter(), trainer.step
+        for step in range(trainer.step, t.steps):
             if stop.requested:
-                path = checkpoint("last.pt", step)
+                trainer.check_finite()
+                path = trainer.save("last.pt")
                 raise Interrupted(f"interrupted at step {step}: saved {path}; continue with "
                                   f"fewshot train resume={path}")
-            algo.train()
-            if hasattr(algo, "set_step"):  # MAML++ annealing follows the meta-step
-                algo.set_step(step)
-            episode = train_sampler.sample()
-            episode.support = dataset.train_transform(episode.support.flatten(0, 1)).view_as(
-                episode.support)
-            episode.query = dataset.train_transform(episode.query.flatten(0, 1)).view_as(
-                episode.query)
-            with autocast():
-                loss, logits = algo.loss(episode)
-            if not torch.isfinite(loss):
-                raise diverged(f"the training loss became {loss.item()}", step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(algo.parameters(), t.grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            metrics = trainer.train_step(step)
             bar.update(1)
             done = step + 1
 
             if done % t.log_every == 0 or done == t.steps:
+                trainer.check_finite()
                 now = time.perf_counter()
                 speed = (done - last_log) * t.meta_batch / max(now - clock, 1e-9)
                 clock, last_log = now, done
-                acc = float(accuracy(logits.detach().float(), episode.query_y).mean())
-                writer.add_scalar("train/loss", loss.item(), done)
-                writer.add_scalar("train/accuracy", acc, done)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], done)
+                values = {name: float(value) for name, value in metrics.items()}
+                for name, value in values.items():
+                    writer.add_scalar(f"train/{name}", value, done)
+                writer.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], done)
                 writer.add_scalar("train/episodes_per_s", speed, done)
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}",
-                                eps=f"{speed:.0f}/s", refresh=False)
+                bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()},
+                                 "eps": f"{speed:.0f}/s"}, refresh=False)
 
             if done % t.val_every == 0 or done == t.steps:
-                mean, ci = validate(done)
-                writer.add_scalar("val/accuracy", mean, done)
+                trainer.check_finite()
+                mean, ci, improved = trainer.validate(validation_bar)
+                writer.add_scalar(f"val/{metric}", mean, done)
                 writer.add_scalar("val/ci95", ci, done)
-                if mean > best["accuracy"]:
-                    best = {"accuracy": mean, "ci95": ci, "step": done}
-                    checkpoint("best.pt", done)
-                checkpoint("last.pt", done)
-                log.info("step %d: val %d-way %d-shot accuracy %.2f%% ± %.2f%% (best %.2f%% at "
-                         "step %d)", done, e.ways, e.shots, 100 * mean, 100 * ci,
-                         100 * best["accuracy"], best["step"])
+                if improved:
+                    trainer.save("best.pt")
+                trainer.save("last.pt")
+                best = trainer.best
+                log.info("step %d: val %s %s (best %s at step %d)", done, metric,
+                         _shown(metric, mean, ci), _shown(metric, best["score"], best["ci95"]),
+                         best["step"])
                 clock = time.perf_counter()  # validation time is not training speed
-    bar.close()
-    hparams = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True)["train"].items()
-               if isinstance(v, (int, float, str, bool))}
-    hparams.update(algo=cfg.algo._target_.rsplit(".", 1)[-1], dataset=cfg.dataset._target_
-                   .rsplit(".", 1)[-1], backbone=cfg.backbone._target_.rsplit(".", 1)[-1],
-                   seed=cfg.seed)
-    writer.add_hparams(hparams, {"hparam/best_val_accuracy": best["accuracy"]}, run_name=".")
-    writer.close()
-    log.info("done: best val accuracy %.2f%% ± %.2f%% at step %d; evaluate with: fewshot eval "
-             "ckpt=%s", 100 * best["accuracy"], 100 * best["ci95"], best["step"],
-             run_dir / "best.pt")
-    return {"best": best, "run_dir": str(run_dir)}
+
+
+def _shown(metric: str, mean: float, ci: float) -> str:
+    """``91.20% ± 0.55%`` for accuracies, ``7.41 ± 0.12`` for other scores."""
+    scale, unit = (100, "%") if metric == "accuracy" else (1, "")
+    return f"{scale * mean:.2f}{unit} ± {scale * ci:.2f}{unit}"
+
+
+def _flat(node: Mapping, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if str(key).startswith("_"):
+            continue
+        name = f"{prefix}.{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat(value, name))
+        elif value is not None:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The run's settings for TensorBoard's HPARAMS tab: every option of the groups, by key
+    (``algo.inner_lr``), and the group options chosen (``algo=metasgd``)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    values: dict[str, Any] = {"seed": plain["seed"]}
+    for section in HPARAM_SECTIONS:
+        if isinstance(plain.get(section), Mapping):
+            values.update(_flat(plain[section], section))
+    values.update({k: v for k, v in (plain.get("choices") or {}).items() if v is not None})
+    return values

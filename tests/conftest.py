@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,3 +75,13 @@ def cli(tmp_path: Path):
         return run_cli(list(args), cwd or tmp_path, timeout=timeout, env=env)
 
     return run
+
+
+def eval_result(run: Path, ways: int, shots: int, ckpt: str = "best.pt", **match) -> dict:
+    """The one results.json entry that ``fewshot eval`` wrote for ``ckpt`` and this task shape
+    (and any other settings given in ``match``, e.g. ``episodes=600``)."""
+    entries = json.loads((run / "results.json").read_text())[ckpt].values()
+    found = [r for r in entries if r["ways"] == ways and r["shots"] == shots
+             and all(r.get(k) == v for k, v in match.items())]
+    assert len(found) == 1, f"{len(found)} results for {ways}-way {shots}-shot {match}: {entries}"
+    return found[0]

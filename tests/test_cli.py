@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import eval_result
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
 
@@ -58,13 +59,12 @@ def test_train_then_eval_from_another_folder(cli, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = ok(cli("eval", f"ckpt={run / 'best.pt'}", cwd=elsewhere)).stdout
-    assert "5-way 1-shot test accuracy" in out and "±" in out
-    result = json.loads((run / "results.json").read_text())["best.pt"]["5way-1shot"]
+    assert "5-way 1-shot (5 queries) test accuracy" in out and "±" in out
+    result = eval_result(run, 5, 1)
     assert result["episodes"] == 20 and 0.0 <= result["accuracy"] <= 1.0 and result["ci95"] > 0
     # Other shapes are added to the same results.json, and the stored run is not changed.
     ok(cli("eval", f"ckpt={run / 'best.pt'}", "eval.ways=3", "eval.shots=2", cwd=elsewhere))
-    results = json.loads((run / "results.json").read_text())["best.pt"]
-    assert set(results) == {"5way-1shot", "3way-2shot"}
+    assert eval_result(run, 3, 2)["episodes"] == 20 and eval_result(run, 5, 1)["ways"] == 5
 
 
 def test_eval_is_deterministic_and_multirun_evaluates_several(cli, tmp_path):

@@ -3,12 +3,12 @@ the real CLI end to end, and real learning on the minimal Omniglot split."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import eval_result
 from hydra import compose, initialize_config_dir
 from torch import nn
 
@@ -280,8 +280,8 @@ def test_cli_train_then_eval(cli, tmp_path, name):
     run = tmp_path / "run"
     ok(cli("train", *CLI_CASES[name], *TINY, f"hydra.run.dir={run}"))
     out = ok(cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=8", "eval.shots=2")).stdout
-    assert "5-way 2-shot test accuracy" in out
-    result = json.loads((run / "results.json").read_text())["best.pt"]["5way-2shot"]
+    assert "5-way 2-shot (3 queries) test accuracy" in out
+    result = eval_result(run, 5, 2)
     assert result["episodes"] == 8 and 0.0 <= result["accuracy"] <= 1.0
 
 
@@ -323,5 +323,5 @@ def test_real_learning_on_unseen_alphabets(cli, tmp_path, omniglot_root, name):
     ok(cli("train", *overrides, *REAL, f"dataset.root={omniglot_root}", f"train.steps={steps}",
            f"train.val_every={steps}", f"hydra.run.dir={run}"))
     print(ok(cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=200")).stdout)
-    result = json.loads((run / "results.json").read_text())["best.pt"]["5way-1shot"]
+    result = eval_result(run, 5, 1)
     assert result["accuracy"] - result["ci95"] >= floor, result

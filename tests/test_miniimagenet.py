@@ -276,7 +276,7 @@ def test_cli_trains_and_evaluates_on_each_layout(cli, tmp_path, jpegs, layout):
                  "dataset.augment.color_jitter=0.4"]
     ok(cli("train", *TINY, *extra, f"dataset.root={root}", f"hydra.run.dir={run}"))
     out = ok(cli("eval", f"ckpt={run / 'best.pt'}")).stdout
-    assert "5-way 1-shot test accuracy" in out
+    assert "5-way 1-shot (5 queries) test accuracy" in out
 
 
 def test_cli_missing_data_is_one_clear_sentence(cli, tmp_path):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from conftest import eval_result
 
 pytestmark = pytest.mark.real_data
 
@@ -31,18 +31,18 @@ def train_and_test(cli, tmp_path: Path, root: Path, split: str, steps: int) -> d
                    f"eval.queries={queries}", f"eval.episodes={episodes}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         print(proc.stdout)
-    return json.loads((run / "results.json").read_text())["best.pt"]
+    return {ways: eval_result(run, ways, 1) for ways in (5, 20)}
 
 
 def test_minimal_split_unseen_alphabets(cli, tmp_path, omniglot_root):
     results = train_and_test(cli, tmp_path, omniglot_root, "minimal", steps=300)
-    five, twenty = results["5way-1shot"], results["20way-1shot"]
+    five, twenty = results[5], results[20]
     assert five["accuracy"] - five["ci95"] >= 0.85, five
     assert twenty["accuracy"] >= 0.50, twenty  # chance is 5%
 
 
 def test_vinyals_split_test_characters(cli, tmp_path, omniglot_root):
     results = train_and_test(cli, tmp_path, omniglot_root, "vinyals", steps=700)
-    five, twenty = results["5way-1shot"], results["20way-1shot"]
+    five, twenty = results[5], results[20]
     assert five["accuracy"] - five["ci95"] >= 0.95, five
     assert twenty["accuracy"] >= 0.70, twenty

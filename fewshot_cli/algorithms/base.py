@@ -1,15 +1,55 @@
-"""The interface every few-shot algorithm implements; trainer and evaluator know only this."""
+"""The interface every meta-learning algorithm implements; trainer and evaluator know only this.
+
+``MetaAlgorithm`` is what the engine sees: a meta-training loss with metrics to log, and a
+score per task for validation and test. ``FewShotAlgorithm`` is the image classifier family's
+version of it, written in the field's terms (support, query, ways): subclasses implement
+:meth:`FewShotAlgorithm.predict` and, where the loss is not query cross-entropy, ``loss``.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fewshot_cli.episode import Episode
+from fewshot_cli.errors import FewshotError
 
 
-class FewShotAlgorithm(nn.Module):
+class MetaAlgorithm(nn.Module):
+    """An algorithm the trainer can meta-train and the evaluator can test.
+
+    ``meta_loss(tasks)`` returns the loss to backpropagate and detached 0-dim metric tensors
+    (logged under ``train/<name>``, read only on logging steps so no step waits on the device);
+    ``score(tasks)`` returns one number per task, higher is better (``score_name``). ``tasks``
+    is whatever the data set's sampler yields: an :class:`Episode` for images.
+    """
+
+    #: what :meth:`score` measures, as printed by ``fewshot eval`` and logged under ``val/``
+    score_name: str = "accuracy"
+    #: ``device.memory_format=auto`` gives the weights the channels_last layout on the CPU
+    #: unless an algorithm runs slower with it (see ``engine.runtime.memory_format_for``).
+    prefers_channels_last: bool = True
+
+    def check_tasks(self, train: dict[str, Any], eval: dict[str, Any]) -> None:
+        """Raise a FewshotError when the ``train.*``/``eval.*`` task shapes cannot work with
+        this model; called before any data is decoded."""
+
+    def set_step(self, step: int) -> None:
+        """The current meta-training step, for algorithms with schedules (MAML++ annealing)."""
+
+    def meta_loss(self, tasks: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The meta-training loss of one meta-batch and its metrics (detached, 0-dim)."""
+        raise NotImplementedError
+
+    def score(self, tasks: Any) -> torch.Tensor:
+        """Per-task score ``[B]`` in evaluation; called under ``torch.no_grad()``."""
+        raise NotImplementedError
+
+
+class FewShotAlgorithm(MetaAlgorithm):
     """Wraps a plain backbone network and owns the episode logic around it.
 
     Subclasses implement :meth:`predict`; the default :meth:`loss` is cross-entropy of the query
@@ -18,14 +58,20 @@ class FewShotAlgorithm(nn.Module):
     built as ``Algo(backbone=..., ways=train.ways, **algo_config)``.
     """
 
-    #: ``device.memory_format=auto`` gives the weights the channels_last layout on the CPU
-    #: unless an algorithm runs slower with it (see ``engine.runtime.memory_format_for``).
-    prefers_channels_last: bool = True
+    #: True where the trained head fixes the number of classes (the MAML family), so evaluation
+    #: and prediction must use ``train.ways`` classes.
+    fixed_ways: bool = False
 
     def __init__(self, backbone: nn.Module, ways: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.ways = ways
+
+    def check_tasks(self, train: dict[str, Any], eval: dict[str, Any]) -> None:
+        if self.fixed_ways and eval["ways"] != self.ways:
+            raise FewshotError(f"eval.ways={eval['ways']} differs from train.ways={self.ways}, but "
+                               f"this algorithm's head has {self.ways} outputs; set eval.ways="
+                               f"{self.ways} (or train a model with train.ways={eval['ways']})")
 
     def predict(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
                 ways: int) -> torch.Tensor:
@@ -37,6 +83,15 @@ class FewShotAlgorithm(nn.Module):
         logits = self.predict(episode.support, episode.support_y, episode.query, episode.ways)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), episode.query_y.flatten())
         return loss, logits
+
+    def meta_loss(self, tasks: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, logits = self.loss(tasks)
+        acc = accuracy(logits.detach().float(), tasks.query_y).mean()
+        return loss, {"loss": loss.detach(), "accuracy": acc}
+
+    def score(self, tasks: Episode) -> torch.Tensor:
+        logits = self.predict(tasks.support, tasks.support_y, tasks.query, tasks.ways)
+        return accuracy(logits.float(), tasks.query_y)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

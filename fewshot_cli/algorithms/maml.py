@@ -115,6 +115,7 @@ class MAML(FewShotAlgorithm):
     # Profiled: BatchNorm's double backward sums slowly over channels_last tensors, and with a
     # 1-channel input the first block stays NCHW, so max-pool's backward converts layouts.
     prefers_channels_last = False
+    fixed_ways = True  # the linear head has train.ways outputs
 
     def __init__(self, backbone: nn.Module, ways: int, inner_lr: float = 0.4,
                  inner_steps: int = 1, eval_inner_steps: int = 3, first_order: bool = False,
@@ -312,8 +313,8 @@ class MAML(FewShotAlgorithm):
                 ways: int) -> torch.Tensor:
         """Adapt to each task with ``eval_inner_steps`` first-order steps; query logits."""
         if ways != self.ways:
-            raise FewshotError(f"eval.ways={ways} differs from the {self.ways}-way head this "
-                               f"model was trained with; evaluate with eval.ways={self.ways}")
+            raise FewshotError(f"these tasks have {ways} classes but this model's head was "
+                               f"trained for {self.ways}; use {self.ways}-way tasks")
         # No meta-gradient is needed at test time: first order, and grad() works under no_grad.
         with torch.no_grad():
             return self.adapt_and_classify(support, support_y, query, self.eval_inner_steps,

@@ -283,6 +283,8 @@ def color_jitter(images: torch.Tensor, strength: float) -> torch.Tensor:
 class MiniImageNet(FewShotDataset):
     """miniImageNet classes (wnids) as a uint8 store ``[classes, 600, 3, S, S]`` per split."""
 
+    channels = 3
+
     def __init__(self, root: str, image_size: int = 84, layout: str = "auto",
                  augment: Mapping | None = None) -> None:
         if layout != "auto" and layout not in LAYOUTS:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -49,11 +49,20 @@ def check_episode_shape(store: ClassStore, ways: int, shots: int, queries: int, 
             f"{prefix}.ways={ways} exceeds the {store.num_classes} classes of the {split} split; "
             f"lower {prefix}.ways or choose a larger split"
         )
-    if shots + queries > store.min_images:
-        raise FewshotError(
-            f"{prefix}.shots + {prefix}.queries = {shots + queries} exceeds the {store.min_images} "
-            f"images per class of the {split} split; lower {prefix}.shots or {prefix}.queries"
-        )
+    need = shots + queries
+    if need > store.min_images:
+        counts = store.counts.tolist()
+        short = [(c, n) for c, n in zip(counts, store.names, strict=True) if c < need]
+        fix = f"lower {prefix}.shots or {prefix}.queries"
+        if len(set(counts)) == 1:
+            raise FewshotError(f"{prefix}.shots + {prefix}.queries = {need} exceeds the "
+                               f"{store.min_images} images per class of the {split} split; {fix}")
+        fewest, name = min(short)
+        others = f" (and {len(short) - 1} more classes have fewer than {need})" if len(short) > 1 \
+            else ""
+        raise FewshotError(f"{prefix}.shots + {prefix}.queries = {need} exceeds the {fewest} "
+                           f"images of class {name} in the {split} split{others}; {fix}, or "
+                           "give that class more images")
 
 
 class EpisodeSampler:
@@ -66,7 +75,8 @@ class EpisodeSampler:
 
     def __init__(self, store: ClassStore, ways: int, shots: int, queries: int, meta_batch: int = 1,
                  device: torch.device | str = "cpu", seed: int = 0, split: str = "train",
-                 prefix: str = "train") -> None:
+                 prefix: str = "train",
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         check_episode_shape(store, ways, shots, queries, split, prefix)
         if meta_batch < 1:
             raise FewshotError(f"{prefix}.meta_batch={meta_batch} must be at least 1")
@@ -77,6 +87,7 @@ class EpisodeSampler:
         self.images = store.images.to(where)
         self.counts = store.counts.cpu()
         self.generator = torch.Generator().manual_seed(seed)
+        self.transform = transform
         n, k, q = ways, shots, queries
         self._support_y = torch.arange(n).repeat_interleave(k).to(self.device)
         self._query_y = torch.arange(n).repeat_interleave(q).to(self.device)
@@ -109,8 +120,14 @@ class EpisodeSampler:
         )
 
     def sample(self) -> Episode:
-        """One meta-batch of ``meta_batch`` random tasks from the sampler's generator."""
-        return self._gather(*self._draw(self.generator, self.meta_batch))
+        """One meta-batch of ``meta_batch`` random tasks from the sampler's generator, with the
+        training ``transform`` (if any) applied to every image on the device."""
+        episode = self._gather(*self._draw(self.generator, self.meta_batch))
+        if self.transform is not None:
+            for name in ("support", "query"):
+                images = getattr(episode, name)
+                setattr(episode, name, self.transform(images.flatten(0, 1)).view_as(images))
+        return episode
 
     def fixed(self, episodes: int, seed: int, batch: int | None = None) -> Iterator[Episode]:
         """``episodes`` tasks, identical for the same seed whatever ``batch`` groups them."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,9 +13,11 @@ from pathlib import Path
 import torch
 
 from fewshot_cli.errors import FewshotError
-from fewshot_cli.files import atomic_torch_save
+from fewshot_cli.files import atomic_torch_save, write_failure
 
 CACHE_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,5 +144,9 @@ def cached_store(path: Path, build: Callable[[], ClassStore]) -> ClassStore:
         except Exception:  # a cache from another version or a torn copy: rebuild it
             path.unlink(missing_ok=True)
     store = build()
-    store.save(path)
+    try:
+        store.save(path)
+    except (OSError, RuntimeError) as err:  # a full or read-only disk: run without the cache
+        log.warning("%s; continuing without it", write_failure(path, err, "no cache was kept"))
+        return store
     return ClassStore.load(path)

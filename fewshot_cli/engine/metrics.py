@@ -1,34 +1,39 @@
-"""Accuracy over fixed episodes, reported as mean ± 95% confidence interval."""
+"""Scores over fixed tasks, reported as mean ± 95% confidence interval."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
-from fewshot_cli.algorithms.base import FewShotAlgorithm, accuracy
-from fewshot_cli.episode import Episode
+from fewshot_cli.algorithms.base import MetaAlgorithm
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and half-width of the normal 95% confidence interval of per-episode accuracies."""
+    """Mean and half-width of the normal 95% confidence interval of per-task scores; the
+    half-width is NaN for a single task (there is no spread to estimate)."""
     values = values.double()
     if values.numel() < 2:
         return float(values.mean()), float("nan")
     return float(values.mean()), 1.96 * float(values.std()) / math.sqrt(values.numel())
 
 
-def evaluate_episodes(algo: FewShotAlgorithm, episodes: Iterable[Episode],
-                      autocast: Callable = torch.autocast, progress: Callable | None = None
-                      ) -> torch.Tensor:
-    """Per-episode query accuracy ``[episodes]`` of ``algo`` in evaluation mode, no gradients."""
+def score_tasks(algo: MetaAlgorithm, batches: Iterable[Any], autocast: Callable = torch.autocast,
+                progress: Callable | None = None, on_batch: Callable | None = None
+                ) -> torch.Tensor:
+    """Per-task scores ``[tasks]`` of ``algo`` in evaluation mode, without gradients.
+
+    ``on_batch(tasks)`` (optional) sees every batch too: the evaluator scores the classical
+    baselines of a data set on the very same tasks with it.
+    """
     algo.eval()
-    accs = []
+    scores = []
     with torch.no_grad():
-        for episode in progress(episodes) if progress else episodes:
+        for tasks in progress(batches) if progress else batches:
             with autocast():
-                logits = algo.predict(episode.support, episode.support_y, episode.query,
-                                      episode.ways)
-            accs.append(accuracy(logits.float(), episode.query_y).cpu())
-    return torch.cat(accs)
+                scores.append(algo.score(tasks).float().cpu())
+            if on_batch is not None:
+                on_batch(tasks)
+    return torch.cat(scores)

@@ -1,0 +1,82 @@
+"""Where the config tree lives, and which callables a stored config may name.
+
+A checkpoint carries the config of its run, and ``fewshot eval``/``resume``/``predict`` build
+objects from it with Hydra's ``instantiate``, which calls whatever ``_target_`` names. A
+checkpoint is shared between people, so before anything is built every ``_target_`` in it must
+be one of fewshot's own builders (those named by the shipped config tree) or an optimizer or
+learning-rate schedule class of ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fewshot_cli.errors import FewshotError
+
+
+def conf_dir() -> Path:
+    """The config tree: inside the installed wheel, else the repository's top-level conf/."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+@functools.cache
+def own_targets() -> frozenset[str]:
+    """Every ``fewshot_cli.`` builder a ``_target_`` of the shipped config tree names."""
+    import yaml  # PyYAML comes with omegaconf
+
+    found: set[str] = set()
+    for path in conf_dir().rglob("*.yaml"):
+        try:
+            docs = list(yaml.safe_load_all(path.read_text()))
+        except (OSError, yaml.YAMLError):
+            continue
+        for doc in docs:
+            found.update(value for key, value in _items(doc) if key == "_target_")
+    return frozenset(t for t in found if isinstance(t, str) and t.startswith("fewshot_cli."))
+
+
+def _items(node: Any) -> Iterator[tuple[Any, Any]]:
+    """Every (key, value) pair of nested dicts and lists."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key, value
+            yield from _items(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _items(value)
+
+
+def _is_torch_optim_class(target: str) -> bool:
+    """``torch.optim.X`` optimizers and ``torch.optim.lr_scheduler.X`` schedules, nothing else."""
+    module, _, name = target.rpartition(".")
+    if module not in ("torch.optim", "torch.optim.lr_scheduler") or name.startswith("_"):
+        return False
+    import torch
+
+    owner = torch.optim if module == "torch.optim" else torch.optim.lr_scheduler
+    obj = getattr(owner, name, None)
+    bases = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+    return isinstance(obj, type) and issubclass(obj, bases)
+
+
+def check_stored_config(config: Any, source: Path) -> None:
+    """Refuse a stored config that names a callable outside fewshot's builders, or that still
+    holds ``${...}`` interpolations (fewshot stores configs resolved), before anything is built."""
+    if not isinstance(config, dict):
+        raise FewshotError(f"{source} holds no run config; pass a best.pt or last.pt written by "
+                           "fewshot train")
+    allowed = own_targets()
+    for key, value in _items(config):
+        if key == "_target_" and not (isinstance(value, str) and (
+                value in allowed or _is_torch_optim_class(value))):
+            raise FewshotError(f"{source} was refused: its config names {str(value)[:80]!r} to "
+                               "build, which is not one of fewshot's builders; only load "
+                               "checkpoints written by fewshot train")
+        if isinstance(value, str) and "${" in value:
+            raise FewshotError(f"{source} was refused: its config holds the interpolation "
+                               f"{value[:80]!r}, which fewshot never stores; only load "
+                               "checkpoints written by fewshot train")

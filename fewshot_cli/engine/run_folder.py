@@ -1,0 +1,159 @@
+"""A run's folder: claimed by one run at a time, holding its config, log and checkpoints.
+
+Hydra picks the folder (``hydra.run.dir``); this module makes it safe to share a machine:
+
+* default folders are claimed with an atomic ``mkdir`` (:func:`claim_new_dir`), so two runs
+  started in the same second get ``...-protonet-omniglot`` and ``...-protonet-omniglot-2``;
+* a run holds an exclusive ``flock`` on ``<folder>/.lock`` for its whole life, so a second run
+  (or a resume) given the same folder is refused instead of interleaving files; the kernel
+  drops the lock when the process dies, so a crash never leaves the folder locked;
+* a new run refuses a folder that already holds checkpoints (that is what ``resume=`` is for);
+* ``.hydra/`` and ``train.log`` are written by the run only once it holds the folder, fatal
+  errors are logged there, and a run that fails before it trains leaves no folder behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from fewshot_cli.errors import FewshotError, Interrupted
+from fewshot_cli.files import atomic_write_text
+
+log = logging.getLogger("fewshot")
+
+LOCK = ".lock"
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+_claimed: dict[str, str] = {}
+
+
+def claim_new_dir(base: str) -> str:
+    """The first of ``base``, ``base-2``, ``base-3``... that did not exist, created just now.
+
+    A Hydra resolver (``${fewshot.new_dir:...}`` in conf/train.yaml): ``mkdir`` either creates
+    a folder or fails, so two processes can never both claim one. Hydra resolves the run folder
+    more than once per job, hence the memo.
+    """
+    if base in _claimed:
+        return _claimed[base]
+    Path(base).parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            n += 1
+            continue
+        _claimed[base] = candidate
+        return candidate
+
+
+def has_started(folder: Path) -> bool:
+    """Whether a run has trained in ``folder``: it holds checkpoints or TensorBoard events."""
+    return any((folder / name).exists() for name in ("last.pt", "best.pt")) or any(
+        folder.glob("events.out.tfevents.*"))
+
+
+class RunFolder:
+    """Holds ``path`` for one run: ``with RunFolder(path, hydra_files) as folder: ...``.
+
+    ``hydra_files`` maps ``.hydra/<name>`` to the config to write there (a new run's composed
+    config, Hydra's own config and the overrides); None for a resumed run, which keeps its own.
+    """
+
+    def __init__(self, path: Path, hydra_files: dict[str, Any] | None, resuming: bool) -> None:
+        self.path, self.hydra_files, self.resuming = Path(path), hydra_files, resuming
+        self._lock: Any = None
+        self._handler: logging.Handler | None = None
+        self.fresh = False
+
+    def __enter__(self) -> RunFolder:
+        where = "resume a run elsewhere" if self.resuming else "choose another hydra.run.dir"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.fresh = not any(self.path.iterdir())
+            self._lock = open(self.path / LOCK, "a+")  # noqa: SIM115 (held for the whole run)
+        except OSError as err:
+            raise FewshotError(f"cannot write into the run folder {self.path} "
+                               f"({err.strerror or err}); make it writable or {where}") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            raise FewshotError(f"the run folder {self.path} is in use by another fewshot run "
+                               f"(pid {owner}); wait for it to finish or {where}") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
+        try:
+            self._claim()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _claim(self) -> None:
+        if not self.resuming and any((self.path / n).exists() for n in ("last.pt", "best.pt")):
+            raise FewshotError(f"{self.path} already holds a run's checkpoints; continue it with "
+                               f"fewshot train resume={self.path / 'last.pt'}, or give this run "
+                               "its own hydra.run.dir")
+        try:
+            for name, config in (self.hydra_files or {}).items():
+                atomic_write_text(OmegaConf.to_yaml(config), self.path / ".hydra" / name)
+            handler = logging.FileHandler(self.path / "train.log", mode="a")
+        except OSError as err:
+            raise FewshotError(f"cannot write into the run folder {self.path} "
+                               f"({err.strerror or err}); make it writable or choose another "
+                               "hydra.run.dir") from None
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
+        self._handler = handler
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if err is not None and self._handler is not None:
+            # Into train.log only: the command line prints its own one sentence.
+            if isinstance(err, (FewshotError, Interrupted)):
+                self._log(str(err))
+            elif isinstance(err, KeyboardInterrupt):
+                self._log("interrupted")
+            else:
+                self._log("stopped by an unexpected error", (kind, err, tb))
+        self._release()
+        if err is not None and self.fresh and not has_started(self.path):
+            self._remove()
+
+    def _log(self, message: str, exc_info: Any = None) -> None:
+        self._handler.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 0, message,
+                                               None, exc_info))
+
+    def _release(self) -> None:
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+        if self._lock is not None and not self._lock.closed:
+            self._lock.close()  # closing the descriptor drops the flock
+
+    def _remove(self) -> None:
+        """Delete a folder this run created and never trained in, and its empty parents up to
+        the working directory (``outputs/<date>/`` of a failed first run of the day)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        cwd, parent = Path.cwd().resolve(), self.path.resolve().parent
+        while parent != cwd and cwd in parent.parents:
+            try:
+                parent.rmdir()  # only succeeds when empty
+            except OSError:
+                break
+            parent = parent.parent

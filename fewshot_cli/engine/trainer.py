@@ -1,0 +1,127 @@
+"""The meta-trainer: what one run holds (model, optimizer, task samplers, random states, best
+score), and the four things the training loop asks of it: step, validate, save, restore."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fewshot_cli.build import build_algorithm, build_dataset, build_optimizer
+from fewshot_cli.engine.checkpoint import save_checkpoint
+from fewshot_cli.engine.metrics import mean_ci95, score_tasks
+from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch
+from fewshot_cli.errors import FewshotError
+
+
+class MetaTrainer:
+    """Everything a run needs, built from its config in the order that fails fastest: the data
+    set's options, then the model (its options and the task shapes are checked before any image
+    is decoded), then the task samplers, then the optimizer."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, run_dir: Path) -> None:
+        t, e = cfg.train, cfg.eval
+        self.cfg, self.device, self.run_dir = cfg, device, run_dir
+        self.autocast = autocast_for(device, cfg.device.precision)
+        self.dataset = build_dataset(cfg)
+        self.algo = build_algorithm(cfg, self.dataset.input_spec(), device)
+        self.train_tasks = self.dataset.sampler("train", t, t.meta_batch, device, seed=cfg.seed)
+        self.val_tasks = self.dataset.sampler("val", e, episodes_per_batch(device, e.batch),
+                                              device, prefix="eval")
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.algo)
+        self.step = 0
+        self.best = {"score": -math.inf, "ci95": math.nan, "step": 0}
+        # The first step whose loss was not finite, kept on the device so that steps which do
+        # not log never wait for it; -1 while every loss has been finite.
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    # ---- one meta-training step
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        """Sample a meta-batch, meta-update once; the step's metrics as device tensors."""
+        self.algo.train()
+        self.algo.set_step(step)
+        tasks = self.train_tasks.sample()
+        with self.autocast():
+            loss, metrics = self.algo.meta_loss(tasks)
+        finite = torch.isfinite(loss.detach())
+        self._bad_step = torch.where(finite | (self._bad_step >= 0), self._bad_step,
+                                     torch.full_like(self._bad_step, step + 1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.algo.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step = step + 1
+        return metrics
+
+    def check_finite(self) -> None:
+        """Stop (without saving) if a loss since the last check was NaN or infinite."""
+        bad = int(self._bad_step)
+        if bad >= 0:
+            raise self.diverged("the training loss became NaN or infinite", bad)
+
+    def diverged(self, what: str, step: int) -> FewshotError:
+        kept = self.run_dir / "last.pt"
+        return FewshotError(
+            f"{what} at step {step}; stopped without saving, the last good checkpoint is "
+            f"{kept if kept.exists() else 'none yet'}; lower train.lr or set train.grad_clip")
+
+    # ---- validation on fixed tasks
+
+    def validate(self, progress: Callable | None = None) -> tuple[float, float, bool]:
+        """Mean ± 95% CI of the score on ``train.val_episodes`` fixed validation tasks, and
+        whether it is a new best (remembered; the caller saves ``best.pt``)."""
+        batch = episodes_per_batch(self.device, self.cfg.eval.batch)
+        tasks = self.val_tasks.fixed(self.cfg.train.val_episodes, seed=self.cfg.eval.seed + 1)
+        scores = score_tasks(self.algo, tasks, self.autocast,
+                             progress and (lambda it: progress(it, -(-self.cfg.train.val_episodes
+                                                                     // batch))))
+        mean, ci = mean_ci95(scores)
+        improved = mean > self.best["score"]
+        if improved:
+            self.best = {"score": mean, "ci95": ci, "step": self.step}
+        return mean, ci, improved
+
+    # ---- checkpoints
+
+    def save(self, name: str) -> Path:
+        """Write ``name`` (last.pt, best.pt) atomically; refuse non-finite weights."""
+        if not all(torch.isfinite(p).all() for p in self.algo.parameters()):
+            raise self.diverged("the weights became NaN or infinite", self.step)
+        path = self.run_dir / name
+        save_checkpoint(path, {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "step": self.step,
+            "model": self.algo.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "sampler": self.train_tasks.generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
+            "best": {"accuracy" if self.algo.score_name == "accuracy" else "score":
+                     self.best["score"], "ci95": self.best["ci95"], "step": self.best["step"],
+                     "metric": self.algo.score_name},
+        })
+        return path
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` (a checkpoint) stopped."""
+        self.algo.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.train_tasks.generator.set_state(state["rng"]["sampler"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        best = state["best"]
+        self.step = state["step"]
+        self.best = {"score": best.get("score", best.get("accuracy")), "ci95": best["ci95"],
+                     "step": best["step"]}
