@@ -30,9 +30,17 @@ _failures: list[str] = []  # runs of a sweep that failed (the sweep goes on with
 
 
 def _train(cfg: DictConfig) -> float:
-    from fewshot_cli.train import train
+    from fewshot_cli.engine.run_folder import discard_if_empty
+    from fewshot_cli.options import check_train
 
     hydra_cfg = HydraConfig.get()
+    try:  # before torch is imported: a typo costs a fraction of a second
+        check_train(cfg)
+    except FewshotError:
+        discard_if_empty(Path(hydra_cfg.runtime.output_dir))
+        raise
+    from fewshot_cli.train import train
+
     with open_dict(cfg):  # the group options chosen: names for hparams, results and errors
         cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
     files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg},
@@ -100,10 +108,7 @@ def _guarded(task: Callable[[DictConfig], Any], held: HeldStderr) -> Callable[[D
     failed run is reported and the sweep goes on (its score is NaN, which Optuna skips)."""
 
     def run(cfg: DictConfig) -> Any:
-        from fewshot_cli.engine.runtime import pad_host_heap
-
         held.release()
-        pad_host_heap()
         try:
             return task(cfg)
         except KeyboardInterrupt:
@@ -174,9 +179,16 @@ def condense(text: str, command: str) -> str:
 
 # ---------------------------------------------------------------- resuming a run
 
+# What a resumed run may change: how long it runs, how often it validates and logs, where its
+# data lives and how (not what) it computes. Anything else would make the checkpoint's weights,
+# optimizer state or random state belong to a config other than the one it records.
 RESUMABLE = ("train.steps", "train.val_every", "train.val_episodes", "train.log_every",
              "eval.batch", "eval.episodes", "dataset.root", "dataset.download", "device",
-             "device.type", "device.precision", "device.memory_format")
+             "device.type", "device.precision", "device.memory_format", "algo.batching",
+             "algo.task_chunk", "algo.checkpoint_steps")
+
+
+_MISSING = object()
 
 
 def resume(args: list[str]) -> float:
@@ -207,6 +219,9 @@ def resume(args: list[str]) -> float:
                 f"{', '.join(RESUMABLE)}; start a new run for other settings")
         if key == "device":
             cfg.device = OmegaConf.load(_group_file("device", str(o.value())))
+        elif OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise FewshotError(f"resume cannot change {o.input_line}: the run's config has no "
+                               f"{key}")
         else:
             OmegaConf.update(cfg, key, o.value(), merge=False)
     _check_latest(path, state)

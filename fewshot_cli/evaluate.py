@@ -14,7 +14,12 @@ from tqdm import tqdm
 from fewshot_cli.build import build_algorithm, build_dataset
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.metrics import mean_ci95, score_tasks
-from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch, resolve_device
+from fewshot_cli.engine.runtime import (
+    autocast_for,
+    episodes_per_batch,
+    pad_host_heap,
+    resolve_device,
+)
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import atomic_write_text
 from fewshot_cli.options import DEVICE_RULES, EVAL_RULES, check
@@ -55,6 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("ckpt"):
         raise FewshotError("fewshot eval needs ckpt=PATH, the best.pt or last.pt of a run "
                            "(fewshot train prints it when it ends)")
+    pad_host_heap()
     ckpt = Path(cfg.ckpt).expanduser().resolve()
     state = load_checkpoint(ckpt)
     run = run_config(state["config"], cfg)

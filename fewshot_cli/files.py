@@ -10,8 +10,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from fewshot_cli.errors import FewshotError
 
 
@@ -24,6 +22,8 @@ def _umask_mode() -> int:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` into a temporary file beside ``path``, then rename over it."""
+    import torch  # here, so that the command line's option checks need no torch start-up
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -8,6 +8,7 @@ to TensorBoard every ``train.log_every`` steps, validation on fixed tasks and ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fewshot_cli.engine.run_folder import RunFolder
-from fewshot_cli.engine.runtime import StopRequest, resolve_device
+from fewshot_cli.engine.runtime import StopRequest, pad_host_heap, resolve_device
 from fewshot_cli.engine.trainer import MetaTrainer
 from fewshot_cli.errors import Interrupted
 from fewshot_cli.options import check_train
@@ -35,6 +36,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, Any] | None = N
           state: dict[str, Any] | None = None) -> float:
     """Meta-train as configured in ``run_dir`` (continuing ``state``, a checkpoint, when
     given); returns the best validation score, which Hydra's sweepers optimise."""
+    pad_host_heap()
     with RunFolder(run_dir, hydra_files, resuming=state is not None):
         check_train(cfg)
         device = resolve_device(cfg.device.type)
@@ -64,8 +66,11 @@ def meta_train(trainer: MetaTrainer) -> float:
         _loop(trainer, writer)
         writer.add_hparams(hparams(cfg), {f"hparam/best_val_{metric}": trainer.best["score"]},
                            run_name=".")
-    finally:
-        writer.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # (a full disk) must not hide why the run stopped
+            writer.close()
+        raise
+    writer.close()
     best = trainer.best
     log.info("done: best val %s %s at step %d; evaluate with: fewshot eval ckpt=%s", metric,
              _shown(metric, best["score"], best["ci95"]), best["step"], run_dir / "best.pt")
@@ -78,8 +83,9 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter) -> None:
     t, metric = cfg.train, trainer.algo.score_name
     log.info("run folder: %s", run_dir)
     stop = StopRequest()
+    # On a terminal only: a nested bar in a log file would be cursor-movement codes.
     validation_bar = lambda it, total: _bar(iterable=it, total=total, desc="validate",
-                                            unit="batch", leave=False)
+                                            unit="batch", leave=False, disable=None)
     with stop.installed(), logging_redirect_tqdm(), _bar(
             initial=trainer.step, total=t.steps, desc="meta-train", unit="step") as bar:
         clock, last_log = time.perf_counter(), trainer.step

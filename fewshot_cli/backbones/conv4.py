@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewshot_cli.errors import FewshotError
+
 
 def conv_block(in_channels: int, out_channels: int, pool: bool, padding: int = 1,
                track_running_stats: bool = True) -> nn.Sequential:
@@ -31,6 +33,10 @@ class Conv4(nn.Module):
                  out_channels: int | None = None, pooled_blocks: int = 4, padding: int = 1,
                  flatten: bool = True, track_running_stats: bool = True) -> None:
         super().__init__()
+        if image_size < 2 ** pooled_blocks:
+            raise FewshotError(f"backbone=conv4 halves the image {pooled_blocks} times, so it "
+                               f"needs images of at least {2 ** pooled_blocks} px; "
+                               f"dataset.image_size={image_size} is too small")
         out_channels = out_channels or hidden
         widths = [in_channels, hidden, hidden, hidden, out_channels]
         self.encoder = nn.Sequential(*[

@@ -45,7 +45,7 @@ from itertools import repeat
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
 from fewshot_cli.data.store import ClassStore, cache_file, cached_store
@@ -151,8 +151,10 @@ def _decode(path: str, is_zip: bool, rels: list[str], size: int) -> bytes:
                     out += img.tobytes()
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
                 where = f"{path}:{rel}" if archive else str(Path(path, rel))
-                raise FewshotError(f"cannot decode the Omniglot image {where} ({e}); restore it "
-                                   "from the official release under dataset.root") from None
+                # PIL names the in-memory buffer, not the file: say what is wrong instead
+                why = "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
+                raise FewshotError(f"cannot decode the Omniglot image {where} ({why}); restore "
+                                   "it from the official release under dataset.root") from None
     finally:
         if archive:
             archive.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,14 @@ def _unreadable(path: Path, err: BaseException) -> str:
     """Why ``path`` could not be read, in words (torch's own messages are pages long)."""
     if path.stat().st_size == 0:
         return "it is empty (0 bytes)"
+    if isinstance(err, OSError):
+        return f"it could not be read ({err.strerror or err})"
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        return "it is not a file written by torch.save"
     if isinstance(err, pickle.UnpicklingError) and "Weights only" in str(err):
         return ("it holds Python objects other than tensors and plain values, which fewshot "
                 "never unpickles because they could run code")
-    if isinstance(err, OSError):
-        return f"it could not be read ({err.strerror or err})"
-    return "it is not a file written by torch.save"
+    return "it is not a complete file written by torch.save"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -132,7 +132,7 @@ class RunFolder:
                 self._log("stopped by an unexpected error", (kind, err, tb))
         self._release()
         if err is not None and self.fresh and not has_started(self.path):
-            self._remove()
+            self._remove()  # a folder this run created and never trained in
 
     def _log(self, message: str, exc_info: Any = None) -> None:
         self._handler.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 0, message,
@@ -147,13 +147,27 @@ class RunFolder:
             self._lock.close()  # closing the descriptor drops the flock
 
     def _remove(self) -> None:
-        """Delete a folder this run created and never trained in, and its empty parents up to
-        the working directory (``outputs/<date>/`` of a failed first run of the day)."""
         shutil.rmtree(self.path, ignore_errors=True)
-        cwd, parent = Path.cwd().resolve(), self.path.resolve().parent
-        while parent != cwd and cwd in parent.parents:
-            try:
-                parent.rmdir()  # only succeeds when empty
-            except OSError:
-                break
-            parent = parent.parent
+        prune_empty_parents(self.path)
+
+
+def prune_empty_parents(path: Path) -> None:
+    """Remove the empty folders above ``path`` up to the working directory (the
+    ``outputs/<date>/`` of a failed first run of the day); nothing outside it."""
+    cwd, parent = Path.cwd().resolve(), Path(path).resolve().parent
+    while parent != cwd and cwd in parent.parents:
+        try:
+            parent.rmdir()  # only succeeds when empty
+        except OSError:
+            break
+        parent = parent.parent
+
+
+def discard_if_empty(path: Path) -> None:
+    """Remove ``path`` (the folder Hydra made for a run that failed before it began) if it is
+    empty, and its empty parents up to the working directory."""
+    try:
+        Path(path).rmdir()
+    except OSError:
+        return
+    prune_empty_parents(path)

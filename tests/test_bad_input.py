@@ -1,0 +1,462 @@
+"""Bad input and faults through the real CLI: every case ends in one sentence on stderr that
+names the key or file and the fix, a non-zero exit (zero where it is not an error), no
+traceback, and leaves every file that existed before unchanged and loadable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, eval_result, run_cli
+from omegaconf import OmegaConf
+
+from fewshot_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+
+TINY = ["dataset=glyphs", "dataset.classes.train=20", "dataset.classes.val=8",
+        "dataset.classes.test=8", "backbone.hidden=8", "train.queries=3", "eval.queries=3",
+        "train.val_episodes=4", "eval.episodes=8", "device=cpu"]
+
+
+def one_sentence(proc: subprocess.CompletedProcess, *words: str, code: int | None = None) -> str:
+    """The single error sentence of a failed command, which must mention every one of words."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    if code is not None:
+        assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fewshot: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "\x1b" not in errors[0], errors[0]  # no terminal escape codes in the sentence
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder``, by relative path (the lock file aside)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def unchanged(folder: Path, before: dict[str, str]) -> None:
+    """Every file of ``before`` is as it was (train.log may only have grown: fatal errors are
+    logged there) and every checkpoint still loads."""
+    after = snapshot(folder)
+    for name, digest in before.items():
+        if name != "train.log":
+            assert after.get(name) == digest, f"{name} changed"
+    for ckpt in folder.rglob("*.pt"):
+        load_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One small trained run (4 steps, validated at 2 and 4) that tests copy before use."""
+    folder = tmp_path_factory.mktemp("trained")
+    ok(run_cli(["train", *TINY, "train.steps=4", "train.val_every=2",
+                f"hydra.run.dir={folder / 'run'}"], folder))
+    return folder / "run"
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> Path:
+    """A private copy of the trained run."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+# ---------------------------------------------------------------- 1. runs never share a folder
+
+
+def test_two_runs_at_once_with_default_folders_keep_their_own_files(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-m", "fewshot_cli", "train", *TINY,
+                               "train.steps=3", "train.val_every=3", f"seed={seed}"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for seed in (1, 2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    folders = sorted(tmp_path.glob("outputs/*/*"))
+    assert len(folders) == 2, folders
+    seeds = set()
+    for folder in folders:
+        seed = OmegaConf.load(folder / ".hydra" / "config.yaml").seed
+        assert load_checkpoint(folder / "last.pt")["config"]["seed"] == seed
+        assert load_checkpoint(folder / "best.pt")["config"]["seed"] == seed
+        assert f"seed={seed}" in OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+        assert len(list(folder.glob("events.out.tfevents.*"))) >= 1
+        log = (folder / "train.log").read_text()
+        assert log.count("run folder:") == 1 and str(folder.name) in log
+        seeds.add(seed)
+    assert seeds == {1, 2}
+
+
+def _claim_as_a_new_process(base: str) -> str:
+    from fewshot_cli.engine import run_folder
+
+    run_folder._claimed.clear()  # a pool worker serves several claims; a CLI process one
+    return run_folder.claim_new_dir(base)
+
+
+def test_default_folders_are_claimed_atomically(tmp_path, monkeypatch):
+    """Many processes claiming the same default name each get a folder of their own."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.chdir(tmp_path)
+    with ProcessPoolExecutor(4) as pool:
+        claimed = list(pool.map(_claim_as_a_new_process, ["outputs/day/12-00-00-glyphs"] * 8))
+    assert len(set(claimed)) == 8 and all(Path(c).is_dir() for c in claimed)
+    assert "outputs/day/12-00-00-glyphs-2" in claimed
+
+
+def test_a_second_run_in_a_used_folder_is_refused(cli, run):
+    before = snapshot(run)
+    err = one_sentence(cli("train", *TINY, "train.steps=2", f"hydra.run.dir={run}"),
+                       "already holds a run's checkpoints", "resume=", "hydra.run.dir")
+    assert str(run) in err
+    unchanged(run, before)
+
+
+def test_a_run_folder_in_use_is_refused(cli, tmp_path):
+    folder = tmp_path / "busy"
+    first = subprocess.Popen([sys.executable, "-m", "fewshot_cli", "train", *TINY,
+                              "train.steps=400", "train.val_every=400", f"hydra.run.dir={folder}"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(folder.glob("events.out.tfevents.*")) and time.time() < deadline:
+            time.sleep(0.2)
+        config = (folder / ".hydra" / "config.yaml").read_text()
+        one_sentence(cli("train", *TINY, "seed=7", "train.steps=2", f"hydra.run.dir={folder}"),
+                     "is in use by another fewshot run", f"pid {first.pid}")
+        assert (folder / ".hydra" / "config.yaml").read_text() == config
+    finally:
+        first.kill()
+        first.communicate()
+
+
+# ---------------------------------------------------------------- 2. resume is honest
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lr=1e20", ["resume cannot change train.lr=1e20", "train.steps"]),
+    ("+algo.inner_lr=0.1", ["resume cannot change +algo.inner_lr=0.1"]),
+    ("seed=3", ["resume cannot change seed=3"]),
+    ("algo.batching=vmap", ["resume cannot change algo.batching=vmap", "has no algo.batching"]),
+    ("hydra.run.dir=elsewhere", ["resume cannot change hydra.run.dir=elsewhere"]),
+])
+def test_resume_refuses_what_it_cannot_honour(cli, run, override, words):
+    before = snapshot(run)
+    one_sentence(cli("train", f"resume={run / 'last.pt'}", "train.steps=6", override), *words)
+    unchanged(run, before)
+
+
+def test_resume_records_what_it_changed_and_logs_into_the_run(cli, run, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ok(cli("train", f"resume={run / 'last.pt'}", "train.steps=6", "train.val_every=3",
+           cwd=elsewhere))
+    state = load_checkpoint(run / "last.pt")
+    assert state["step"] == 6 and state["config"]["train"]["val_every"] == 3
+    assert state["config"]["train"]["lr"] == 0.001
+    assert "resuming from step 4" in (run / "train.log").read_text()
+    assert not any(elsewhere.iterdir()), "resume wrote outside the run's folder"
+
+
+def test_resume_from_an_older_checkpoint_is_refused(cli, run):
+    shutil.copy(run / "last.pt", run / "older.pt")
+    state = load_checkpoint(run / "older.pt")
+    save_checkpoint(run / "older.pt", {**state, "step": 2})
+    before = snapshot(run)
+    one_sentence(cli("train", f"resume={run / 'older.pt'}"), "is at step 2", "step 4",
+                 f"resume={run / 'last.pt'}")
+    unchanged(run, before)
+
+
+# ---------------------------------------------------------------- 3. any checkpoint anywhere
+
+
+def test_a_cuda_checkpoint_evaluates_on_the_cpu(cli, run):
+    state = load_checkpoint(run / "best.pt")
+    state["config"]["device"]["type"] = "cuda"
+    save_checkpoint(run / "cuda.pt", {k: v for k, v in state.items()
+                                      if k not in ("format", "version")})
+    out = ok(cli("eval", f"ckpt={run / 'cuda.pt'}")).stdout
+    assert "test accuracy" in out
+    ok(cli("eval", f"ckpt={run / 'cuda.pt'}", "device=cpu"))
+    one_sentence(cli("eval", f"ckpt={run / 'cuda.pt'}", "+device=cpu"), "device")
+    if not torch.cuda.is_available():
+        one_sentence(cli("eval", f"ckpt={run / 'cuda.pt'}", "device=cuda"), "no CUDA GPU",
+                     "device=cpu")
+
+
+# ---------------------------------------------------------------- 4. checkpoints run no code
+
+
+@pytest.mark.parametrize("section, node", [
+    ("dataset", {"_target_": "builtins.open", "file": "VICTIM", "mode": "w"}),
+    ("dataset", {"_target_": "shutil.copyfile", "src": "VICTIM", "dst": "VICTIM.copy"}),
+    ("backbone", {"_target_": "torch.save", "obj": 1, "f": "VICTIM"}),
+    ("train", {"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True,
+                             "lr": {"_target_": "builtins.open", "file": "VICTIM", "mode": "w"}}}),
+    ("dataset", {"_target_": "fewshot_cli.data.glyphs.Glyphs", "root": "${oc.decode:'x'}"}),
+])
+def test_a_crafted_checkpoint_is_refused_before_anything_is_built(cli, run, section, node):
+    victim = run.parent / "victim.txt"
+    victim.write_text("precious")
+    state = load_checkpoint(run / "best.pt")
+    text = json.dumps(node).replace("VICTIM", str(victim))
+    state["config"][section] = {**state["config"][section], **json.loads(text)} \
+        if section == "train" else json.loads(text)
+    torch.save(state, run / "crafted.pt")
+    for command in (["eval", f"ckpt={run / 'crafted.pt'}"],
+                    ["train", f"resume={run / 'crafted.pt'}"]):
+        one_sentence(cli(*command), "was refused", "only load checkpoints written by fewshot")
+    assert victim.read_text() == "precious"
+    assert not (run.parent / "victim.txt.copy").exists()
+
+
+# ---------------------------------------------------------------- 5. one sentence each
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.ways=abc", ["train.ways=abc", "whole number", "train.ways=5"]),
+    ("train.steps=abc", ["train.steps=abc", "whole number"]),
+    ("train.steps=0", ["train.steps=0", "at least 1"]),
+    ("train.lr=abc", ["train.lr=abc", "positive number"]),
+    ("train.lr=-1", ["train.lr=-1", "positive number"]),
+    ("eval.episodes=0", ["eval.episodes=0", "at least 1"]),
+    ("train.val_episodes=0", ["train.val_episodes=0"]),
+    ("train.val_every=0", ["train.val_every=0"]),
+    ("train.nosuchkey=1", ["train.nosuchkey is not a key", "+train.nosuchkey"]),
+    ("algo=nope", ["algo=nope is not an option", "protonet", "maml"]),
+    ("+algo.nope=1", ["algo.nope is not an option of algo=protonet"]),
+    ("train.ways=1,2,,", ["cannot read", "key=value"]),
+    ("train.ways=500", ["train.ways=500 exceeds the 20 classes"]),
+])
+def test_option_mistakes(cli, tmp_path, override, words):
+    one_sentence(cli("train", *TINY, override), *words)
+    assert not (tmp_path / "outputs").exists(), "a failed command left an output folder"
+
+
+def test_eval_needs_a_checkpoint_that_is_ours(cli, run, tmp_path):
+    one_sentence(cli("eval"), "ckpt=PATH")
+    empty, noise = tmp_path / "empty.pt", tmp_path / "noise.pt"
+    empty.write_bytes(b"")
+    noise.write_bytes(os.urandom(4096))
+    one_sentence(cli("eval", f"ckpt={empty}"), str(empty), "empty (0 bytes)")
+    one_sentence(cli("eval", f"ckpt={noise}"), str(noise), "not a file written by torch.save")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": OmegaConf.create({"a": 1})}, foreign)  # a class weights_only refuses
+    one_sentence(cli("eval", f"ckpt={foreign}"), str(foreign), "never unpickles")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    one_sentence(cli("eval", f"ckpt={foreign}"), "not a fewshot checkpoint")
+    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=0"), "eval.episodes=0")
+
+
+def test_a_one_episode_eval_and_other_settings_keep_their_own_results(cli, run):
+    ok(cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=1"))
+    ok(cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=8"))
+    text = (run / "results.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert eval_result(run, 5, 1, episodes=1)["ci95"] is None
+    assert eval_result(run, 5, 1, episodes=8)["ci95"] > 0
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 2 MiB file system, to fill up for real; skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the in-process test covers it")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_while_saving(cli, trained, tiny_tmpfs):
+    run = Path(shutil.copytree(trained, tiny_tmpfs / "run"))
+    before = snapshot(run)
+    filler = tiny_tmpfs / "filler"
+    free = shutil.disk_usage(tiny_tmpfs).free
+    room = (run / "last.pt").stat().st_size // 2  # less than one checkpoint
+    filler.write_bytes(b"\0" * max(free - room, 0))
+    err = one_sentence(cli("train", f"resume={run / 'last.pt'}", "train.steps=6",
+                           "train.val_every=2"), "No space left on device",
+                       "the previous checkpoint there is unchanged", "free some space")
+    assert "last.pt" in err or "best.pt" in err
+    unchanged(run, before)
+    assert not list(run.glob(".*.tmp"))
+    assert "No space left on device" in (run / "train.log").read_text()
+
+
+def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    """The same fault without a mount: the kernel's ENOSPC from /dev/full."""
+    from fewshot_cli import files
+    from fewshot_cli.errors import FewshotError
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"config": {}, "step": 1})
+    before = path.read_bytes()
+    real = os.fdopen
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: (os.close(fd),
+                                                              real(os.open("/dev/full",
+                                                                           os.O_WRONLY),
+                                                                   mode))[1])
+    with pytest.raises(FewshotError, match="No space left on device.*unchanged"):
+        save_checkpoint(path, {"config": {}, "step": 2, "big": torch.zeros(1 << 16)})
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_unwritable_run_folder(cli, tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    if not immutable:
+        if os.geteuid() == 0:
+            pytest.skip("chattr is not available and root ignores permission bits")
+        folder.chmod(0o555)
+    try:
+        one_sentence(cli("train", *TINY, "train.steps=2", f"hydra.run.dir={folder}"),
+                     "cannot write into the run folder", str(folder), "hydra.run.dir")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+    assert not any(folder.iterdir())
+
+
+def _fake_omniglot(root: Path, short: int | None = None, text_png: bool = False) -> Path:
+    """A tiny release: small1 (train) and small2 (val/test) of 6 characters x 20 drawers;
+    one character with ``short`` drawers, or one 'png' that is text."""
+    from PIL import Image
+
+    for name, alphabets in (("images_background_small1", ("Greek",)),
+                            ("images_background_small2", ("Greek", "Tagalog"))):
+        for alphabet in alphabets:
+            for c in range(1, 7):
+                drawers = short if short and alphabet == "Tagalog" and c == 2 else 20
+                folder = root / name / alphabet / f"character{c:02d}"
+                folder.mkdir(parents=True)
+                for d in range(1, drawers + 1):
+                    Image.new("L", (12, 12), (c * 37 + d) % 256).save(folder / f"{c}_{d:02d}.png")
+    if text_png:
+        (root / "images_background_small2/Tagalog/character03/3_05.png").write_text("hello")
+    return root
+
+
+def test_data_mistakes_name_the_file_or_class(cli, tmp_path):
+    omniglot = ["dataset=omniglot", "dataset.split=minimal", "dataset.download=false",
+                "dataset.image_size=28", "backbone.hidden=8", "train.steps=2", "device=cpu",
+                "train.queries=5", "eval.queries=5"]
+    bad = _fake_omniglot(tmp_path / "text", text_png=True)
+    err = one_sentence(cli("train", *omniglot, f"dataset.root={bad}"), "3_05.png", "not an image")
+    assert "BytesIO" not in err
+    short = _fake_omniglot(tmp_path / "short", short=3)
+    one_sentence(cli("train", *omniglot, f"dataset.root={short}"),
+                 "images_background_small2/Tagalog/character02", "the 3 images", "eval.shots")
+
+
+def test_a_nan_loss_is_logged_in_the_run_and_keeps_the_last_good_checkpoint(cli, tmp_path):
+    run = tmp_path / "run"
+    err = one_sentence(cli("train", *TINY, "train.steps=10", "train.val_every=2",
+                           "train.log_every=1",
+                           "train.scheduler._target_=torch.optim.lr_scheduler.MultiStepLR",
+                           "~train.scheduler.step_size", "+train.scheduler.milestones=[3]",
+                           "train.scheduler.gamma=inf", f"hydra.run.dir={run}"),
+                       "NaN", "lower train.lr")
+    assert err.split("error: ")[1] in (run / "train.log").read_text()
+    assert load_checkpoint(run / "last.pt")["step"] == 2
+
+
+# ---------------------------------------------------------------- 6. the smaller things
+
+
+def test_every_omniglot_preset_runs_offline_on_glyphs(cli, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from fewshot_cli.build import build_algorithm, build_dataset
+    from fewshot_cli.config import conf_dir
+
+    presets = sorted(p.stem for p in (conf_dir() / "experiment").glob("*omniglot*.yaml"))
+    assert len(presets) >= 16
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        for preset in presets:
+            cfg = compose("train", [f"experiment={preset}", "dataset=glyphs", "device=cpu"])
+            dataset = build_dataset(cfg)
+            build_algorithm(cfg, dataset.input_spec())
+    ok(cli("train", "experiment=maml_omniglot_5w1s", "dataset=glyphs", "backbone.hidden=8",
+           "dataset.classes.train=20", "train.meta_batch=2", "train.steps=2", "train.val_every=2",
+           "train.val_episodes=2", "device=cpu", f"hydra.run.dir={tmp_path / 'preset'}"))
+
+
+def test_hparams_name_the_variant_and_every_group(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    values = {}
+    for events in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        try:
+            contents = acc.PluginTagToContent("hparams")
+        except KeyError:  # the scalars' file; add_hparams writes a file of its own
+            continue
+        for content in contents.values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            for key, value in data.session_start_info.hparams.items():
+                values[key] = value.string_value or value.number_value
+    assert values["algo"] == "protonet" and values["dataset"] == "glyphs"
+    assert values["algo.distance"] == "sqeuclidean" and values["backbone.hidden"] == 8
+    assert values["dataset.classes.train"] == 20 and values["train.ways"] == 5
+
+
+def test_on_a_terminal_validation_shows_progress_and_logs_stay_off_the_bar(tmp_path):
+    """stdout (logs) and stderr (bars) on one pseudo-terminal, as in a user's shell: each log
+    line starts on a line of its own instead of after the progress bar's text."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot_cli", "train", *TINY,
+                             "train.steps=4", "train.val_every=2",
+                             f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=300) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "validate" in screen, "validation showed no progress"
+    logged = [line for line in screen.split("\n") if "step 2: val accuracy" in line]
+    assert logged and logged[0].rstrip("\r").split("\r")[-1].startswith("step 2: val accuracy"), \
+        logged
+
+
+def test_bench_maml_dependencies_are_installed():
+    text = (REPO / "pyproject.toml").read_text()
+    assert "psutil" in text
+    __import__("psutil")
