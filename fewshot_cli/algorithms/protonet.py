@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.errors import FewshotError
 
 
 def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -21,7 +22,7 @@ class ProtoNet(FewShotAlgorithm):
     def __init__(self, backbone: nn.Module, ways: int, distance: str = "sqeuclidean") -> None:
         super().__init__(backbone, ways)
         if distance not in ("sqeuclidean", "cosine"):
-            raise ValueError(f"algo.distance must be sqeuclidean or cosine, got {distance!r}")
+            raise FewshotError(f"algo.distance={distance} is unknown; choose sqeuclidean or cosine")
         self.distance = distance
 
     def predict(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
