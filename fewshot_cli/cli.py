@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -34,18 +35,19 @@ def _train(cfg: DictConfig) -> float:
     from fewshot_cli.options import check_train
 
     hydra_cfg = HydraConfig.get()
-    try:  # before torch is imported: a typo costs a fraction of a second
-        check_train(cfg)
-    except FewshotError:
-        discard_if_empty(Path(hydra_cfg.runtime.output_dir))
-        raise
-    from fewshot_cli.train import train
+    out = Path(hydra_cfg.runtime.output_dir)
+    try:
+        check_train(cfg)  # before torch is imported: a typo costs a fraction of a second
+        from fewshot_cli.train import train
 
-    with open_dict(cfg):  # the group options chosen: names for hparams, results and errors
-        cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
-    files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg},
-             "overrides.yaml": hydra_cfg.overrides.task}
-    return train(cfg, Path(hydra_cfg.runtime.output_dir), files)
+        with open_dict(cfg):  # the group options chosen: names for hparams, results and errors
+            cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
+        files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg},
+                 "overrides.yaml": hydra_cfg.overrides.task}
+        return train(cfg, out, files)
+    except BaseException:
+        discard_if_empty(out)  # the folder Hydra made for a run that never began
+        raise
 
 
 def _eval(cfg: DictConfig) -> None:
@@ -80,7 +82,9 @@ def usage() -> str:
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"fewshot: error: {message}", file=sys.stderr)
+    """Print the one sentence (under torchrun, rank 0 alone speaks) and exit with ``code``."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fewshot: error: {message}", file=sys.stderr)
     sys.exit(code)
 
 

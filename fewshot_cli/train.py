@@ -22,6 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.run_folder import RunFolder
 from fewshot_cli.engine.runtime import StopRequest, pad_host_heap, resolve_device
 from fewshot_cli.engine.trainer import MetaTrainer
@@ -35,17 +36,29 @@ HPARAM_SECTIONS = ("train", "algo", "backbone", "dataset", "device", "augment")
 def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, Any] | None = None,
           state: dict[str, Any] | None = None) -> float:
     """Meta-train as configured in ``run_dir`` (continuing ``state``, a checkpoint, when
-    given); returns the best validation score, which Hydra's sweepers optimise."""
+    given); returns the best validation score, which Hydra's sweepers optimise. Under
+    ``torchrun`` every process runs this; rank 0 owns the folder and writes everything."""
     pad_host_heap()
-    with RunFolder(run_dir, hydra_files, resuming=state is not None):
-        check_train(cfg)
-        device = resolve_device(cfg.device.type)
-        torch.manual_seed(cfg.seed)
-        trainer = MetaTrainer(cfg, device, run_dir)
-        if state is not None:
-            trainer.restore(state)
-            log.info("resuming from step %d in %s", trainer.step, run_dir)
-        return meta_train(trainer)
+    check_train(cfg)
+    procs = Processes.start(resolve_device(cfg.device.type))
+    try:
+        run_dir = Path(procs.broadcast(str(run_dir)))
+        if not procs.main:
+            logging.getLogger().setLevel(logging.WARNING)
+        folder = RunFolder(run_dir, hydra_files, resuming=state is not None) if procs.main \
+            else contextlib.nullcontext()
+        with folder:
+            torch.manual_seed(cfg.seed)
+            trainer = MetaTrainer(cfg, procs.device, run_dir, procs)
+            if state is not None:
+                trainer.restore(state)
+                log.info("resuming from step %d in %s", trainer.step, run_dir)
+            if procs.world > 1:
+                log.info("data-parallel over %d processes: %d tasks each per meta-batch",
+                         procs.world, cfg.train.meta_batch // procs.world)
+            return meta_train(trainer)
+    finally:
+        procs.close()
 
 
 def _bar(**kwargs: Any) -> tqdm:
@@ -61,41 +74,50 @@ def meta_train(trainer: MetaTrainer) -> float:
         log.info("nothing to do: the run is already at step %d of train.steps=%d; resume with a "
                  "larger train.steps to continue", trainer.step, t.steps)
         return trainer.best["score"]
-    writer = SummaryWriter(str(run_dir), purge_step=trainer.step or None)
+    main = trainer.procs.main
+    writer = SummaryWriter(str(run_dir), purge_step=trainer.step or None) if main else None
     try:
         _loop(trainer, writer)
-        writer.add_hparams(hparams(cfg), {f"hparam/best_val_{metric}": trainer.best["score"]},
-                           run_name=".")
+        if writer is not None:
+            writer.add_hparams(hparams(cfg), {f"hparam/best_val_{metric}": trainer.best["score"]},
+                               run_name=".")
     except BaseException:
         with contextlib.suppress(Exception):  # (a full disk) must not hide why the run stopped
-            writer.close()
+            writer and writer.close()
         raise
-    writer.close()
+    if writer is not None:
+        writer.close()
     best = trainer.best
     log.info("done: best val %s %s at step %d; evaluate with: fewshot eval ckpt=%s", metric,
              _shown(metric, best["score"], best["ci95"]), best["step"], run_dir / "best.pt")
     return best["score"]
 
 
-def _loop(trainer: MetaTrainer, writer: SummaryWriter) -> None:
-    """Steps from ``trainer.step`` to ``train.steps``: update, log, validate, save."""
-    cfg, run_dir = trainer.cfg, trainer.run_dir
+def _loop(trainer: MetaTrainer, writer: SummaryWriter | None) -> None:
+    """Steps from ``trainer.step`` to ``train.steps``: update, log, validate, save. ``writer``
+    is None on the ranks of a torchrun job other than 0."""
+    cfg, run_dir, procs = trainer.cfg, trainer.run_dir, trainer.procs
     t, metric = cfg.train, trainer.algo.score_name
     log.info("run folder: %s", run_dir)
     stop = StopRequest()
+    scalars = lambda values, step: writer and [writer.add_scalar(k, v, step)
+                                               for k, v in values.items()]
     # On a terminal only: a nested bar in a log file would be cursor-movement codes.
     validation_bar = lambda it, total: _bar(iterable=it, total=total, desc="validate",
-                                            unit="batch", leave=False, disable=None)
+                                            unit="batch", leave=False,
+                                            disable=None if procs.main else True)
     with stop.installed(), logging_redirect_tqdm(), _bar(
-            initial=trainer.step, total=t.steps, desc="meta-train", unit="step") as bar:
+            initial=trainer.step, total=t.steps, desc="meta-train", unit="step",
+            disable=not procs.main) as bar:
         clock, last_log = time.perf_counter(), trainer.step
         for step in range(trainer.step, t.steps):
-            if stop.requested:
+            if procs.stop_agreed(stop.requested):
                 trainer.check_finite()
                 path = trainer.save("last.pt")
+                procs.barrier()  # no rank exits (and lets torchrun stop rank 0) mid-save
                 raise Interrupted(f"interrupted at step {step}: saved {path}; continue with "
                                   f"fewshot train resume={path}")
-            metrics = trainer.train_step(step)
+            metrics = trainer.train_step(step, stop.requested)
             bar.update(1)
             done = step + 1
 
@@ -105,18 +127,16 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter) -> None:
                 speed = (done - last_log) * t.meta_batch / max(now - clock, 1e-9)
                 clock, last_log = now, done
                 values = {name: float(value) for name, value in metrics.items()}
-                for name, value in values.items():
-                    writer.add_scalar(f"train/{name}", value, done)
-                writer.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], done)
-                writer.add_scalar("train/episodes_per_s", speed, done)
+                scalars({**{f"train/{k}": v for k, v in values.items()},
+                         "train/lr": trainer.optimizer.param_groups[0]["lr"],
+                         "train/episodes_per_s": speed}, done)
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()},
                                  "eps": f"{speed:.0f}/s"}, refresh=False)
 
             if done % t.val_every == 0 or done == t.steps:
                 trainer.check_finite()
                 mean, ci, improved = trainer.validate(validation_bar)
-                writer.add_scalar(f"val/{metric}", mean, done)
-                writer.add_scalar("val/ci95", ci, done)
+                scalars({f"val/{metric}": mean, "val/ci95": ci}, done)
                 if improved:
                     trainer.save("best.pt")
                 trainer.save("last.pt")

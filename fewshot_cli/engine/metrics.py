@@ -36,4 +36,4 @@ def score_tasks(algo: MetaAlgorithm, batches: Iterable[Any], autocast: Callable 
                 scores.append(algo.score(tasks).float().cpu())
             if on_batch is not None:
                 on_batch(tasks)
-    return torch.cat(scores)
+    return torch.cat(scores) if scores else torch.empty(0)  # a rank may get no batch

@@ -14,10 +14,12 @@ Hydra picks the folder (``hydra.run.dir``); this module makes it safe to share a
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,6 +44,10 @@ def claim_new_dir(base: str) -> str:
     more than once per job, hence the memo.
     """
     if base in _claimed:
+        return _claimed[base]
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 claims, then tells the others
+        _claimed[base] = tempfile.mkdtemp(prefix="fewshot-rank-")
+        atexit.register(shutil.rmtree, _claimed[base], ignore_errors=True)
         return _claimed[base]
     Path(base).parent.mkdir(parents=True, exist_ok=True)
     n = 1

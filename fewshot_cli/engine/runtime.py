@@ -92,20 +92,24 @@ def episodes_per_batch(device: torch.device, choice: int | str) -> int:
 
 
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+    """The first Ctrl-C (or SIGTERM: a cluster's time limit, torchrun stopping its workers)
+    asks the loop to stop after the current step and save; a second Ctrl-C aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        previous = signal.signal(signal.SIGINT, self._handle)
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fewshot_cli.build import build_algorithm, build_dataset, build_optimizer
 from fewshot_cli.engine.checkpoint import save_checkpoint
+from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.metrics import mean_ci95, score_tasks
 from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch
 from fewshot_cli.errors import FewshotError
@@ -23,12 +24,15 @@ class MetaTrainer:
     set's options, then the model (its options and the task shapes are checked before any image
     is decoded), then the task samplers, then the optimizer."""
 
-    def __init__(self, cfg: DictConfig, device: torch.device, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, device: torch.device, run_dir: Path,
+                 procs: Processes | None = None) -> None:
         t, e = cfg.train, cfg.eval
         self.cfg, self.device, self.run_dir = cfg, device, run_dir
+        self.procs = procs or Processes(device=device)
+        self.procs.check_meta_batch(t.meta_batch)
         self.autocast = autocast_for(device, cfg.device.precision)
         self.dataset = build_dataset(cfg)
-        self.algo = build_algorithm(cfg, self.dataset.input_spec(), device)
+        self.algo = self.procs.prepare(build_algorithm(cfg, self.dataset.input_spec(), device))
         self.train_tasks = self.dataset.sampler("train", t, t.meta_batch, device, seed=cfg.seed)
         self.val_tasks = self.dataset.sampler("val", e, episodes_per_batch(device, e.batch),
                                               device, prefix="eval")
@@ -41,20 +45,23 @@ class MetaTrainer:
 
     # ---- one meta-training step
 
-    def train_step(self, step: int) -> dict[str, torch.Tensor]:
-        """Sample a meta-batch, meta-update once; the step's metrics as device tensors."""
+    def train_step(self, step: int, stop: bool = False) -> dict[str, torch.Tensor]:
+        """Sample a meta-batch, meta-update once on this process's share of its tasks; the
+        step's metrics as device tensors. ``stop`` (a Ctrl-C here) travels with the gradients
+        to the other processes of a torchrun job."""
         self.algo.train()
         self.algo.set_step(step)
-        tasks = self.train_tasks.sample()
+        tasks = self.procs.shard(self.train_tasks.sample())
         with self.autocast():
             loss, metrics = self.algo.meta_loss(tasks)
-        finite = torch.isfinite(loss.detach())
-        self._bad_step = torch.where(finite | (self._bad_step >= 0), self._bad_step,
-                                     torch.full_like(self._bad_step, step + 1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        params = [p for p in self.algo.parameters() if p.requires_grad]
+        bad = self.procs.average_gradients(params, stop, ~torch.isfinite(loss.detach()))
+        self._bad_step = torch.where(bad & (self._bad_step < 0),
+                                     torch.full_like(self._bad_step, step + 1), self._bad_step)
         if self.cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.algo.parameters(), self.cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -80,10 +87,11 @@ class MetaTrainer:
         whether it is a new best (remembered; the caller saves ``best.pt``)."""
         batch = episodes_per_batch(self.device, self.cfg.eval.batch)
         tasks = self.val_tasks.fixed(self.cfg.train.val_episodes, seed=self.cfg.eval.seed + 1)
-        scores = score_tasks(self.algo, tasks, self.autocast,
-                             progress and (lambda it: progress(it, -(-self.cfg.train.val_episodes
-                                                                     // batch))))
-        mean, ci = mean_ci95(scores)
+        batches = -(-self.cfg.train.val_episodes // batch)
+        mine = -(-(batches - self.procs.rank) // self.procs.world)  # every world-th batch
+        scores = score_tasks(self.algo, self.procs.my_batches(tasks), self.autocast,
+                             progress and (lambda it: progress(it, mine)))
+        mean, ci = mean_ci95(self.procs.gather(scores))
         improved = mean > self.best["score"]
         if improved:
             self.best = {"score": mean, "ci95": ci, "step": self.step}
@@ -92,10 +100,13 @@ class MetaTrainer:
     # ---- checkpoints
 
     def save(self, name: str) -> Path:
-        """Write ``name`` (last.pt, best.pt) atomically; refuse non-finite weights."""
+        """Write ``name`` (last.pt, best.pt) atomically; refuse non-finite weights. Under
+        torchrun only rank 0 writes (every rank holds the same weights)."""
         if not all(torch.isfinite(p).all() for p in self.algo.parameters()):
             raise self.diverged("the weights became NaN or infinite", self.step)
         path = self.run_dir / name
+        if not self.procs.main:
+            return path
         save_checkpoint(path, {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "step": self.step,
