@@ -1,10 +1,11 @@
-"""``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps for train and eval."""
+"""``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps for train, eval, report."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -12,7 +13,7 @@ from omegaconf import DictConfig
 
 from fewshot_cli.errors import FewshotError, Interrupted
 
-GROUPS = ("algo", "backbone", "dataset", "device", "experiment")
+GROUPS = ("algo", "backbone", "dataset", "device", "experiment", "hparams_search")
 
 
 def conf_dir() -> Path:
@@ -21,11 +22,13 @@ def conf_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 
-def _train(cfg: DictConfig) -> None:
+def _train(cfg: DictConfig) -> float:
+    """The best validation accuracy: the value Hydra sweepers (Optuna) optimise."""
     from fewshot_cli.train import train
 
     hydra_cfg = HydraConfig.get()
-    train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    result = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    return float(result["best"]["accuracy"])
 
 
 def _eval(cfg: DictConfig) -> None:
@@ -34,10 +37,19 @@ def _eval(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
-COMMANDS: dict[str, tuple[Callable[[DictConfig], None], str]] = {
+def _report(cfg: DictConfig) -> None:
+    from fewshot_cli.report import report
+
+    report(cfg)
+
+
+COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
     "train": (_train, "meta-train an algorithm; writes TensorBoard events, last.pt and best.pt"),
     "eval": (_eval, "test a checkpoint on fixed episodes: accuracy ± 95% CI, results.json"),
+    "report": (_report, "summarise a sweep folder: Markdown table, report.csv, report.png"),
 }
+# Commands whose first argument may be a plain path: `fewshot report DIR` means `dir=DIR`.
+POSITIONAL = {"report": "dir"}
 
 
 def usage() -> str:
@@ -53,9 +65,17 @@ def usage() -> str:
               "  fewshot train dataset=glyphs train.steps=200",
               "  fewshot train algo=protonet dataset=omniglot dataset.split=minimal",
               "  fewshot train -m train.shots=1,5 seed=0,1,2",
+              "  fewshot train -m hydra/launcher=joblib train.shots=1,5 seed=0,1   ([cluster])",
+              "  fewshot train hparams_search=protonet_omniglot   (Optuna, [cluster])",
+              "  fewshot report multirun/<date>/<time>",
               "  fewshot eval ckpt=outputs/<date>/<time>-protonet-omniglot/best.pt",
               "", "`fewshot train --help` shows every key and its current value."]
     return "\n".join(lines)
+
+
+def quoted(value: str) -> str:
+    """``value`` as a Hydra override value: quoted, so commas, spaces or '=' stay in a path."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _fail(message: str, code: int) -> None:
@@ -63,15 +83,15 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _guarded(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+def _guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn our errors into one sentence and a non-zero exit instead of a traceback."""
 
-    def run(cfg: DictConfig) -> None:
+    def run(cfg: DictConfig) -> Any:
         from fewshot_cli.engine.runtime import pad_host_heap
 
         pad_host_heap()
         try:
-            task(cfg)
+            return task(cfg)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
         except Exception as err:  # Hydra's instantiate wraps our errors: find ours in the chain
@@ -96,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)} "
               "(see fewshot --help)", 2)
     task, _ = COMMANDS[command]
+    if command in POSITIONAL and rest and (Path(rest[0]).exists() or (
+            "=" not in rest[0] and not rest[0].startswith("-"))):  # sweep folders hold '='
+        rest = [f"{POSITIONAL[command]}={quoted(rest[0])}", *rest[1:]]
     sys.argv = [f"fewshot {command}", *rest]
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")
     app(_guarded(task))()
