@@ -1,4 +1,4 @@
-"""``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps for train and eval.
+"""``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps for train, eval, report.
 
 Every failure a user can cause ends here as one sentence on stderr and a non-zero exit:
 our own errors (FewshotError, raised where the wrong value enters), the system's (a full disk,
@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fewshot_cli.config import conf_dir
 from fewshot_cli.errors import FewshotError, Interrupted
 
-GROUPS = ("algo", "backbone", "dataset", "device", "experiment")
+GROUPS = ("algo", "backbone", "dataset", "device", "experiment", "hparams_search")
 _failures: list[str] = []  # runs of a sweep that failed (the sweep goes on without them)
+HELD: HeldStderr | None = None  # Hydra's stderr until the task starts (see main)
 
 
 def _train(cfg: DictConfig) -> float:
@@ -56,10 +57,18 @@ def _eval(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
+def _report(cfg: DictConfig) -> None:
+    from fewshot_cli.report import report
+
+    report(cfg)
+
+
 COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
     "train": (_train, "meta-train an algorithm; writes TensorBoard events, last.pt and best.pt"),
     "eval": (_eval, "test a checkpoint on fixed episodes: accuracy ± 95% CI, results.json"),
+    "report": (_report, "summarise a sweep folder: Markdown table, report.csv, report.png"),
 }
+POSITIONAL = {"report": "dir"}
 
 
 def usage() -> str:
@@ -76,9 +85,17 @@ def usage() -> str:
               "  fewshot train algo=protonet dataset=omniglot dataset.split=minimal",
               "  fewshot train -m train.shots=1,5 seed=0,1,2",
               "  fewshot train resume=outputs/<date>/<time>-protonet-omniglot/last.pt",
+              "  fewshot train -m hydra/launcher=joblib train.shots=1,5 seed=0,1   ([cluster])",
+              "  fewshot train hparams_search=protonet_omniglot   (Optuna, [cluster])",
+              "  fewshot report multirun/<date>/<time>",
               "  fewshot eval ckpt=outputs/<date>/<time>-protonet-omniglot/best.pt",
               "", "`fewshot train --help` shows every key and its current value."]
     return "\n".join(lines)
+
+
+def quoted(value: str) -> str:
+    """``value`` as a Hydra override value: quoted, so commas, spaces or '=' stay in a path."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _fail(message: str, code: int) -> None:
@@ -107,14 +124,23 @@ def one_sentence(err: BaseException) -> tuple[str, int] | None:
     return None
 
 
-def _guarded(task: Callable[[DictConfig], Any], held: HeldStderr) -> Callable[[DictConfig], Any]:
-    """Run a command's task; our errors become one sentence and a non-zero exit. In a sweep a
-    failed run is reported and the sweep goes on (its score is NaN, which Optuna skips)."""
+class Guarded:
+    """Runs a command's task; our errors become one sentence and a non-zero exit. In a sweep a
+    failed run is reported and the sweep goes on (its score is NaN, which Optuna skips).
 
-    def run(cfg: DictConfig) -> Any:
-        held.release()
+    A top-level class holding a top-level function, so that launchers that run the task in
+    other processes (joblib, submitit) can pickle it; what Hydra printed before the task is
+    held in the module's ``HELD`` of the process that composed the config.
+    """
+
+    def __init__(self, task: Callable[[DictConfig], Any]) -> None:
+        self.task = task
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        if HELD is not None:
+            HELD.release()
         try:
-            return task(cfg)
+            return self.task(cfg)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
         except Exception as err:
@@ -127,8 +153,6 @@ def _guarded(task: Callable[[DictConfig], Any], held: HeldStderr) -> Callable[[D
                 _failures.append(message)
                 return math.nan
             _fail(message, code)
-
-    return run
 
 
 class HeldStderr:
@@ -281,23 +305,27 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)} "
               "(see fewshot --help)", 2)
-    held = HeldStderr()
+    global HELD
+    held = HELD = HeldStderr()
     if command == "train" and _resuming(rest) and not {"-h", "--help"} & set(rest):
         if {"-m", "--multirun"} & set(rest):
             _fail("resume= continues one run; it cannot be part of a sweep (-m)", 2)
         _console_logging()
-        _guarded(lambda _: resume(rest), held)(OmegaConf.create())
+        Guarded(lambda _: resume(rest))(OmegaConf.create())
         return
     from fewshot_cli.engine.run_folder import claim_new_dir
 
     OmegaConf.register_new_resolver("fewshot.new_dir", claim_new_dir, use_cache=True,
                                     replace=True)
     task, _ = COMMANDS[command]
+    if command in POSITIONAL and rest and (Path(rest[0]).exists() or (
+            "=" not in rest[0] and not rest[0].startswith("-"))):  # sweep folders hold '='
+        rest = [f"{POSITIONAL[command]}={quoted(rest[0])}", *rest[1:]]
     sys.argv = [f"fewshot {command}", *rest]
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")
     try:
         with held:
-            app(_guarded(task, held))()
+            app(Guarded(task))()
     except SystemExit as done:
         if done.code not in (0, None) and not held.released:
             _fail(condense(held.text(), command), 2)

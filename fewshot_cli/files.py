@@ -39,19 +39,24 @@ def atomic_torch_save(obj: object, path: Path) -> None:
         raise
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write text into a temporary file beside ``path``, then rename over it."""
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write bytes into a temporary file beside ``path``, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write UTF-8 text into a temporary file beside ``path``, then rename over it."""
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

@@ -177,3 +177,20 @@ def test_installed_wheel_finds_its_config_from_any_folder(tmp_path):
                              capture_output=True, text=True))
     assert proc.stdout.splitlines()[0].startswith(str(site))
     assert "ProtoNet" in proc.stdout and "ways: 5" in proc.stdout
+
+
+def test_sigterm_saves_last_like_ctrl_c(tmp_path):
+    """A cluster's time limit (SIGTERM) stops at a step boundary and saves last.pt."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot_cli", "train", *TINY,
+                             "backbone.hidden=8", "train.steps=300", "train.val_every=300",
+                             f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(run.glob("events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted at step" in err, err
+    assert 0 < load_checkpoint(run / "last.pt")["step"] < 300

@@ -92,6 +92,19 @@ def _cross_rank_batchnorm(module: nn.Module) -> None:
             _cross_rank_batchnorm(child)
 
 
+def _slurm_tasks_as_ranks() -> None:
+    """A submitit job of several SLURM tasks (``hydra.launcher.tasks_per_node``) is one
+    data-parallel run: submitit sets the ranks and rank 0's address as torchrun would."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()
+    except Exception:  # not inside a submitit job (plain srun users run torchrun themselves)
+        pass
+
+
 class Processes:
     """This process's part in the run: rank ``rank`` of ``world`` (1 without torchrun)."""
 
@@ -105,6 +118,8 @@ class Processes:
         """Join the torchrun job (gloo on the CPU, nccl on CUDA), or stay a single process.
 
         Returns the device this rank computes on (``cuda:<LOCAL_RANK>`` on GPUs)."""
+        if not launched_by_torchrun():
+            _slurm_tasks_as_ranks()
         if not launched_by_torchrun():
             return cls(device=device)
         if device.type == "cuda":

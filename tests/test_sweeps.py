@@ -1,0 +1,72 @@
+"""Sweeps through Hydra's launcher and sweeper plugins (the ``cluster`` extra), real CLI runs."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from omegaconf import OmegaConf
+from test_cli import TINY, ok
+
+from fewshot_cli.engine.checkpoint import load_checkpoint
+
+SHORT = [*TINY, "train.steps=2", "train.val_every=2"]
+
+
+def plugin(name: str) -> None:
+    """Skip unless the Hydra plugin ``name`` of the cluster extra is installed."""
+    pytest.importorskip(f"hydra_plugins.{name}", reason=f"{name} is not installed: it comes with "
+                        "the cluster extra, pip install -e '.[dev,cluster]' (.ci/run does)")
+
+
+def test_joblib_runs_four_runs_two_at_a_time(cli, tmp_path):
+    plugin("hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    ok(cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SHORT,
+           "train.shots=1,2", "seed=0,1", f"hydra.sweep.dir={sweep}"))
+    assert len(list(sweep.glob("*/best.pt"))) == 4
+    # TensorBoard names each event file after the process writing it: two workers wrote them.
+    writers = {p.name.split(".")[-2] for p in sweep.glob("*/events.out.tfevents.*")}
+    assert len(writers) == 2, writers
+
+
+def test_submitit_local_runs_two_jobs_returning_their_best_accuracy(cli, tmp_path):
+    plugin("hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    ok(cli("train", "-m", "hydra/launcher=submitit_local", *SHORT, "seed=0,1",
+           f"hydra.sweep.dir={sweep}"))
+    best = sorted(load_checkpoint(p)["best"]["accuracy"] for p in sweep.glob("*/best.pt"))
+    assert len(best) == 2
+    # submitit pickles each job's result: what `fewshot train` returned, for sweepers to use.
+    results = [pickle.loads(p.read_bytes()) for p in sweep.glob(".submitit/*/*_result.pkl")]
+    assert [status for status, _ in results] == ["success", "success"]
+    assert sorted(job.return_value for _, job in results) == pytest.approx(best)
+
+
+def test_optuna_sweep_of_three_trials_names_its_best(cli, tmp_path):
+    plugin("hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    # train.ways and (in TINY) train.queries on the command line are fixed for every trial;
+    # Optuna searches the learning rate and the distance.
+    ok(cli("train", "hparams_search=protonet_omniglot", *TINY, "train.ways=5", "train.steps=4",
+           "train.val_every=2", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"))
+    trials = {int(p.parent.name): load_checkpoint(p)["best"]["accuracy"]
+              for p in sweep.glob("*/last.pt")}
+    assert sorted(trials) == [0, 1, 2]
+    found = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert set(found.best_params) == {"train.lr", "algo.distance"}
+    assert found.best_value == pytest.approx(max(trials.values()))
+    best = max(sorted(trials), key=trials.get)
+    overrides = list(OmegaConf.load(sweep / str(best) / ".hydra" / "overrides.yaml"))
+    assert {f"{k}={v}" for k, v in found.best_params.items()} <= set(overrides)
+    assert f"best run: {best} (train.lr=" in ok(cli("report", str(sweep))).stdout
+
+
+def test_slurm_launcher_config_composes(cli):
+    plugin("hydra_submitit_launcher")
+    out = ok(cli("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg",
+                 "hydra")).stdout
+    launcher = OmegaConf.create(out).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
+    assert launcher.timeout_min == 240
