@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import re
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -43,12 +43,17 @@ def _train(cfg: DictConfig) -> float:
 
         with open_dict(cfg):  # the group options chosen: names for hparams, results and errors
             cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
-        files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg},
-                 "overrides.yaml": hydra_cfg.overrides.task}
-        return train(cfg, out, files)
+        return train(cfg, out, _hydra_files(cfg))
     except BaseException:
         discard_if_empty(out)  # the folder Hydra made for a run that never began
         raise
+
+
+def _hydra_files(cfg: DictConfig) -> dict[str, Any]:
+    """What Hydra would write into ``.hydra/``: the run's config, Hydra's, the overrides."""
+    hydra_cfg = HydraConfig.get()
+    return {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg},
+            "overrides.yaml": hydra_cfg.overrides.task}
 
 
 def _eval(cfg: DictConfig) -> None:
@@ -124,9 +129,14 @@ def one_sentence(err: BaseException) -> tuple[str, int] | None:
     return None
 
 
+class SweepRunFailed(CompactHydraException):
+    """A run of a sweep that failed: Hydra records it as failed and goes on with the others
+    (Optuna counts it against ``hydra.sweeper.max_failure_rate``), then prints this one line."""
+
+
 class Guarded:
     """Runs a command's task; our errors become one sentence and a non-zero exit. In a sweep a
-    failed run is reported and the sweep goes on (its score is NaN, which Optuna skips).
+    failed run prints its sentence and the sweep goes on without it (see SweepRunFailed).
 
     A top-level class holding a top-level function, so that launchers that run the task in
     other processes (joblib, submitit) can pickle it; what Hydra printed before the task is
@@ -149,9 +159,15 @@ class Guarded:
                 raise
             message, code = known
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                from fewshot_cli.engine.run_folder import record_failed_run
+
                 print(f"fewshot: error: {message}", file=sys.stderr)
                 _failures.append(message)
-                return math.nan
+                if self.task is _train:
+                    record_failed_run(Path(HydraConfig.get().runtime.output_dir),
+                                      _hydra_files(cfg), message)
+                raise SweepRunFailed(f"fewshot: error: a run of the sweep failed: {message}") \
+                    from None
             _fail(message, code)
 
 

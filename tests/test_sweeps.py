@@ -70,3 +70,27 @@ def test_slurm_launcher_config_composes(cli):
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
     assert launcher.timeout_min == 240
+
+
+def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, tmp_path):
+    """A trial that fails prints its sentence, is told to Optuna as failed, leaves its config
+    and error in its folder for fewshot report, and the other trials still run."""
+    plugin("hydra_optuna_sweeper")
+    space = tmp_path / "conf" / "hparams_search"
+    space.mkdir(parents=True)
+    (space / "ways.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: optuna\n"
+        "hydra:\n  mode: MULTIRUN\n  sweeper:\n    direction: maximize\n    n_trials: 4\n"
+        "    max_failure_rate: 1.0\n    sampler:\n      seed: 0\n"
+        "    params:\n      train.ways: choice(5, 60)\n")
+    sweep = tmp_path / "sweep"
+    proc = cli("train", "hparams_search=ways", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+               *TINY, "train.steps=2", "train.val_every=2", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "train.ways=60 exceeds the 40 classes" in proc.stderr
+    failed = [p for p in sweep.iterdir() if p.is_dir() and not (p / "last.pt").exists()]
+    finished = [p for p in sweep.iterdir() if (p / "last.pt").exists()]
+    assert failed and finished and len(failed) + len(finished) == 4
+    assert OmegaConf.load(sweep / "optimization_results.yaml").best_params["train.ways"] == 5
+    out = ok(cli("report", str(sweep))).stdout
+    assert out.count("failed: train.ways=60 exceeds") == len(failed)

@@ -177,3 +177,19 @@ def discard_if_empty(path: Path) -> None:
     except OSError:
         return
     prune_empty_parents(path)
+
+
+def record_failed_run(path: Path, hydra_files: dict[str, Any], message: str) -> None:
+    """Leave a failed run of a sweep visible: its ``.hydra/`` config and the error in
+    ``train.log``, so that ``fewshot report`` lists it as failed instead of missing."""
+    try:
+        for name, config in hydra_files.items():
+            target = Path(path) / ".hydra" / name
+            if not target.exists():
+                atomic_write_text(OmegaConf.to_yaml(config), target)
+        handler = logging.FileHandler(Path(path) / "train.log", mode="a")
+    except OSError:
+        return  # nowhere to write: the message on stderr is all there is
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
+    handler.close()
