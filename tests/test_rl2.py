@@ -108,6 +108,16 @@ def test_rl2_chooses_its_gru(tmp_path):
     assert isinstance(algo.backbone, GRUPolicy) and algo.backbone.policy.out_features == 7
 
 
+@pytest.mark.parametrize(("preset", "arms", "pulls"), [("k5_n10", 5, 10), ("k10_n100", 10, 100),
+                                                      ("k50_n500", 50, 500)])
+def test_presets_compose_and_build(preset, arms, pulls):
+    cfg = composed(f"experiment=rl2_bandits_{preset}")
+    dataset = build_dataset(cfg)
+    assert (dataset.arms, dataset.pulls, cfg.eval.episodes) == (arms, pulls, 1000)
+    algo = build_algorithm(cfg, dataset.input_spec())
+    assert algo.backbone.hidden == 128 and algo.backbone.policy.out_features == arms
+
+
 # ---------------------------------------------------------------- the real CLI
 
 
@@ -141,10 +151,10 @@ def test_train_eval_and_resume_through_the_cli(cli, tmp_path):
 
 
 def test_bad_bandit_options_fail_in_one_sentence(cli):
-    assert "dataset.arms=1 must be a whole number of at least 2" in failed(
-        cli("train", *TINY, "dataset.arms=1"))
-    assert "dataset.pulls=0 must be a whole number of at least 1" in failed(
-        cli("train", *TINY, "dataset.pulls=0"))
+    """Through the CLI (dataset.pulls=0 takes the same path as arms: tests/test_bandits.py)."""
+    err = failed(cli("train", *TINY, "dataset.arms=1"))
+    assert "dataset.arms=1 must be a whole number of at least 2" in err
+    assert len(err.strip().splitlines()) == 1
     err = failed(cli("train", *TINY, "backbone=conv4"))
     assert "backbone=conv4 is a network for few-shot image classification tasks" in err
     assert "use backbone=gru" in err and len(err.strip().splitlines()) == 1
