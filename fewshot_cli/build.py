@@ -12,13 +12,15 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from fewshot_cli.algorithms.base import MetaAlgorithm
+from fewshot_cli.config import group_targets
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.runtime import memory_format_for
+from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import FewshotError
 
 
@@ -56,6 +58,37 @@ def build_dataset(cfg: DictConfig) -> FewShotDataset:
     return build(cfg, "dataset")
 
 
+def task_kind(target: str) -> str:
+    """The kind of task the class ``target`` names works on (backbones are plain nn.Modules:
+    image networks unless they say otherwise)."""
+    return getattr(get_class(target), "task_kind", IMAGE_TASKS)
+
+
+def _options(group: str, kind: str) -> str:
+    """``dataset=glyphs, dataset=miniimagenet or dataset=omniglot``: the options of a kind."""
+    names = [f"{group}={name}" for name, target in group_targets(group).items()
+             if task_kind(target) == kind]
+    return " or ".join(filter(None, [", ".join(names[:-1]), names[-1]])) if names else "none"
+
+
+def check_task_kinds(cfg: DictConfig) -> None:
+    """One sentence when the data set, algorithm and backbone are not all made for the same
+    kind of task (``algo=protonet dataset=bandits``, ``algo=rl2 backbone=conv4``)."""
+    kinds = {section: task_kind(cfg[section]._target_)
+             for section in ("dataset", "algo", "backbone")}
+    algo, data, net = (_choice(cfg, s) for s in ("algo", "dataset", "backbone"))
+    if kinds["algo"] != kinds["dataset"]:
+        raise FewshotError(
+            f"algo={algo} learns {kinds['algo']} tasks but dataset={data} holds "
+            f"{kinds['dataset']} tasks; use {_options('dataset', kinds['algo'])} with "
+            f"algo={algo}, or {_options('algo', kinds['dataset'])} with dataset={data}")
+    if kinds["backbone"] != kinds["algo"]:
+        raise FewshotError(
+            f"backbone={net} is a network for {kinds['backbone']} tasks but algo={algo} learns "
+            f"{kinds['algo']} tasks; use {_options('backbone', kinds['algo'])} (or leave "
+            "backbone= out: each algorithm picks a fitting one)")
+
+
 def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
                     device: torch.device | None = None) -> MetaAlgorithm:
     """Backbone sized for the data (``dataset.input_spec()``, or a store's images), wrapped by
@@ -64,6 +97,7 @@ def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
     Given a ``device``, the algorithm is moved there with the weight layout of
     ``device.memory_format`` (channels_last on the CPU unless the algorithm declines it).
     """
+    check_task_kinds(cfg)
     if isinstance(inputs, ClassStore):
         inputs = {"in_channels": inputs.channels, "image_size": inputs.image_size}
     backbone = build(cfg, "backbone", **inputs)

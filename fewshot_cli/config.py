@@ -39,6 +39,26 @@ def own_targets() -> frozenset[str]:
     return frozenset(t for t in found if isinstance(t, str) and t.startswith("fewshot_cli."))
 
 
+def group_targets(group: str) -> dict[str, str]:
+    """The ``_target_`` each option of a config group builds (``{"protonet": "fewshot_cli..."}``),
+    following an option's defaults within its group (anil is maml with other keys)."""
+    import yaml
+
+    docs = {path.stem: yaml.safe_load(path.read_text()) or {}
+            for path in sorted((conf_dir() / group).glob("*.yaml"))}
+
+    def target(name: str, seen: tuple[str, ...] = ()) -> str | None:
+        doc = docs.get(name)
+        if not isinstance(doc, dict) or name in seen:
+            return None
+        if isinstance(doc.get("_target_"), str):
+            return doc["_target_"]
+        parents = [d for d in doc.get("defaults") or [] if isinstance(d, str) and d != "_self_"]
+        return next((t for t in (target(p, (*seen, name)) for p in parents) if t), None)
+
+    return {name: t for name in docs if (t := target(name))}
+
+
 def _items(node: Any) -> Iterator[tuple[Any, Any]]:
     """Every (key, value) pair of nested dicts and lists."""
     if isinstance(node, dict):

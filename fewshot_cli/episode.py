@@ -1,4 +1,5 @@
-"""Episode: a meta-batch of few-shot tasks, the one currency of data, algorithms and engine.
+"""The currencies of data, algorithms and engine: ``Episode`` (a meta-batch of few-shot image
+tasks) and ``BanditTrials`` (a meta-batch of multi-armed bandit tasks).
 
 Ground floor: imports nothing of fewshot, so algorithms, engine and data all import it downward.
 """
@@ -8,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+
+#: the kinds of task (``task_kind`` of data sets, algorithms and backbones): a data set is only
+#: paired with an algorithm and a backbone of its own kind
+IMAGE_TASKS = "few-shot image classification"
+BANDIT_TASKS = "multi-armed bandit"
 
 
 @dataclass
@@ -39,3 +45,42 @@ class Episode:
             query=self.query.to(device),
             query_y=self.query_y.to(device),
         )
+
+
+@dataclass
+class BanditTrials:
+    """A meta-batch of ``B`` Bernoulli bandit tasks, each one trial of ``n`` pulls of ``k`` arms.
+
+    means ``float [B, k]``: each arm's chance of paying 1. draws ``float [B, n]``: the
+    environment's uniform numbers, pull ``t`` of arm ``a`` pays 1 exactly when
+    ``draws[b, t] < means[b, a]``, so every method meets the very same luck on the same tasks.
+    choices ``float [B, n]``: uniform numbers for a policy's own random choice at each pull
+    (sampling an action, an epsilon-greedy coin). seed: for methods that need more randomness
+    (Thompson sampling draws from the posterior). Everything random about a trial is in the
+    task, so scores are reproducible and training resumes exactly.
+    """
+
+    means: torch.Tensor
+    draws: torch.Tensor
+    choices: torch.Tensor
+    seed: int
+
+    @property
+    def meta_batch(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def arms(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def pulls(self) -> int:
+        return self.draws.shape[1]
+
+    def pull(self, t: int, arm: torch.Tensor) -> torch.Tensor:
+        """The rewards ``float [B]`` (0 or 1) of pulling ``arm`` ``long [B]`` at pull ``t``."""
+        return (self.draws[:, t] < self.means.gather(1, arm.unsqueeze(1)).squeeze(1)).float()
+
+    def to(self, device: torch.device | str) -> BanditTrials:
+        return replace(self, means=self.means.to(device), draws=self.draws.to(device),
+                       choices=self.choices.to(device))

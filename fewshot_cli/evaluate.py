@@ -73,11 +73,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     algo = load_model(run, state, ckpt, device, dataset.input_spec())
     batch = episodes_per_batch(device, e.batch)
     tasks = dataset.sampler("test", e, batch, device, prefix="eval")
-    baselines: dict[str, list[torch.Tensor]] = {}
+    baselines: dict[str, list[torch.Tensor | None]] = {}
 
-    def on_batch(batch_tasks: Any) -> None:
+    def on_batch(batch_tasks: Any) -> None:  # a baseline that cannot run here scores None
         for name, scores in dataset.baselines(batch_tasks).items():
-            baselines.setdefault(name, []).append(scores.float().cpu())
+            baselines.setdefault(name, []).append(None if scores is None else scores.float().cpu())
 
     progress = lambda it: tqdm(it, total=-(-e.episodes // batch), desc="eval", unit="batch")
     scores = score_tasks(algo, tasks.fixed(e.episodes, seed=e.seed), autocast, progress,
@@ -96,7 +96,7 @@ def _stats(scores: torch.Tensor) -> dict[str, Any]:
 
 
 def summary(run: DictConfig, state: dict[str, Any], metric: str, scores: torch.Tensor,
-            baselines: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
+            baselines: dict[str, list[torch.Tensor | None]]) -> dict[str, Any]:
     """The result entry: the score, its CI, the settings that produced it, the baselines."""
     stats = _stats(scores)
     choices = run.get("choices") or {}
@@ -106,8 +106,9 @@ def summary(run: DictConfig, state: dict[str, Any], metric: str, scores: torch.T
               "algo": choices.get("algo") or run.algo._target_.rsplit(".", 1)[-1],
               "dataset": choices.get("dataset") or run.dataset._target_.rsplit(".", 1)[-1]}
     if baselines:
-        result["baselines"] = {name: _stats(torch.cat(parts)) for name, parts in
-                               baselines.items()}
+        result["baselines"] = {
+            name: None if any(p is None for p in parts) else _stats(torch.cat(parts))
+            for name, parts in baselines.items()}
     return result
 
 
@@ -128,11 +129,14 @@ def write_result(ckpt: Path, key: str, result: dict[str, Any]) -> Path:
 
 
 def report(name: str, step: int, shape: str, result: dict[str, Any]) -> str:
-    """The lines ``fewshot eval`` prints: the score ± CI, then any baselines as a table."""
+    """The lines ``fewshot eval`` prints: the score ± CI, then any baselines as a table (one
+    that could not run shows "—")."""
     metric = result["metric"]
     percent = metric == "accuracy"
 
-    def shown(mean: float, ci: float | None) -> str:
+    def shown(mean: float | None, ci: float | None) -> str:
+        if mean is None:
+            return "—"
         scale, unit = (100, "%") if percent else (1, "")
         half = f"{scale * ci:.2f}{unit}" if ci is not None else "n/a (one episode)"
         return f"{scale * mean:.2f}{unit} ± {half}"
@@ -142,7 +146,8 @@ def report(name: str, step: int, shape: str, result: dict[str, Any]) -> str:
              f"{'s' if result['episodes'] != 1 else ''})"]
     if result.get("baselines"):
         rows = [(result["algo"], result[metric], result["ci95"])] + [
-            (n, b["mean"], b["ci95"]) for n, b in result["baselines"].items()]
+            (n, *((b["mean"], b["ci95"]) if b else (None, None)))
+            for n, b in result["baselines"].items()]
         width = max(len(r[0]) for r in rows)
         lines += ["", f"| {'method':<{width}} | {metric} ± 95% CI |",
                   f"|{'-' * (width + 2)}|---:|"]

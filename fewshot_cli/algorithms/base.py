@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_cli.episode import Episode
+from fewshot_cli.episode import IMAGE_TASKS, Episode
 from fewshot_cli.errors import FewshotError
 
 
@@ -32,6 +32,8 @@ class MetaAlgorithm(nn.Module):
     #: ``device.memory_format=auto`` gives the weights the channels_last layout on the CPU
     #: unless an algorithm runs slower with it (see ``engine.runtime.memory_format_for``).
     prefers_channels_last: bool = True
+    #: the kind of task it learns; ``build_algorithm`` refuses a data set of another kind
+    task_kind: str = IMAGE_TASKS
 
     def check_tasks(self, train: dict[str, Any], eval: dict[str, Any]) -> None:
         """Raise a FewshotError when the ``train.*``/``eval.*`` task shapes cannot work with

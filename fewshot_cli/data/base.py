@@ -9,6 +9,7 @@ import torch
 
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
+from fewshot_cli.episode import IMAGE_TASKS
 
 SPLITS = ("train", "val", "test")
 
@@ -25,6 +26,8 @@ class FewShotDataset:
 
     channels: int = 1
     image_size: int = 28
+    #: the kind of task it holds; only an algorithm and a backbone of the same kind can learn it
+    task_kind: str = IMAGE_TASKS
 
     def input_spec(self) -> dict[str, Any]:
         """Keyword arguments of the backbone that the data fixes, known before any decoding."""
