@@ -86,8 +86,7 @@ def composed(*overrides: str):
 @pytest.mark.parametrize(("overrides", "words"), [
     (["algo=protonet", "dataset=bandits"],
      "algo=protonet learns few-shot image classification tasks but dataset=bandits holds "
-     "multi-armed bandit tasks; use dataset=glyphs, dataset=miniimagenet or dataset=omniglot "
-     "with algo=protonet, or algo=rl2 with dataset=bandits"),
+     "multi-armed bandit tasks; use dataset=glyphs, dataset=miniimagenet"),
     (["algo=rl2", "dataset=glyphs"], "algo=rl2 learns multi-armed bandit tasks but "
      "dataset=glyphs holds few-shot image classification tasks"),
     (["algo=rl2", "dataset=bandits", "backbone=resnet12"], "backbone=resnet12 is a network for "
