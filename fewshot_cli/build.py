@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.data.augment import IDENTITY, legacy_augment
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.runtime import memory_format_for
@@ -15,6 +16,12 @@ from fewshot_cli.engine.runtime import memory_format_for
 def build_dataset(cfg: DictConfig) -> FewShotDataset:
     """The reader named by ``cfg.dataset._target_``."""
     return instantiate(cfg.dataset)
+
+
+def build_augment(cfg: DictConfig) -> torch.nn.Module:
+    """The training augmentation of ``augment=`` (or of the deprecated keys it replaces);
+    none for checkpoints written before the group existed."""
+    return instantiate(legacy_augment(cfg) or cfg.get("augment") or {"_target_": IDENTITY})
 
 
 def build_algorithm(cfg: DictConfig, store: ClassStore,

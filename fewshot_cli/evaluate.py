@@ -45,8 +45,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dataset = build_dataset(run)
     test_store = dataset.load("test")
     batch = episodes_per_batch(device, e.batch)
+    protocol = {k: bool(e.get(k, False)) for k in ("within_group", "distinct_drawers")}
     sampler = EpisodeSampler(test_store, e.ways, e.shots, e.queries, batch, device,
-                             split="test", prefix="eval")
+                             split="test", prefix="eval", **protocol)
     algo = build_algorithm(run, test_store, device)
     algo.load_state_dict(state["model"])
     episodes = sampler.fixed(e.episodes, seed=e.seed)
@@ -56,12 +57,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     result = {"accuracy": mean, "ci95": ci, "episodes": e.episodes, "ways": e.ways,
               "shots": e.shots, "queries": e.queries, "seed": e.seed, "split": "test",
               "step": state["step"], "algo": run.algo._target_.rsplit(".", 1)[-1],
-              "dataset": run.dataset._target_.rsplit(".", 1)[-1]}
+              "dataset": run.dataset._target_.rsplit(".", 1)[-1], **protocol}
+    # the within-group protocol is another figure: its own key beside the ordinary one
+    shape = f"{e.ways}way-{e.shots}shot" + "".join(f"-{k}" for k, on in protocol.items() if on)
     results_path = ckpt.parent / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results.setdefault(ckpt.name, {})[f"{e.ways}way-{e.shots}shot"] = result
+    results.setdefault(ckpt.name, {})[shape] = result
     atomic_write_text(json.dumps(results, indent=2) + "\n", results_path)
-    print(f"{ckpt.name} (step {state['step']}): {e.ways}-way {e.shots}-shot test accuracy "
+    how = "".join(f", {k.replace('_', ' ')}" for k, on in protocol.items() if on)
+    print(f"{ckpt.name} (step {state['step']}): {e.ways}-way {e.shots}-shot{how} test accuracy "
           f"{100 * mean:.2f}% ± {100 * ci:.2f}% (95% CI, {e.episodes} episodes)")
     print(f"results written to {results_path}")
     return result

@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from fewshot_cli.algorithms.base import accuracy
-from fewshot_cli.build import build_algorithm, build_dataset, build_optimizer
+from fewshot_cli.build import build_algorithm, build_augment, build_dataset, build_optimizer
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from fewshot_cli.engine.metrics import evaluate_episodes, mean_ci95
@@ -57,11 +57,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 
     dataset = build_dataset(cfg)
     train_store, val_store = dataset.load("train"), dataset.load("val")
+    dataset.record(run_dir)
     train_sampler = EpisodeSampler(train_store, t.ways, t.shots, t.queries, t.meta_batch, device,
-                                   seed=cfg.seed, split="train", prefix="train")
+                                   seed=cfg.seed, split="train", prefix="train",
+                                   augment=build_augment(cfg))
     val_sampler = EpisodeSampler(val_store, e.ways, e.shots, e.queries,
                                  episodes_per_batch(device, e.batch), device, split="val",
-                                 prefix="eval")
+                                 prefix="eval", within_group=e.get("within_group", False),
+                                 distinct_drawers=e.get("distinct_drawers", False))
     algo = build_algorithm(cfg, train_store, device)
     optimizer, scheduler = build_optimizer(cfg, algo)
 
@@ -122,10 +125,6 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
             if hasattr(algo, "set_step"):  # MAML++ annealing follows the meta-step
                 algo.set_step(step)
             episode = train_sampler.sample()
-            episode.support = dataset.train_transform(episode.support.flatten(0, 1)).view_as(
-                episode.support)
-            episode.query = dataset.train_transform(episode.query.flatten(0, 1)).view_as(
-                episode.query)
             with autocast():
                 loss, logits = algo.loss(episode)
             if not torch.isfinite(loss):

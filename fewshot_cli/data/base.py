@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
 from fewshot_cli.data.store import ClassStore
 
@@ -12,13 +12,13 @@ SPLITS = ("train", "val", "test")
 class FewShotDataset:
     """Built from ``conf/dataset/<name>.yaml``; ``load(split)`` returns that split's classes.
 
-    ``load("train")`` already includes training-only class augmentation (Omniglot rotations).
-    ``train_transform`` (optional) is applied on the device to the float images of training
-    episodes only, ``[M, C, H, W] -> [M, C, H, W]``; evaluation never sees it.
+    ``load("train")`` already includes training-only class augmentation (Omniglot rotations);
+    image augmentation is the ``augment=`` group, applied by the sampler.
     """
 
     def load(self, split: str) -> ClassStore:
         raise NotImplementedError
 
-    def train_transform(self, images: torch.Tensor) -> torch.Tensor:
-        return images
+    def record(self, run_dir: Path) -> None:
+        """Write what the run needs to know about the data into its folder (the folder reader
+        writes the split it chose); nothing by default."""
