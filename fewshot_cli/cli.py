@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from fewshot_cli.errors import FewshotError, Interrupted
 
-GROUPS = ("algo", "backbone", "dataset", "device", "experiment")
+GROUPS = ("algo", "backbone", "dataset", "augment", "device", "experiment")
 
 
 def conf_dir() -> Path:

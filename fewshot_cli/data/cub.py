@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fewshot_cli.data.download import download_checked, md5_of
 from fewshot_cli.data.folder import Folder
 from fewshot_cli.errors import FewshotError
 
@@ -42,12 +43,6 @@ def _fetch(url: str, dest: Path) -> None:
     download_url(url, str(dest.parent), dest.name)
 
 
-def _md5_ok(path: Path) -> bool:
-    from torchvision.datasets.utils import check_integrity
-
-    return check_integrity(str(path), MD5)
-
-
 class CUB(Folder):
     """CUB-200-2011 birds, Chen et al.'s 100/50/50 class split, colour images."""
 
@@ -66,8 +61,8 @@ class CUB(Folder):
             if not self.download:
                 raise FewshotError(f"CUB-200-2011 is not in dataset.root={self.root} and "
                                    f"dataset.download=false; {WHERE}")
-            self._download(archive)
-        elif not _md5_ok(archive):
+            download_checked(URL, archive, MD5, _fetch, "CUB-200-2011", WHERE)
+        elif md5_of(archive) != MD5:
             raise FewshotError(f"{archive} is not the official archive (its md5 is not {MD5}); "
                                f"delete it and {WHERE}, or set dataset.download=true")
         log.info("extracting %s into %s once", archive, self.root)
@@ -83,25 +78,6 @@ class CUB(Folder):
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return images
-
-    def _download(self, archive: Path) -> None:
-        log.info("downloading %s into %s", URL, self.root)
-        tmp = None
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{ARCHIVE}.", suffix=".part", dir=self.root)
-            os.close(fd)
-            _fetch(URL, Path(tmp))
-        except Exception as e:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-            raise FewshotError(f"CUB-200-2011 is not in dataset.root={self.root} and downloading "
-                               f"{URL} failed ({e}); {WHERE}") from None
-        if not _md5_ok(Path(tmp)):
-            Path(tmp).unlink(missing_ok=True)
-            raise FewshotError(f"the downloaded {ARCHIVE} does not have the official md5 {MD5}, "
-                               f"so it was discarded; retry, or {WHERE}")
-        os.replace(tmp, archive)
 
     def split_rule(self, names: list[str]) -> dict[str, list[str]]:
         """Chen et al.'s split by each class's index in name order."""

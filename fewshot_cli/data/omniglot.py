@@ -40,7 +40,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from pathlib import Path
 import torch
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
+from fewshot_cli.data.download import download_checked
 from fewshot_cli.data.images import RESAMPLE, decode_files, fingerprint
 from fewshot_cli.data.store import ClassStore, cache_file, cached_store
 from fewshot_cli.errors import FewshotError
@@ -167,37 +167,10 @@ def _fetch(url: str, dest: Path) -> None:
         shutil.copyfileobj(response, f, 1 << 20)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(root: Path, name: str) -> Path:
     """Fetch the official ``<name>.zip`` into ``root``, check its md5, and move it in place."""
-    url = URL.format(name=name)
-    log.info("downloading %s into %s", url, root)
-    tmp = None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
-        os.close(fd)
-        _fetch(url, Path(tmp))
-    except Exception as e:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise FewshotError(f"Omniglot's {name} is not in {root} and downloading {url} failed "
-                           f"({e}); {FIX}") from None
-    digest = _md5(Path(tmp))
-    if digest != MD5[name]:
-        Path(tmp).unlink(missing_ok=True)
-        raise FewshotError(f"the downloaded {name}.zip has md5 {digest}, not the official "
-                           f"{MD5[name]}, so it was discarded; retry, or {FIX}")
-    target = root / f"{name}.zip"
-    os.replace(tmp, target)
-    return target
+    return download_checked(URL.format(name=name), root / f"{name}.zip", MD5[name], _fetch,
+                            f"Omniglot's {name}", FIX)
 
 
 class Omniglot(FewShotDataset):
