@@ -5,7 +5,8 @@ fast on batched episodes?
 
 The hand-written versions below are the ops fewshot had before (miniImageNet's random crop,
 flip and colour jitter; Siamese's affine distortions), kept here only as the reference. Each
-figure is the median over ``--runs`` timings of ``--repeat`` calls on one episode-sized batch:
+figure is the median over ``--runs`` timings of ``--repeat`` calls on one episode-sized batch
+(hand-written and Kornia timed in turn within each run; the speed is the median per-run ratio):
 miniImageNet 5-way 1-shot 15 queries, meta-batch 4 (320 images, 3x84x84) for ``standard``;
 Omniglot 5w1s15q meta-batch 32 (2560 images, 1x28x28) and Siamese's 16 classes x 4 images at
 105 px (64 images) for ``affine``.
@@ -71,18 +72,25 @@ def random_affine(images: torch.Tensor, prob: float = 0.5) -> torch.Tensor:
     return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
 
-def median_ms(fn, x, runs: int, repeat: int, sync) -> float:
-    for _ in range(2):
+def timed(fn, x, repeat: int, sync) -> float:
+    """Seconds per call of ``fn(x)`` over ``repeat`` calls."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
         fn(x)
-    times = []
-    for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeat):
-            fn(x)
-        sync()
-        times.append((time.perf_counter() - start) / repeat)
-    return 1e3 * statistics.median(times)
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
+def compare(hand, kornia, x, runs: int, repeat: int, sync) -> tuple[float, float, float]:
+    """Median ms of each, and the median of the per-run speed ratios; the two are timed in
+    turn within each run, so that load from other processes hits both alike."""
+    for _ in range(2):
+        hand(x), kornia(x)
+    pairs = [(timed(hand, x, repeat, sync), timed(kornia, x, repeat, sync)) for _ in range(runs)]
+    return (1e3 * statistics.median(h for h, _ in pairs),
+            1e3 * statistics.median(k for _, k in pairs),
+            statistics.median(h / k for h, k in pairs))
 
 
 def main() -> None:
@@ -109,9 +117,8 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: |")
     for name, title, shape, hand, kornia in cases:
         x = torch.rand(shape, device=device)
-        t_hand = median_ms(hand, x, args.runs, args.repeat, sync)
-        t_kornia = median_ms(kornia, x, args.runs, args.repeat, sync)
-        print(f"| {name} | {title} | {t_hand:.1f} | {t_kornia:.1f} | {t_hand / t_kornia:.2f}x |")
+        t_hand, t_kornia, ratio = compare(hand, kornia, x, args.runs, args.repeat, sync)
+        print(f"| {name} | {title} | {t_hand:.1f} | {t_kornia:.1f} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

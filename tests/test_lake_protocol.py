@@ -17,11 +17,11 @@ def test_lake_minimal_preset_learns_far_above_chance(cli, tmp_path, omniglot_roo
                f"dataset.root={omniglot_root}", "train.steps=200", "train.val_every=200",
                "train.val_episodes=50", "train.scheduler.step_size=100", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    within = cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=200")
+    within = cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=100")
     assert within.returncode == 0, within.stderr[-3000:]
     assert "20-way 1-shot, within group, distinct drawers test accuracy" in within.stdout
     ordinary = cli("eval", f"ckpt={run / 'best.pt'}", "eval.within_group=false",
-                   "eval.distinct_drawers=false", "eval.queries=5", "eval.episodes=200")
+                   "eval.distinct_drawers=false", "eval.queries=5", "eval.episodes=100")
     assert ordinary.returncode == 0, ordinary.stderr[-3000:]
     print(within.stdout, ordinary.stdout)
     results = json.loads((run / "results.json").read_text())["best.pt"]
