@@ -138,12 +138,6 @@ def test_cli_trains_and_evaluates_on_your_own_images(cli, tmp_path):
     assert result["episodes"] == 6 and 0.0 <= result["accuracy"] <= 1.0
 
 
-def test_cli_without_a_root_says_so(cli, tmp_path):
-    proc = cli("train", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert "dataset.root is not set; point it at your images" in proc.stderr
-
-
 def test_parent_folders_are_groups_for_within_group_episodes(tmp_path):
     from fewshot_cli.data.sampler import EpisodeSampler
 
