@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from fewshot_cli.algorithms.base import MetaAlgorithm
 from fewshot_cli.config import group_targets
+from fewshot_cli.data.augment import IDENTITY, legacy_augment
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.runtime import memory_format_for
@@ -56,6 +57,12 @@ def build(cfg: DictConfig, section: str, label: str | None = None, **kwargs: Any
 def build_dataset(cfg: DictConfig) -> FewShotDataset:
     """The reader named by ``cfg.dataset._target_`` (checks its options, reads nothing yet)."""
     return build(cfg, "dataset")
+
+
+def build_augment(cfg: DictConfig) -> torch.nn.Module:
+    """The training augmentation of ``augment=`` (or of the deprecated keys it replaces);
+    none for checkpoints written before the group existed."""
+    return instantiate(legacy_augment(cfg) or cfg.get("augment") or {"_target_": IDENTITY})
 
 
 def task_kind(target: str) -> str:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fewshot_cli.config import conf_dir
 from fewshot_cli.errors import FewshotError, Interrupted
 
-GROUPS = ("algo", "backbone", "dataset", "device", "experiment", "hparams_search")
+GROUPS = ("algo", "backbone", "dataset", "augment", "device", "experiment", "hparams_search")
 _failures: list[str] = []  # runs of a sweep that failed (the sweep goes on without them)
 HELD: HeldStderr | None = None  # Hydra's stderr until the task starts (see main)
 

@@ -7,10 +7,11 @@ and the miniImageNet cache's build and load times.
 Sampler: ``EpisodeSampler.sample()`` (uint8 store on the device -> float episode) on random
 uint8 stores of the real shapes: Omniglot with rotations (4800 classes x 20, 28x28x1, 5-way
 1-shot 15 queries, meta-batch 32) and miniImageNet train (64 classes x 600, 84x84x3, 5-way 1-shot
-15 queries, meta-batch 4), the latter also with the on-device augmentation (crop 8 px, flip,
-colour jitter 0.4). Meta-step: one second-order MAML meta-update (adapt every task, query loss,
-backward, Adam) built from the presets ``maml_omniglot_5w1s`` / ``maml_miniimagenet_5w1s``
-(Conv4-64 1 inner step / Conv4-32 5 inner steps), fed with a sampled episode. Each figure is the
+15 queries, meta-batch 4), the latter also with the on-device augmentation (``augment=standard``:
+crop 8 px, flip, colour jitter 0.4). Meta-step: one second-order MAML meta-update (adapt every
+task, query loss, backward, Adam) built from the presets ``maml_omniglot_5w1s`` /
+``maml_miniimagenet_5w1s`` (Conv4-64 1 inner step / Conv4-32 5 inner steps), fed with a sampled
+episode. Each figure is the
 median of ``--runs`` timings. The ratio is sampler episodes/s over the episodes/s a meta-step
 consumes (one task of the meta-batch = one episode).
 
@@ -42,7 +43,6 @@ SHAPES = {
     "miniimagenet": dict(title="miniImageNet", classes=64, images=600, channels=3, size=84,
                          meta_batch=4, preset="maml_miniimagenet_5w1s"),
 }
-AUGMENT = {"crop_padding": 8, "flip": True, "color_jitter": 0.4}
 
 
 def timed(fn, sync, repeat: int = 1) -> float:
@@ -89,18 +89,15 @@ def meta_step(c: dict, device: torch.device):
 
 
 def bench_sampler(name: str, device: torch.device, runs: int, sync) -> list[dict]:
-    from fewshot_cli.data.miniimagenet import MiniImageNet
+    from fewshot_cli.data.augment import Standard
     from fewshot_cli.data.sampler import EpisodeSampler
 
     c = SHAPES[name]
     store = random_store(c)
     sampler = EpisodeSampler(store, 5, 1, 15, c["meta_batch"], device, seed=0)
-    augment = MiniImageNet("unused", augment=AUGMENT).train_transform
-
-    def sample_augmented():
-        e = sampler.sample()
-        augment(e.support.flatten(0, 1))
-        augment(e.query.flatten(0, 1))
+    augmented = EpisodeSampler(store, 5, 1, 15, c["meta_batch"], device, seed=0,
+                               augment=Standard(crop_padding=8, flip=True, color_jitter=0.4))
+    sample_augmented = augmented.sample
 
     step, what = meta_step(c, device)
     episode = sampler.sample()

@@ -131,7 +131,8 @@ def test_a_second_run_in_a_used_folder_is_refused(cli, run):
 def test_a_run_folder_in_use_is_refused(cli, tmp_path):
     folder = tmp_path / "busy"
     first = subprocess.Popen([sys.executable, "-m", "fewshot_cli", "train", *TINY,
-                              "train.steps=400", "train.val_every=400", f"hydra.run.dir={folder}"],
+                              "train.steps=100000", "train.val_every=100000",
+                              f"hydra.run.dir={folder}"],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:

@@ -14,7 +14,7 @@ from torch import nn
 
 from fewshot_cli.algorithms.matching import MatchingNet
 from fewshot_cli.algorithms.relation import RelationNet
-from fewshot_cli.algorithms.siamese import SiameseNet, random_affine
+from fewshot_cli.algorithms.siamese import SiameseNet
 from fewshot_cli.backbones.conv4 import Conv4
 from fewshot_cli.backbones.koch import Koch
 from fewshot_cli.build import build_algorithm
@@ -52,7 +52,7 @@ def algorithms(size: int = 28) -> dict[str, nn.Module]:
                                     fce_steps=2),
         "relation": RelationNet(Conv4(image_size=size, hidden=8, pooled_blocks=2,
                                       flatten=False), ways=3, channels=8),
-        "siamese": SiameseNet(Conv4(image_size=size, hidden=8), ways=3, distortions=True),
+        "siamese": SiameseNet(Conv4(image_size=size, hidden=8), ways=3),
         "siamese_koch": SiameseNet(Koch(image_size=65, widths=(4, 4, 4, 4), fc=16), ways=3),
     }
 
@@ -197,13 +197,6 @@ def test_siamese_loss_is_bce_on_balanced_pairs(monkeypatch):
     assert seen["target"].numel() == 2 * 2 * 3 * 4 and seen["target"].mean() == 0.5
 
 
-def test_affine_distortions_keep_shape_and_are_identity_with_probability_zero():
-    images = torch.rand(5, 1, 28, 28)
-    torch.testing.assert_close(random_affine(images, prob=0.0), images, atol=1e-5, rtol=0)
-    distorted = random_affine(images, prob=1.0)
-    assert distorted.shape == images.shape and not torch.allclose(distorted, images)
-
-
 def test_koch_is_the_paper_network_at_105_pixels():
     net = Koch(in_channels=1, image_size=105)
     convs = [m for m in net.encoder if isinstance(m, nn.Conv2d)]
@@ -265,7 +258,7 @@ CLI_CASES = {
     "matching_fce": ["algo=matching", "algo.fce=true", "backbone.hidden=8"],
     "relation": ["algo=relation", "backbone=conv4_relation", "backbone.hidden=8",
                  "algo.channels=8"],
-    "siamese_koch": ["algo=siamese", "algo.distortions=true", "backbone=koch",
+    "siamese_koch": ["algo=siamese", "augment=affine", "backbone=koch",
                      "dataset.image_size=65", "backbone.widths=[4,4,4,4]", "backbone.fc=16"],
 }
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fewshot_cli.data import omniglot
+from fewshot_cli.data import images, omniglot
 from fewshot_cli.data.omniglot import Omniglot
 from fewshot_cli.errors import FewshotError
 
@@ -88,6 +88,25 @@ def test_fake_release_split_counts(fake_root):
     assert "images_background_small1/Greek/character01" in custom.load("train").names
 
 
+def test_alphabets_are_groups_and_drawers_come_from_file_names(fake_root):
+    lake = Omniglot(fake_root, split="lake", image_size=8, rotations=[0, 90])
+    test = lake.load("test")  # Iota (1 character) + Zeta (2)
+    assert test.groups == ["Iota", "Zeta", "Zeta"]
+    assert test.drawers.tolist() == [list(range(DRAWERS))] * 3  # <char>_<drawer>.png, from 0
+    train = lake.load("train")  # rotated copies keep their alphabet and drawers
+    assert train.groups == ["Alpha"] * 3 + ["Beta"] * 2 + ["Alpha"] * 3 + ["Beta"] * 2
+    assert train.drawers.shape == (10, DRAWERS) and int(train.drawers.min()) == 0
+
+
+def test_lake_minimal_tests_on_the_evaluation_alphabets(fake_root):
+    ds = Omniglot(fake_root, split="lake_minimal", image_size=8, rotations=[0])
+    minimal = Omniglot(fake_root, split="minimal", image_size=8, rotations=[0])
+    assert ds.load("train").names == minimal.load("train").names  # background_small1 only
+    assert ds.load("val").names == minimal.load("val").names  # background alphabets only
+    assert {n.split("/")[0] for n in ds.load("test").names} == {"images_evaluation"}
+    assert ds.load("test").num_classes == 8
+
+
 def test_folders_and_zips_decode_identically(tmp_path):
     a = Omniglot(make_release(tmp_path / "f", zipped=False), split="lake", image_size=10)
     b = Omniglot(make_release(tmp_path / "z", zipped=True), split="lake", image_size=10)
@@ -121,7 +140,7 @@ def test_any_image_size(tmp_path):
 
 @pytest.mark.parametrize("zipped", [False, True])
 def test_corrupt_image_names_the_file(tmp_path, monkeypatch, zipped):
-    monkeypatch.setattr(omniglot, "PARALLEL_FROM", 10)  # the error must cross the process pool
+    monkeypatch.setattr(images, "PARALLEL_FROM", 10)  # the error must cross the process pool
     root = tmp_path / "r"
     make_release(root, zipped=False, names=("images_background",))
     bad = root / "images_background/Beta/character02/0207_07.png"
@@ -236,6 +255,9 @@ def test_real_minimal(omniglot_root):
     assert train.num_classes == 136 * 4 and val.num_classes == test.num_classes == 106
     assert alphabets(val) == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
     assert val.names == test.names and torch.equal(val.images, test.images)
+    # the challenge's minimal setting tests on all 20 evaluation alphabets instead
+    lake = Omniglot(omniglot_root, split="lake_minimal", rotations=[0], download=False)
+    assert lake.load("test").num_classes == 659 and len(set(lake.load("test").groups)) == 20
 
 
 def test_real_custom(omniglot_root):

@@ -86,7 +86,7 @@ def composed(*overrides: str):
 @pytest.mark.parametrize(("overrides", "words"), [
     (["algo=protonet", "dataset=bandits"],
      "algo=protonet learns few-shot image classification tasks but dataset=bandits holds "
-     "multi-armed bandit tasks; use dataset=glyphs, dataset=miniimagenet"),
+     "multi-armed bandit tasks; use dataset="),
     (["algo=rl2", "dataset=glyphs"], "algo=rl2 learns multi-armed bandit tasks but "
      "dataset=glyphs holds few-shot image classification tasks"),
     (["algo=rl2", "dataset=bandits", "backbone=resnet12"], "backbone=resnet12 is a network for "

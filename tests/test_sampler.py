@@ -90,3 +90,59 @@ def test_a_split_too_big_for_the_gpu_stays_in_host_memory(monkeypatch):
     assert storage_device(4 * 2**30, cuda) == cuda          # half of the free memory: resident
     assert storage_device(4 * 2**30 + 1, cuda) == torch.device("cpu")
     assert storage_device(10**12, torch.device("cpu")) == torch.device("cpu")
+
+
+def drawn_store(groups: list[str], drawers: int = 6) -> ClassStore:
+    """``id_store`` whose image ``i`` of class ``c`` was drawn by drawer ``(i + c) % drawers``."""
+    store = id_store([drawers] * len(groups))
+    index = torch.arange(drawers)
+    who = torch.stack([(index + c) % drawers for c in range(len(groups))])
+    return ClassStore(store.images, store.names, store.counts, groups, who)
+
+
+def test_within_group_episodes_take_their_classes_from_one_group():
+    groups = ["a"] * 6 + ["b"] * 5 + ["c"] * 2  # c is too small for 4-way episodes
+    store = drawn_store(groups)
+    sampler = EpisodeSampler(store, ways=4, shots=1, queries=1, meta_batch=200, seed=0,
+                             within_group=True)
+    classes, _ = ids(sampler.sample().support)
+    chosen = [{groups[c] for c in row.tolist()} for row in classes]
+    assert all(len(g) == 1 for g in chosen)
+    seen = [g.pop() for g in chosen]
+    assert set(seen) == {"a", "b"} and 60 < seen.count("a") < 140  # groups drawn uniformly
+    one = torch.cat([e.support for e in sampler.fixed(6, seed=3, batch=1)])
+    assert torch.equal(one, torch.cat([e.support for e in sampler.fixed(6, seed=3, batch=4)]))
+
+
+def test_distinct_drawers_give_support_and_query_from_other_people():
+    store = drawn_store(["a"] * 8)
+    sampler = EpisodeSampler(store, ways=5, shots=2, queries=3, meta_batch=50, seed=1,
+                             distinct_drawers=True)
+    ep = sampler.sample()
+    for x, count in ((ep.support, 2), (ep.query, 3)):
+        c, i = ids(x)
+        who = store.drawers[c, i].view(50, 5, count)  # [B, N, K or Q]
+        assert (who == who[:, :1]).all()  # the i-th image of every class: the same drawer
+    sc, si = ids(ep.support)
+    qc, qi = ids(ep.query)
+    support = store.drawers[sc, si].view(50, 5, 2)[:, 0]
+    query = store.drawers[qc, qi].view(50, 5, 3)[:, 0]
+    people = torch.cat([support, query], dim=1)  # [B, K+Q] drawers of each episode
+    assert all(len(set(row.tolist())) == 5 for row in people)
+    assert len({tuple(row.tolist()) for row in people}) > 10  # drawn anew per episode
+
+
+def test_protocol_options_fail_clearly():
+    plain = id_store([6] * 5)
+    with pytest.raises(FewshotError, match=r"eval\.within_group=true needs classes in groups"):
+        EpisodeSampler(plain, 2, 1, 1, prefix="eval", within_group=True)
+    with pytest.raises(FewshotError, match=r"eval\.distinct_drawers=true needs to know who"):
+        EpisodeSampler(plain, 2, 1, 1, prefix="eval", distinct_drawers=True)
+    small = drawn_store(["a", "a", "b", "b", "b"])
+    with pytest.raises(FewshotError, match=r"no group of the test split has 4 classes .the "
+                                           r"largest has 3.; lower eval\.ways"):
+        EpisodeSampler(small, 4, 1, 1, split="test", prefix="eval", within_group=True)
+    gaps = drawn_store(["a"] * 4, drawers=6)
+    gaps.drawers[0, :4] = -1  # the first class's first 4 drawers are unknown
+    with pytest.raises(FewshotError, match="needs 3 drawers .* but only 2 did"):
+        EpisodeSampler(gaps, 2, 1, 2, prefix="eval", distinct_drawers=True)

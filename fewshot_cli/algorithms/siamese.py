@@ -2,41 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
 from fewshot_cli.episode import Episode
-
-
-def random_affine(images: torch.Tensor, prob: float = 0.5) -> torch.Tensor:
-    """Koch et al.'s distortions of ``[M, C, H, W]``: each of rotation (±10°), shear (±0.3),
-    scale (0.8-1.2) and translation (±2 px) is applied independently with probability ``prob``.
-    """
-    m, _, h, w = images.shape
-    opts = {"device": images.device, "dtype": images.dtype}
-
-    def draw(low: float, high: float, neutral: float, n: int = 1) -> torch.Tensor:
-        value = torch.empty(m, n, **opts).uniform_(low, high)
-        keep = torch.rand(m, 1, **opts) < prob
-        return torch.where(keep, value, torch.full_like(value, neutral))
-
-    angle = draw(-math.pi / 18, math.pi / 18, 0.0)[:, 0]
-    shear = draw(-0.3, 0.3, 0.0, 2)
-    scale = draw(0.8, 1.2, 1.0, 2)
-    shift = draw(-2.0, 2.0, 0.0, 2) * torch.tensor([2 / w, 2 / h], **opts)  # pixels -> [-1, 1]
-    cos, sin = angle.cos(), angle.sin()
-    rotation = torch.stack([cos, -sin, sin, cos], dim=-1).view(m, 2, 2)
-    shearing = torch.stack([torch.ones_like(cos), shear[:, 0], shear[:, 1],
-                            torch.ones_like(cos)], dim=-1).view(m, 2, 2)
-    linear = rotation @ shearing @ torch.diag_embed(scale)
-    theta = torch.cat([linear, shift.unsqueeze(-1)], dim=-1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    # Border padding repeats the background instead of drawing a dark frame.
-    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
 
 class SiameseNet(FewShotAlgorithm):
@@ -48,10 +19,10 @@ class SiameseNet(FewShotAlgorithm):
 
     def __init__(self, backbone: nn.Module, ways: int, distortions: bool = False,
                  distortion_prob: float = 0.5) -> None:
+        # distortions / distortion_prob: deprecated keys, now augment=affine (applied by the
+        # sampler); build.build_augment maps them there with a warning
         super().__init__(backbone, ways)
         self.distance = nn.Linear(backbone.out_features, 1)  # the weights alpha_j of the L1
-        self.distortions = distortions
-        self.distortion_prob = distortion_prob
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``[..., C, H, W]`` images to codes ``[..., D]``."""
@@ -82,8 +53,6 @@ class SiameseNet(FewShotAlgorithm):
         shape = episode.support.shape[-3:]
         images = torch.cat([episode.support.view(b, n, k, *shape),
                             episode.query.view(b, n, q, *shape)], dim=2)  # [B, N, K+Q, ...]
-        if self.distortions:
-            images = random_affine(images.flatten(0, 2), self.distortion_prob).view_as(images)
         codes = self.embed(images)  # [B, N, S, D] with S = K + Q images per class
         s = k + q
         # Each image is paired once with another image of its class and once with an image of

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fewshot_cli.data import bandit_policies as policies
+from fewshot_cli.data.augment import Identity
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.episode import BANDIT_TASKS, BanditTrials
 from fewshot_cli.errors import FewshotError
@@ -100,8 +101,13 @@ class Bandits(FewShotDataset):
         return {"arms": self.arms}
 
     def sampler(self, split: str, shape: Mapping[str, Any], meta_batch: int,
-                device: torch.device, seed: int = 0, prefix: str = "train") -> BanditSampler:
-        """Trials of this bandit; ``shape`` (the image task shape) does not apply."""
+                device: torch.device, seed: int = 0, prefix: str = "train",
+                augment: torch.nn.Module | None = None) -> BanditSampler:
+        """Trials of this bandit; ``shape`` (the image task shape) does not apply, nor does an
+        image ``augment=`` (refused in one sentence)."""
+        if augment is not None and not isinstance(augment, Identity):
+            raise FewshotError("augment= transforms images and bandit trials hold none; leave "
+                               "augment= out (augment=none) with dataset=bandits")
         return BanditSampler(self.arms, self.pulls, meta_batch, device, seed=seed, split=split)
 
     def describe(self, shape: Mapping[str, Any]) -> str:

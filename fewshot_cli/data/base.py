@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,10 +19,9 @@ class FewShotDataset:
     """Built from ``conf/dataset/<name>.yaml``; image data sets implement :meth:`load`.
 
     ``load(split)`` returns that split's classes; ``load("train")`` already includes
-    training-only class augmentation (Omniglot rotations). ``train_transform`` (optional) is
-    applied on the device to the float images of training episodes only,
-    ``[M, C, H, W] -> [M, C, H, W]``; evaluation never sees it. A data set of another kind of
-    task (bandits) overrides :meth:`input_spec` and :meth:`sampler` instead.
+    training-only class augmentation (Omniglot rotations); image augmentation is the
+    ``augment=`` group, applied by the sampler to training episodes only. A data set of another
+    kind of task (bandits) overrides :meth:`input_spec` and :meth:`sampler` instead.
     """
 
     channels: int = 1
@@ -36,19 +36,28 @@ class FewShotDataset:
     def load(self, split: str) -> ClassStore:
         raise NotImplementedError
 
-    def train_transform(self, images: torch.Tensor) -> torch.Tensor:
-        return images
+    def record(self, run_dir: Path) -> None:
+        """Write what the run needs to know about the data into its folder (the folder reader
+        writes the split it chose); nothing by default."""
 
     def sampler(self, split: str, shape: Mapping[str, Any], meta_batch: int,
-                device: torch.device, seed: int = 0, prefix: str = "train") -> EpisodeSampler:
-        """Tasks of ``split`` shaped by ``shape`` (the ``train`` or ``eval`` section)."""
+                device: torch.device, seed: int = 0, prefix: str = "train",
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpisodeSampler:
+        """Tasks of ``split`` shaped by ``shape`` (the ``train`` or ``eval`` section, whose
+        ``within_group``/``distinct_drawers`` choose Lake et al.'s protocol); ``augment`` is
+        applied to the images of training episodes."""
         return EpisodeSampler(self.load(split), shape["ways"], shape["shots"], shape["queries"],
                               meta_batch, device, seed=seed, split=split, prefix=prefix,
-                              transform=self.train_transform if split == "train" else None)
+                              augment=augment, within_group=bool(shape.get("within_group")),
+                              distinct_drawers=bool(shape.get("distinct_drawers")))
 
     def describe(self, shape: Mapping[str, Any]) -> str:
-        """The task shape in words, as printed and as part of a result's key in results.json."""
-        return f"{shape['ways']}-way {shape['shots']}-shot ({shape['queries']} queries)"
+        """The task shape in words, as printed and as part of a result's key in results.json:
+        ``20-way 1-shot (5 queries), within group, distinct drawers``."""
+        protocol = "".join(f", {key.replace('_', ' ')}" for key in ("within_group",
+                                                                     "distinct_drawers")
+                           if shape.get(key))
+        return f"{shape['ways']}-way {shape['shots']}-shot ({shape['queries']} queries){protocol}"
 
     def baselines(self, tasks: Any) -> dict[str, torch.Tensor]:
         """Per-task scores of classical methods on the same test tasks (none for images)."""

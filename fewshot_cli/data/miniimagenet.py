@@ -12,22 +12,18 @@ people have, looked up per split in this order (``dataset.layout=auto``):
 * ``folders`` — ``root/{train,val,test}/<wnid>/*.jpg`` (or ``.jpeg``/``.png``).
 
 Each split is decoded once per image size into a uint8 ClassStore cached beside the data (or in
-the user cache); later runs memory-map that file and start in seconds. ``augment`` turns on
-training-only augmentation applied to whole episodes on the device (:meth:`train_transform`).
+the user cache); later runs memory-map that file and start in seconds. Training augmentation is
+the ``augment=`` group (``augment=standard``), applied by the sampler on the device.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
-import multiprocessing
 import os
 import pickle
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
-from itertools import repeat
 from pathlib import Path
 
 import torch
@@ -35,6 +31,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
+from fewshot_cli.data.images import (
+    RESAMPLE,
+    decode_files,
+    empty_store,
+    fingerprint,
+    list_class_folders,
+)
 from fewshot_cli.data.store import ClassStore, cache_file, cached_store
 from fewshot_cli.errors import FewshotError
 
@@ -44,9 +47,7 @@ LAYOUTS = ("csv", "pickle", "folders")
 RAVI_CLASSES = {"train": 64, "val": 16, "test": 20}
 IMAGES_PER_CLASS = 600
 EXTENSIONS = (".jpg", ".jpeg", ".png")
-RESAMPLE = "lanczos"  # part of the cache key: another filter means another cache
-PARALLEL_FROM = 1000  # below this many images a process pool costs more than it saves
-AUGMENT_KEYS = {"crop_padding": 0, "flip": False, "color_jitter": 0.0}
+REBUILD = "replace it with a good copy or rebuild with scripts/prepare_miniimagenet.py"
 # The numpy objects an array pickle refers to; anything else could run code, so it is refused.
 PICKLE_GLOBALS = {
     (mod, name)
@@ -94,99 +95,6 @@ def _list_csv(csv_path: Path, images: Path) -> dict[str, list[Path]]:
     return files
 
 
-def _list_folders(folder: Path) -> dict[str, list[Path]]:
-    """Class (sub-folder name) -> its image files, both sorted by name."""
-    files: dict[str, list[Path]] = {}
-    for cls in sorted(e.name for e in os.scandir(folder) if e.is_dir()):
-        images = sorted(e.name for e in os.scandir(folder / cls)
-                        if e.name.lower().endswith(EXTENSIONS) and not e.name.startswith("."))
-        if images:
-            files[cls] = [folder / cls / n for n in images]
-    return files
-
-
-def _fingerprint(files: dict[str, list[Path]]) -> str:
-    """Changes when any image is added, removed, renamed, resized or touched."""
-    h = hashlib.sha1()
-    for cls, paths in files.items():
-        for p in paths:
-            try:
-                st = os.stat(p)
-            except OSError:
-                raise FewshotError(f"the miniImageNet image {p} (class {cls}) is missing; restore "
-                                   "it or rebuild the data set with "
-                                   "scripts/prepare_miniimagenet.py") from None
-            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def _decode(paths: list[str], size: int) -> bytes:
-    """RGB ``size`` x ``size`` pixels of each image, channel-major, concatenated (a pool job)."""
-    out = bytearray()
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale still >= size
-                img = img.convert("RGB")
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.Resampling.LANCZOS)
-                for band in img.split():  # [C, H, W] order, as the store keeps it
-                    out += band.tobytes()
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
-            raise FewshotError(f"cannot decode the miniImageNet image {path} ({e}); replace it "
-                               "with a good copy or rebuild with scripts/prepare_miniimagenet.py"
-                               ) from None
-    return bytes(out)
-
-
-def _workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _empty_store(counts: torch.Tensor, channels: int, size: int) -> tuple[torch.Tensor,
-                                                                            torch.Tensor]:
-    """A zeroed ``[classes, max_count, C, S, S]`` tensor and each image's row in its flat view."""
-    width = int(counts.max())
-    images = torch.zeros(len(counts), width, channels, size, size, dtype=torch.uint8)
-    slot = torch.arange(width).expand(len(counts), width) < counts.unsqueeze(1)
-    return images, slot.flatten().nonzero().squeeze(1)
-
-
-def decode_files(files: dict[str, list[Path]], size: int) -> ClassStore:
-    """Decode every listed image at ``size`` px into a ClassStore (in parallel when many)."""
-    names = list(files)
-    paths = [str(p) for n in names for p in files[n]]
-    counts = torch.tensor([len(files[n]) for n in names], dtype=torch.long)
-    images, rows = _empty_store(counts, 3, size)
-    flat = images.view(-1, 3 * size * size)
-    workers = min(_workers(), 8)
-    step = -(-len(paths) // (workers * 8)) if workers > 1 and len(paths) >= PARALLEL_FROM else \
-        len(paths)
-    chunks = [paths[i : i + step] for i in range(0, len(paths), step)]
-    if len(chunks) > 1:
-        # fork: workers need only PIL and start instantly (DataLoader's default on Linux too)
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            parts = pool.map(_decode, chunks, repeat(size))
-            _fill(flat, rows, parts)
-    else:
-        _fill(flat, rows, (_decode(c, size) for c in chunks))
-    return ClassStore(images, names, counts)
-
-
-def _fill(flat: torch.Tensor, rows: torch.Tensor, parts: object) -> None:
-    """Copy decoded chunks, in order, into their rows as they arrive (no second full copy)."""
-    start = 0
-    for part in parts:
-        block = torch.frombuffer(bytearray(part), dtype=torch.uint8).view(-1, flat.shape[1])
-        flat[rows[start : start + len(block)]] = block
-        start += len(block)
-
-
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays, dicts, lists and strings, and nothing that could run code."""
 
@@ -221,7 +129,7 @@ def read_pickle(path: Path, size: int) -> ClassStore:
     if any(len(i) == 0 or int(i.min()) < 0 or int(i.max()) >= len(source) for i in index):
         raise FewshotError(f"{path} has a class_dict pointing outside image_data; {fix}")
     counts = torch.tensor([len(i) for i in index], dtype=torch.long)
-    images, _ = _empty_store(counts, 3, size)
+    images, _ = empty_store(counts, 3, size)
     for c, rows in enumerate(index):  # a loop over classes, each one batched op
         chunk = source[rows].permute(0, 3, 1, 2)
         if chunk.shape[-1] != size or chunk.shape[-2] != size:
@@ -229,52 +137,6 @@ def read_pickle(path: Path, size: int) -> ClassStore:
                                   antialias=True).round_().clamp_(0, 255).to(torch.uint8)
         images[c, : len(rows)] = chunk
     return ClassStore(images, [str(n) for n in names], counts)
-
-
-# ---------------------------------------------------------------- on-device augmentation
-
-
-def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
-    """Zero-pad by ``padding`` px and crop back at a random offset per image, in one gather."""
-    m, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4)
-    dev = images.device
-    oy = torch.randint(0, 2 * padding + 1, (m, 1, 1), device=dev)
-    ox = torch.randint(0, 2 * padding + 1, (m, 1, 1), device=dev)
-    rows = oy + torch.arange(h, device=dev).view(1, h, 1)
-    cols = ox + torch.arange(w, device=dev).view(1, 1, w)
-    index = (rows * (w + 2 * padding) + cols).view(m, 1, h * w).expand(m, c, h * w)
-    return padded.flatten(2).gather(2, index).view(m, c, h, w)
-
-
-def random_flip(images: torch.Tensor) -> torch.Tensor:
-    """Mirror a random half of the images left to right."""
-    flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
-    return torch.where(flip, images.flip(-1), images)
-
-
-def _gray(images: torch.Tensor) -> torch.Tensor:
-    """Luma ``[M, 1, H, W]`` (ITU-R 601-2 weights, as PIL and torchvision use)."""
-    if images.shape[1] == 1:
-        return images
-    weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True)
-
-
-def color_jitter(images: torch.Tensor, strength: float) -> torch.Tensor:
-    """Brightness, contrast and saturation, each scaled by a factor from [1-s, 1+s] per image.
-
-    Applied in this fixed order (torchvision's ColorJitter shuffles it); images stay in [0, 1].
-    """
-    m = images.shape[0]
-    factor = lambda: 1 + strength * (2 * torch.rand(m, 1, 1, 1, device=images.device) - 1)
-    x = (images * factor()).clamp_(0, 1)
-    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
-    x = ((x - mean) * factor() + mean).clamp_(0, 1)
-    if x.shape[1] == 3:
-        gray = _gray(x)
-        x = ((x - gray) * factor() + gray).clamp_(0, 1)
-    return x
 
 
 # ---------------------------------------------------------------- the data set
@@ -287,6 +149,7 @@ class MiniImageNet(FewShotDataset):
 
     def __init__(self, root: str, image_size: int = 84, layout: str = "auto",
                  augment: Mapping | None = None) -> None:
+        # ``augment``: the deprecated dataset.augment.* keys, read by data.augment.legacy_augment
         if layout != "auto" and layout not in LAYOUTS:
             raise FewshotError(f"dataset.layout={layout} is unknown; choose auto, "
                                f"{', '.join(LAYOUTS)}")
@@ -295,25 +158,7 @@ class MiniImageNet(FewShotDataset):
                                "(84 in the papers)")
         self.root = Path(os.path.expanduser(str(root)))
         self.image_size, self.layout = image_size, layout
-        self.augment = self._check_augment(augment)
         self._stores: dict[str, ClassStore] = {}
-
-    @staticmethod
-    def _check_augment(augment: Mapping | None) -> dict:
-        chosen = dict(AUGMENT_KEYS)
-        for key, value in dict(augment or {}).items():
-            if key not in AUGMENT_KEYS:
-                raise FewshotError(f"dataset.augment.{key} is unknown; use "
-                                   f"{', '.join(f'dataset.augment.{k}' for k in AUGMENT_KEYS)}")
-            chosen[key] = value
-        if not isinstance(chosen["crop_padding"], int) or chosen["crop_padding"] < 0:
-            raise FewshotError(f"dataset.augment.crop_padding={chosen['crop_padding']} must be a "
-                               "whole number of pixels, 0 for no random crop (8 in Tian et al.)")
-        if not 0 <= float(chosen["color_jitter"]) < 1:
-            raise FewshotError(f"dataset.augment.color_jitter={chosen['color_jitter']} must be in "
-                               "[0, 1), 0 for none (0.4 in Tian et al.)")
-        chosen["flip"] = bool(chosen["flip"])
-        return chosen
 
     def load(self, split: str) -> ClassStore:
         """The classes of ``split`` (train/val/test), decoded once and memory-mapped after."""
@@ -359,11 +204,14 @@ class MiniImageNet(FewShotDataset):
             build = lambda: read_pickle(path, self.image_size)
         else:
             files = _list_csv(path, self.root / "images") if layout == "csv" else \
-                _list_folders(path)
+                list_class_folders(path, EXTENSIONS)
             if not files:
                 raise FewshotError(f"{path} lists no images; {missing_message(self.root, split)}")
-            key["fingerprint"] = _fingerprint(files)
-            build = lambda: decode_files(files, self.image_size)
+            key["fingerprint"] = fingerprint(files, "the miniImageNet image {path} (class {cls}) "
+                                             "is missing; restore it or rebuild the data set "
+                                             "with scripts/prepare_miniimagenet.py")
+            build = lambda: decode_files(files, self.image_size, "RGB",
+                                         what="miniImageNet image", fix=REBUILD)
 
         def logged_build() -> ClassStore:
             log.info("decoding miniImageNet %s (%s layout) at %d px once; later runs read the "
@@ -371,17 +219,6 @@ class MiniImageNet(FewShotDataset):
             return build()
 
         return cached_store(cache_file(self.root, key), logged_build)
-
-    def train_transform(self, images: torch.Tensor) -> torch.Tensor:
-        """Random crop, flip and colour jitter as configured, ``[M, C, H, W]`` on the device."""
-        a = self.augment
-        if a["crop_padding"]:
-            images = random_crop(images, a["crop_padding"])
-        if a["flip"]:
-            images = random_flip(images)
-        if a["color_jitter"]:
-            images = color_jitter(images, float(a["color_jitter"]))
-        return images
 
 
 def encode_jpeg(image: torch.Tensor, quality: int = 95) -> bytes:

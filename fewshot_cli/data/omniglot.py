@@ -21,33 +21,36 @@ Splits (``dataset.split``):
 * ``minimal`` — train on ``images_background_small1`` (5 alphabets, 136 characters); val and
   test are the SAME 106 characters: the alphabets of ``images_background_small2`` that small1
   lacks (Japanese_(katakana), Sanskrit, Tagalog), so only the two small zips are needed.
+* ``lake_minimal`` — the Omniglot challenge's "minimal" setting (Lake et al. 2019): train on
+  ``images_background_small1`` only, val = the same 106 background characters as ``minimal``
+  (hyperparameters are chosen on background alphabets only), test = all 20 ``images_evaluation``
+  alphabets (659 characters), which give the final figure only.
 * ``custom`` — ``dataset.alphabets: {train: [...], val: [...], test: [...]}``, alphabet names
   looked up in the sources present (the full sets first, then small1, small2).
 
 Training rotations (``dataset.rotations``) make each rotation of a train character a class.
+Every class carries its alphabet as its group and every image its drawer (``<charindex>_<drawer>
+.png``), for Lake et al.'s within-alphabet protocol (``eval.within_group``,
+``eval.distinct_drawers``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import multiprocessing
 import os
 import shutil
-import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
+from fewshot_cli.data.download import download_checked
+from fewshot_cli.data.images import RESAMPLE, decode_files, fingerprint
 from fewshot_cli.data.store import ClassStore, cache_file, cached_store
 from fewshot_cli.errors import FewshotError
 
@@ -64,8 +67,6 @@ URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}.zip"
 FULL = ("images_background", "images_evaluation")
 VINYALS_VAL = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
 VINYALS_TEST = 423  # the last characters of images_evaluation in sorted order
-RESAMPLE = "lanczos"  # part of the cache key: another filter means another cache
-PARALLEL_FROM = 2000  # below this many images a process pool costs more than it saves
 FIX = "set dataset.root=<folder with the release> or use dataset=glyphs"
 
 
@@ -94,15 +95,12 @@ class Source:
 
     def fingerprint(self) -> str:
         """Changes when any image file is added, removed, resized or touched."""
-        h = hashlib.sha1()
         if self.is_zip:
             st = self.path.stat()
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        else:
-            for rel in (f for files in self.files.values() for f in files):
-                st = (self.path / rel).stat()
-                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
+            return hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+        files = {c: [self.path / r for r in rels] for c, rels in self.files.items()}
+        return fingerprint(files, "the Omniglot image {path} is missing; restore it from the "
+                           "official release under dataset.root", relative_to=self.path)
 
     def where(self, rel: str) -> str:
         """How the user finds one image: its path, or the zip and the member."""
@@ -136,60 +134,31 @@ def _list_zip(archive: Path, name: str) -> dict[str, list[str]]:
     return files
 
 
-def _decode(path: str, is_zip: bool, rels: list[str], size: int) -> bytes:
-    """Grayscale ``size`` x ``size`` pixels of each image, concatenated (a pool worker's job)."""
-    out = bytearray()
-    archive = zipfile.ZipFile(path) if is_zip else None
-    try:
-        for rel in rels:
-            try:
-                raw = archive.read(rel) if archive else Path(path, rel).read_bytes()
-                with Image.open(io.BytesIO(raw)) as img:
-                    img = img.convert("L")
-                    if img.size != (size, size):
-                        img = img.resize((size, size), Image.Resampling.LANCZOS)
-                    out += img.tobytes()
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
-                where = f"{path}:{rel}" if archive else str(Path(path, rel))
-                # PIL names the in-memory buffer, not the file: say what is wrong instead
-                why = "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
-                raise FewshotError(f"cannot decode the Omniglot image {where} ({why}); restore "
-                                   "it from the official release under dataset.root") from None
-    finally:
-        if archive:
-            archive.close()
-    return bytes(out)
-
-
-def _workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def _drawer(rel: str) -> int:
+    """The drawer of ``<alphabet>/<character>/<charindex>_<drawer>.png``, from 0; -1 if unknown."""
+    stem = rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    tail = stem.rsplit("_", 1)[-1]
+    return int(tail) - 1 if "_" in stem and tail.isdigit() else -1
 
 
 def decode_source(source: Source, size: int) -> ClassStore:
-    """Decode every image of ``source`` at ``size`` px into a ClassStore (parallel when big)."""
-    names = list(source.files)
-    rels = [r for n in names for r in source.files[n]]
-    counts = torch.tensor([len(source.files[n]) for n in names], dtype=torch.long)
-    path, workers = str(source.path), min(_workers(), 8)
-    if workers > 1 and len(rels) >= PARALLEL_FROM:
-        step = -(-len(rels) // (workers * 4))
-        chunks = [rels[i : i + step] for i in range(0, len(rels), step)]
-        # fork: workers need no torch and start instantly (DataLoader's default on Linux too)
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            parts = list(pool.map(_decode, repeat(path), repeat(source.is_zip), chunks,
-                                  repeat(size)))
-    else:
-        parts = [_decode(path, source.is_zip, rels, size)]
-    flat = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
-    flat = flat.view(len(rels), 1, size, size)
-    # Characters normally all have 20 drawers; pad the odd short one (counts marks the padding).
-    width = int(counts.max())
-    images = torch.zeros(len(names), width, 1, size, size, dtype=torch.uint8)
-    slot = torch.arange(width).expand(len(names), width) < counts.unsqueeze(1)
-    images[slot] = flat
-    return ClassStore(images, names, counts)
+    """Decode every image of ``source`` at ``size`` px into a grayscale ClassStore."""
+    fix = "restore it from the official release under dataset.root"
+    if source.is_zip:
+        return decode_files(source.files, size, "L", archive=source.path, what="Omniglot image",
+                            fix=fix)
+    files = {c: [source.path / r for r in rels] for c, rels in source.files.items()}
+    return decode_files(files, size, "L", what="Omniglot image", fix=fix)
+
+
+def with_groups(store: ClassStore, source: Source) -> ClassStore:
+    """``store`` with each class's alphabet as its group and each image's drawer."""
+    drawers = torch.full(store.images.shape[:2], -1, dtype=torch.long)
+    for c, name in enumerate(store.names):  # a loop over classes at load time, not per episode
+        found = [_drawer(r) for r in source.files.get(name, ())]
+        drawers[c, : len(found)] = torch.tensor(found, dtype=torch.long)
+    return ClassStore(store.images, store.names, store.counts,
+                      [_alphabet(n) for n in store.names], drawers)
 
 
 def _fetch(url: str, dest: Path) -> None:
@@ -198,37 +167,10 @@ def _fetch(url: str, dest: Path) -> None:
         shutil.copyfileobj(response, f, 1 << 20)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(root: Path, name: str) -> Path:
     """Fetch the official ``<name>.zip`` into ``root``, check its md5, and move it in place."""
-    url = URL.format(name=name)
-    log.info("downloading %s into %s", url, root)
-    tmp = None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
-        os.close(fd)
-        _fetch(url, Path(tmp))
-    except Exception as e:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise FewshotError(f"Omniglot's {name} is not in {root} and downloading {url} failed "
-                           f"({e}); {FIX}") from None
-    digest = _md5(Path(tmp))
-    if digest != MD5[name]:
-        Path(tmp).unlink(missing_ok=True)
-        raise FewshotError(f"the downloaded {name}.zip has md5 {digest}, not the official "
-                           f"{MD5[name]}, so it was discarded; retry, or {FIX}")
-    target = root / f"{name}.zip"
-    os.replace(tmp, target)
-    return target
+    return download_checked(URL.format(name=name), root / f"{name}.zip", MD5[name], _fetch,
+                            f"Omniglot's {name}", FIX)
 
 
 class Omniglot(FewShotDataset):
@@ -239,7 +181,7 @@ class Omniglot(FewShotDataset):
                  download: bool = True) -> None:
         self.rules: dict[str, Callable[[str], list[str]]] = {
             "vinyals": self._vinyals, "lake": self._lake, "minimal": self._minimal,
-            "custom": self._custom,
+            "lake_minimal": self._lake_minimal, "custom": self._custom,
         }
         if split not in self.rules:
             raise FewshotError(f"dataset.split={split} is unknown; choose one of "
@@ -310,7 +252,8 @@ class Omniglot(FewShotDataset):
                          self.image_size)
                 return decode_source(source, self.image_size)
 
-            self._stores[name] = cached_store(cache_file(self.root, key), build)
+            store = cached_store(cache_file(self.root, key), build)
+            self._stores[name] = with_groups(store, source)
         return self._stores[name]
 
     # ---- split rules: split -> class names
@@ -349,6 +292,11 @@ class Omniglot(FewShotDataset):
         seen = {_alphabet(c) for c in small1}
         return [c for c in self._characters("images_background_small2")
                 if _alphabet(c) not in seen]
+
+    def _lake_minimal(self, split: str) -> list[str]:
+        if split == "test":
+            return self._characters("images_evaluation")
+        return self._minimal(split)
 
     def _custom(self, split: str) -> list[str]:
         present = [n for n in MD5 if self._present(n) is not None] or list(FULL)

@@ -26,11 +26,17 @@ class ClassStore:
 
     ``images`` is ``uint8 [classes, max_images, C, H, W]``; class ``c`` owns the first
     ``counts[c]`` rows (the rest is padding when classes have different image counts).
+    ``groups`` (optional) names each class's group: Omniglot's alphabet, a folder's parent
+    folder; episodes can then be drawn within one group. ``drawers`` (optional, ``long
+    [classes, max_images]``, -1 where unknown) says who made each image (Omniglot's drawer),
+    so that support and query images can come from different people.
     """
 
     images: torch.Tensor
     names: list[str]
     counts: torch.Tensor | None = None
+    groups: list[str] | None = None
+    drawers: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 5:
@@ -40,6 +46,10 @@ class ClassStore:
         if self.counts is None:
             rows, per_class = self.images.shape[:2]
             self.counts = torch.full((rows,), per_class, dtype=torch.long)
+        if self.groups is not None and len(self.groups) != len(self.names):
+            raise ValueError("ClassStore needs one group per class")
+        if self.drawers is not None and self.drawers.shape != self.images.shape[:2]:
+            raise ValueError("ClassStore.drawers must be long [classes, max_images]")
 
     @property
     def num_classes(self) -> int:
@@ -64,20 +74,34 @@ class ClassStore:
         if missing:
             raise FewshotError(f"unknown classes requested: {', '.join(missing[:5])}")
         rows = torch.tensor([index[n] for n in names], dtype=torch.long)
-        return ClassStore(self.images[rows], list(names), self.counts[rows])
+        groups = [self.groups[i] for i in rows.tolist()] if self.groups is not None else None
+        drawers = self.drawers[rows] if self.drawers is not None else None
+        return ClassStore(self.images[rows], list(names), self.counts[rows], groups, drawers)
 
     @staticmethod
     def concat(stores: list[ClassStore]) -> ClassStore:
-        """All classes of several stores (same image shape) in one store."""
+        """All classes of several stores (same image shape) in one store.
+
+        Groups and drawers are kept only when every store has them.
+        """
         width = max(s.images.shape[1] for s in stores)
         padded = [
             torch.nn.functional.pad(s.images, (0, 0, 0, 0, 0, 0, 0, width - s.images.shape[1]))
             for s in stores
         ]
+        groups = None
+        if all(s.groups is not None for s in stores):
+            groups = [g for s in stores for g in s.groups]
+        drawers = None
+        if all(s.drawers is not None for s in stores):
+            drawers = torch.cat([torch.nn.functional.pad(s.drawers, (0, width - s.images.shape[1]),
+                                                         value=-1) for s in stores])
         return ClassStore(
             torch.cat(padded),
             [n for s in stores for n in s.names],
             torch.cat([s.counts for s in stores]),
+            groups,
+            drawers,
         )
 
     def rotated(self, degrees: list[int]) -> ClassStore:
@@ -89,12 +113,21 @@ class ClassStore:
                 raise FewshotError(f"rotations must be multiples of 90 degrees, got {d}")
         parts = [torch.rot90(self.images, (d // 90) % 4, dims=(-2, -1)) for d in degrees]
         names = [f"{n}/rot{d:03d}" for d in degrees for n in self.names]
-        return ClassStore(torch.cat(parts), names, self.counts.repeat(len(degrees)))
+        # a rotated character keeps its alphabet and its drawers
+        groups = self.groups * len(degrees) if self.groups is not None else None
+        drawers = self.drawers.repeat(len(degrees), 1) if self.drawers is not None else None
+        return ClassStore(torch.cat(parts), names, self.counts.repeat(len(degrees)), groups,
+                          drawers)
 
     def save(self, path: Path) -> None:
         """Write the store atomically (a reader never sees half a file)."""
         payload = {"version": CACHE_VERSION, "images": self.images, "names": self.names,
                    "counts": self.counts}
+        # optional fields, absent from caches written before they existed: same cache version
+        if self.groups is not None:
+            payload["groups"] = list(self.groups)
+        if self.drawers is not None:
+            payload["drawers"] = self.drawers
         atomic_torch_save(payload, path)
 
     @staticmethod
@@ -103,7 +136,9 @@ class ClassStore:
         payload = torch.load(path, mmap=mmap, weights_only=True)
         if payload.get("version") != CACHE_VERSION:
             raise ValueError(f"{path} was written by another cache version")
-        return ClassStore(payload["images"], list(payload["names"]), payload["counts"])
+        groups = payload.get("groups")
+        return ClassStore(payload["images"], list(payload["names"]), payload["counts"],
+                          list(groups) if groups is not None else None, payload.get("drawers"))
 
 
 def user_cache_dir() -> Path:

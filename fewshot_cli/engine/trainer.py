@@ -11,7 +11,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot_cli.build import build_algorithm, build_dataset, build_optimizer
+from fewshot_cli.build import (
+    build_algorithm,
+    build_augment,
+    build_dataset,
+    build_optimizer,
+)
 from fewshot_cli.engine.checkpoint import save_checkpoint
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.metrics import mean_ci95, score_tasks
@@ -33,7 +38,10 @@ class MetaTrainer:
         self.autocast = autocast_for(device, cfg.device.precision)
         self.dataset = build_dataset(cfg)
         self.algo = self.procs.prepare(build_algorithm(cfg, self.dataset.input_spec(), device))
-        self.train_tasks = self.dataset.sampler("train", t, t.meta_batch, device, seed=cfg.seed)
+        self.train_tasks = self.dataset.sampler("train", t, t.meta_batch, device, seed=cfg.seed,
+                                                augment=build_augment(cfg))
+        if self.procs.main:
+            self.dataset.record(run_dir)
         self.val_tasks = self.dataset.sampler("val", e, episodes_per_batch(device, e.batch),
                                               device, prefix="eval")
         self.optimizer, self.scheduler = build_optimizer(cfg, self.algo)

@@ -1,0 +1,156 @@
+"""Your own images (dataset=folder): layouts, splits, channels, bad input, and the real CLI on a
+generated folder of coloured shapes (mixed sizes, PNG and JPEG, a corrupt file, a tiny class)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from image_folder import make_image_folder
+
+from fewshot_cli.data import images
+from fewshot_cli.data.folder import Folder, hash_order
+from fewshot_cli.errors import FewshotError
+
+# 10 usable classes (6 in two parent folders, 4 at the top) and one with too few images
+LAYOUT = {"shapes_a/c0": 8, "shapes_a/c1": 9, "shapes_a/c2": 7, "shapes_b/c3": 8, "shapes_b/c4": 6,
+          "shapes_b/c5": 8, "c6": 7, "c7": 9, "c8": 8, "c9": 6, "tiny": 3}
+KEPT = sorted(n for n in LAYOUT if n != "tiny")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> object:
+    return make_image_folder(tmp_path_factory.mktemp("shapes"), LAYOUT)
+
+
+def test_classes_groups_and_the_seeded_split(shapes, caplog):
+    with caplog.at_level(logging.WARNING):
+        ds = Folder(str(shapes), image_size=12)
+        parts = {s: ds.load(s) for s in ("train", "val", "test")}
+    assert "left out 1 of 11 classes with fewer than dataset.min_images=5 images: tiny (3)" in \
+        caplog.text
+    names = [n for s in parts.values() for n in s.names]
+    assert sorted(names) == KEPT and [len(p.names) for p in parts.values()] == [6, 2, 2]
+    assert names == hash_order(KEPT, 0)  # the split is the hash order, cut at 0.6/0.2/0.2
+    store = parts["train"]
+    assert store.images.shape[1:] == (9, 3, 12, 12) and store.channels == 3  # coloured: RGB
+    assert store.counts.tolist() == [LAYOUT[n] for n in store.names]
+    group = dict(zip(store.names, store.groups, strict=True))
+    assert all(group[n] == (n.split("/")[0] if "/" in n else ".") for n in store.names)
+    other = Folder(str(shapes), image_size=12, seed=1)
+    assert other.splits != ds.splits  # another seed, another split
+
+
+def test_adding_a_class_moves_few_others():
+    names = [f"class{i:03d}" for i in range(100)]
+    order, more = hash_order(names, 0), hash_order([*names, "new"], 0)
+    assert [n for n in more if n != "new"] == order  # the others keep their relative order
+
+
+def test_split_folders_explicit_classes_and_grey_images(tmp_path):
+    root = make_image_folder(tmp_path / "splits", {
+        "train/a": 5, "train/b": 5, "train/g/c": 5, "val/d": 5, "val/e": 5, "test/f": 5,
+        "test/h": 5}, grey=True)
+    ds = Folder(str(root), image_size=10)
+    assert ds.load("train").names == ["train/a", "train/b", "train/g/c"]
+    assert ds.load("test").names == ["test/f", "test/h"]
+    assert ds.load("train").channels == 1  # every image grey: one channel
+    assert Folder(str(root), image_size=10, channels=3).load("val").channels == 3
+    flat = make_image_folder(tmp_path / "flat", {"a": 5, "b": 5, "g/c": 5, "g/d": 5})
+    chosen = Folder(str(flat), image_size=10, classes={"train": ["a", "g/c"], "val": ["b"],
+                                                       "test": ["g/d"]})
+    assert chosen.load("train").names == ["a", "g/c"] and chosen.load("test").groups == ["g"]
+
+
+def test_the_split_used_is_written(shapes, tmp_path):
+    ds = Folder(str(shapes), image_size=12)
+    ds.record(tmp_path)
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert split["split_by"] == "dataset.split_fractions" and split["left_out"] == {"tiny": 3}
+    assert split["train"] == ds.splits["train"] and split["channels"] == 3
+
+
+def test_corrupt_image_is_named_even_across_the_process_pool(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "PARALLEL_FROM", 4)
+    root = make_image_folder(tmp_path / "bad", {"a": 5, "b": 5, "c": 5}, corrupt="b")
+    with pytest.raises(FewshotError, match=f"cannot decode the image {root / 'b' / 'broken.png'} "
+                                           r"\(.*\); delete or replace it"):
+        Folder(str(root), image_size=8).load("train")
+    assert not list(root.rglob("*.pt")), "a cache of a broken folder was kept"
+
+
+def test_bad_input_is_one_sentence(tmp_path):
+    with pytest.raises(FewshotError, match="dataset.root is not set"):
+        Folder(None)
+    with pytest.raises(FewshotError, match=r"dataset.split_fractions=\[0.5, 0.2\] must be three"):
+        Folder(str(tmp_path), split_fractions=[0.5, 0.2])
+    with pytest.raises(FewshotError, match="dataset.channels=2 must be 1, 3 or null"):
+        Folder(str(tmp_path), channels=2)
+    with pytest.raises(FewshotError, match="is not a folder"):
+        Folder(str(tmp_path / "nowhere")).load("train")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(FewshotError, match="no images found in .*empty"):
+        Folder(str(tmp_path / "empty")).load("train")
+    root = make_image_folder(tmp_path / "few", {"a": 5, "b": 5})
+    with pytest.raises(FewshotError, match="the test split of .* has no class"):
+        Folder(str(root)).load("train")
+    with pytest.raises(FewshotError, match="dataset.classes names zebra, not a class folder"):
+        Folder(str(root), classes={"train": ["a"], "val": ["b"], "test": ["zebra"]}).load("test")
+    with pytest.raises(FewshotError, match="lists a in both train and test"):
+        Folder(str(root), classes={"train": ["a"], "val": ["b"], "test": ["a"]})
+    mixed = make_image_folder(tmp_path / "mixed", {"a": 5, "a/b": 5})
+    with pytest.raises(FewshotError, match="holds both images and class folders"):
+        Folder(str(mixed)).load("train")
+    partial = make_image_folder(tmp_path / "partial", {"train/a": 5, "test/b": 5})
+    with pytest.raises(FewshotError, match="has train/, test/ but no val/ folder"):
+        Folder(str(partial)).load("train")
+
+
+# ---------------------------------------------------------------- the real CLI
+
+TINY = ["dataset=folder", "dataset.image_size=16", "backbone.hidden=8", "train.ways=3",
+        "train.shots=1", "train.queries=2", "eval.ways=2", "eval.queries=2", "train.steps=3",
+        "train.val_every=3", "train.val_episodes=2", "eval.episodes=4", "eval.batch=2",
+        "device=cpu"]
+
+
+def test_cli_trains_and_evaluates_on_your_own_images(cli, tmp_path):
+    root = make_image_folder(tmp_path / "mine", LAYOUT, corrupt="shapes_a/c1")
+    run = tmp_path / "run"
+    bad = cli("train", *TINY, f"dataset.root={root}", f"hydra.run.dir={run}")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr
+    broken = root / "shapes_a" / "c1" / "broken.png"
+    assert f"fewshot: error: cannot decode the image {broken} (" in bad.stderr
+    assert bad.stderr.strip().endswith("delete or replace it"), bad.stderr
+    broken.unlink()
+
+    proc = cli("train", *TINY, "augment=standard", f"dataset.root={root}", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "left out 1 of 11 classes with fewer than dataset.min_images=5 images: tiny (3)" in \
+        proc.stdout + proc.stderr
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(split["train"] + split["val"] + split["test"]) == KEPT
+    out = cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=6")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2-way 1-shot (2 queries) test accuracy" in out.stdout
+    result = json.loads((run / "results.json").read_text())["best.pt"]["2way-1shot"]
+    assert result["episodes"] == 6 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_parent_folders_are_groups_for_within_group_episodes(tmp_path):
+    from fewshot_cli.data.sampler import EpisodeSampler
+
+    root = make_image_folder(tmp_path / "grouped", {
+        "x/a": 5, "x/b": 5, "y/c": 5, "y/d": 5, "y/e": 5, "f": 5})
+    ds = Folder(str(root), image_size=8, classes={"train": ["f"], "val": ["x/a"],
+                                                  "test": ["x/b", "y/c", "y/d", "y/e"]})
+    test = ds.load("test")
+    assert test.groups == ["x", "y", "y", "y"]
+    ep = EpisodeSampler(test, 3, 1, 1, meta_batch=4, within_group=True, split="test",
+                        prefix="eval").sample()
+    assert ep.support.shape == (4, 3, 3, 8, 8)
+    with pytest.raises(FewshotError, match="the largest has 3"):
+        EpisodeSampler(test, 4, 1, 1, within_group=True, split="test", prefix="eval")
+    flat = Folder(str(make_image_folder(tmp_path / "flat", {"a": 5, "b": 5, "c": 5})))
+    assert flat.load("train").groups is None  # no parent folders: no groups
