@@ -268,15 +268,17 @@ class LSTMRule(nn.Module):
              state: Params) -> tuple[Params, Params]:
         """One meta-learner step over all coordinates at once.
 
-        Coordinates run along the last dimension (state ``[hidden, coordinates]``), so each
-        gate is a contiguous block: three times faster on the CPU than ``[coordinates, hidden]``.
+        Coordinates run along the last dimension (state ``[hidden, coordinates]``), so each gate
+        is a contiguous block; with that, ``chunk`` rather than slices and the sigmoid-based
+        tanh, a 12-update meta-step of a Conv4-64 learner (112k coordinates) took 1.2 s instead
+        of 3.5 s on one CPU thread (measured once, on a shared machine).
         """
         theta = torch.cat([v.reshape(-1) for v in fast.values()])
         g = torch.cat([grads[n].reshape(-1) for n in fast])
         x = torch.cat([preprocess(g, self.p).T,
                        preprocess(loss, self.p)[:, None].expand(2, len(theta))])  # [4, P]
         # nn.LSTMCell written out: vmap has no batching rule for aten::lstm_cell.
-        cell, n = self.lstm, self.hidden
+        cell, hidden = self.lstm, self.hidden
         weight = torch.cat([cell.weight_ih, cell.weight_hh], dim=1)
         gates = torch.addmm((cell.bias_ih + cell.bias_hh)[:, None], weight,
                             torch.cat([x, state["h"]]))  # [4 * hidden, P]
@@ -285,7 +287,9 @@ class LSTMRule(nn.Module):
         c = torch.sigmoid(gate_f) * state["c"] + torch.sigmoid(gate_i) * tanh(gate_g)
         h = torch.sigmoid(gate_o) * tanh(c)
         w = torch.cat([self.forget.weight, self.input.weight])  # [2, hidden + 2]
-        w_h, w_theta, w_prev = w.split([n, 1, 1], dim=1)
+        w_h, w_theta, w_prev = w.split([hidden, 1, 1], dim=1)
+        # As in the paper's equations the gates read the previous gate values (the authors'
+        # lstm-helper.lua feeds the previous pre-activations instead).
         f, i = torch.sigmoid(torch.addmm(torch.cat([self.forget.bias, self.input.bias])[:, None],
                                          w_h, h)
                              + w_theta * theta + w_prev * torch.stack([state["f"], state["i"]]))
