@@ -139,6 +139,7 @@ class WeightGen(FewShotAlgorithm):
 
     def predict(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
                 ways: int) -> torch.Tensor:
+        """Generate each task's classifier from its support set (then fine-tune); query logits."""
         support_f, query_f = embed_episode(self.backbone, support, query)
         weight, bias = self.generator(support_f, support_y, ways)
         fast = {"weight": weight, "bias": bias}
