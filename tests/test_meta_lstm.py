@@ -80,6 +80,10 @@ def test_batched_meta_gradient_matches_per_task_reference() -> None:
         assert logits.shape == (3, 9, 3)
         for got, want in zip(meta_grads(algo, loss), reference, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # With second derivatives the meta-gradient differs, so the test tells the paper's apart.
+    second = meta_grads(algo, algo.meta_loss(ep, 3, first_order=False)[0])
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(second, reference,
+                                                                    strict=True))
     # The learned gates and c0 (the learner's initial weights) both receive gradients.
     names = [n for n, _ in algo.named_parameters()]
     grads = dict(zip(names, reference, strict=True))
