@@ -99,3 +99,12 @@ class FewShotAlgorithm(MetaAlgorithm):
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-task accuracy ``[B]`` of logits ``[B, M, ways]`` against labels ``[B, M]``."""
     return (logits.argmax(dim=-1) == labels).float().mean(dim=-1)
+
+
+def embed_episode(backbone: nn.Module, support: torch.Tensor, query: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat support ``[B, M, D]`` and query ``[B, N*Q, D]`` features from one backbone pass."""
+    b, m = support.shape[:2]
+    images = torch.cat([support, query], dim=1).flatten(0, 1)
+    features = backbone(images).flatten(1).unflatten(0, (b, -1))
+    return features[:, :m], features[:, m:]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.algorithms.base import FewShotAlgorithm, embed_episode
 from fewshot_cli.errors import FewshotError
 
 
@@ -75,10 +75,7 @@ class MatchingNet(FewShotAlgorithm):
 
     def predict(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
                 ways: int) -> torch.Tensor:
-        b, m = support.shape[:2]
-        images = torch.cat([support, query], dim=1).flatten(0, 1)
-        features = self.backbone(images).flatten(1).unflatten(0, (b, -1))
-        support_f, query_f = features[:, :m], features[:, m:]
+        support_f, query_f = embed_episode(self.backbone, support, query)
         if self.fce:
             support_f = self.support_context(support_f)
             query_f = self.query_attention(query_f, support_f)
