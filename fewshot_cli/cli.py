@@ -1,4 +1,5 @@
-"""``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps for train, eval, report.
+"""``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps: train, eval, predict,
+report.
 
 Every failure a user can cause ends here as one sentence on stderr and a non-zero exit:
 our own errors (FewshotError, raised where the wrong value enters), the system's (a full disk,
@@ -62,6 +63,12 @@ def _eval(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
+def _predict(cfg: DictConfig) -> None:
+    from fewshot_cli.predict import predict
+
+    predict(cfg)
+
+
 def _report(cfg: DictConfig) -> None:
     from fewshot_cli.report import report
 
@@ -71,6 +78,8 @@ def _report(cfg: DictConfig) -> None:
 COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
     "train": (_train, "meta-train an algorithm; writes TensorBoard events, last.pt and best.pt"),
     "eval": (_eval, "test a checkpoint on fixed episodes: accuracy ± 95% CI, results.json"),
+    "predict": (_predict, "classify your images with a few examples of your classes: "
+                          "predictions.csv"),
     "report": (_report, "summarise a sweep folder: Markdown table, report.csv, report.png"),
 }
 POSITIONAL = {"report": "dir"}
@@ -80,7 +89,7 @@ def usage() -> str:
     """The top-level help: commands, config groups and their options."""
     lines = ["usage: fewshot <command> [key=value ...] [-m for a sweep] [--help]", "",
              "commands:"]
-    lines += [f"  {name:<6} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "config groups (choose with group=option):"]
     for group in GROUPS:
         options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
@@ -94,6 +103,7 @@ def usage() -> str:
               "  fewshot train hparams_search=protonet_omniglot   (Optuna, [cluster])",
               "  fewshot report multirun/<date>/<time>",
               "  fewshot eval ckpt=outputs/<date>/<time>-protonet-omniglot/best.pt",
+              "  fewshot predict ckpt=<run>/best.pt support=my_classes/ query=new_images/",
               "", "`fewshot train --help` shows every key and its current value."]
     return "\n".join(lines)
 
@@ -101,6 +111,26 @@ def usage() -> str:
 def quoted(value: str) -> str:
     """``value`` as a Hydra override value: quoted, so commas, spaces or '=' stay in a path."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# Keys that take a path. Hydra's override grammar rejects a value holding ( ) [ ] { } = ~ & # !
+# ; or a quote unless it is quoted, and Omniglot's folders are named "Old_Church_Slavonic_
+# (Cyrillic)": such a path is quoted for the user (a comma still means a sweep: a,b,c).
+PATH_KEYS = {"ckpt", "support", "query", "out", "resume", "dir", "dataset.root",
+             "hydra.run.dir", "hydra.sweep.dir"}
+NEEDS_QUOTES = set("()[]{}=~&#!;\\'\"")
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """``args`` with the values of path keys quoted where Hydra's grammar needs it."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+") in PATH_KEYS and value and value[0] not in "'\"" and \
+                "," not in value and NEEDS_QUOTES & set(value):
+            arg = f"{key}={quoted(value)}"
+        out.append(arg)
+    return out
 
 
 def _fail(message: str, code: int) -> None:
@@ -317,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
-    command, rest = argv[0], argv[1:]
+    command, rest = argv[0], quote_paths(argv[1:])
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)} "
               "(see fewshot --help)", 2)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fewshot_cli.build import build_algorithm, build_dataset
+from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.metrics import mean_ci95, score_tasks
 from fewshot_cli.engine.runtime import (
@@ -42,8 +43,10 @@ def run_config(stored: dict[str, Any], cfg: DictConfig) -> DictConfig:
 
 
 def load_model(run: DictConfig, state: dict[str, Any], ckpt: Path, device: torch.device,
-               inputs: dict[str, Any]) -> Any:
-    """The checkpoint's algorithm with its trained weights, on ``device``, in evaluation mode."""
+               dataset: FewShotDataset | None = None) -> Any:
+    """The checkpoint's algorithm with its trained weights, on ``device``, in evaluation mode;
+    its input shape as stored at training time (or, for older checkpoints, from ``dataset``)."""
+    inputs = state.get("inputs") or (dataset or build_dataset(run)).input_spec()
     algo = build_algorithm(run, inputs, device)
     try:
         algo.load_state_dict(state["model"])
@@ -70,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     e = run.eval
 
     dataset = build_dataset(run)
-    algo = load_model(run, state, ckpt, device, dataset.input_spec())
+    algo = load_model(run, state, ckpt, device, dataset)
     batch = episodes_per_batch(device, e.batch)
     tasks = dataset.sampler("test", e, batch, device, prefix="eval")
     baselines: dict[str, list[torch.Tensor | None]] = {}

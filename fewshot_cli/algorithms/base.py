@@ -80,6 +80,11 @@ class FewShotAlgorithm(MetaAlgorithm):
         """Logits ``[B, N*Q, ways]`` for the query images of each task in the meta-batch."""
         raise NotImplementedError
 
+    def class_probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """What :meth:`predict` returned ``[..., ways]`` as a distribution over the classes:
+        the softmax of logits (and of log-probabilities, which it leaves as they are)."""
+        return scores.float().softmax(dim=-1)
+
     def loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """The meta-training loss of a meta-batch and the query logits ``[B, N*Q, ways]``."""
         logits = self.predict(episode.support, episode.support_y, episode.query, episode.ways)

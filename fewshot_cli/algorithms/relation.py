@@ -59,6 +59,12 @@ class RelationNet(FewShotAlgorithm):
                            queries.expand(-1, -1, ways, -1, -1, -1)], dim=3)
         return self.relation(pairs.flatten(0, 2)).view(b, q, ways)
 
+    def class_probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Relation scores are similarities in [0, 1] (trained towards one-hot), not logits:
+        normalised to sum to one."""
+        scores = scores.float().clamp_min(1e-12)
+        return scores / scores.sum(dim=-1, keepdim=True)
+
     def loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.predict(episode.support, episode.support_y, episode.query, episode.ways)
         target = F.one_hot(episode.query_y, episode.ways).to(scores.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,7 +21,8 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), 1.96 * float(values.std()) / math.sqrt(values.numel())
 
 
-def score_tasks(algo: MetaAlgorithm, batches: Iterable[Any], autocast: Callable = torch.autocast,
+def score_tasks(algo: MetaAlgorithm, batches: Iterable[Any],
+                autocast: Callable = contextlib.nullcontext,
                 progress: Callable | None = None, on_batch: Callable | None = None
                 ) -> torch.Tensor:
     """Per-task scores ``[tasks]`` of ``algo`` in evaluation mode, without gradients.

@@ -37,7 +37,8 @@ class MetaTrainer:
         self.procs.check_meta_batch(t.meta_batch)
         self.autocast = autocast_for(device, cfg.device.precision)
         self.dataset = build_dataset(cfg)
-        self.algo = self.procs.prepare(build_algorithm(cfg, self.dataset.input_spec(), device))
+        self.inputs = dict(self.dataset.input_spec())  # kept in checkpoints for predict
+        self.algo = self.procs.prepare(build_algorithm(cfg, self.inputs, device))
         self.train_tasks = self.dataset.sampler("train", t, t.meta_batch, device, seed=cfg.seed,
                                                 augment=build_augment(cfg))
         if self.procs.main:
@@ -124,6 +125,7 @@ class MetaTrainer:
             "rng": {"torch": torch.get_rng_state(),
                     "sampler": self.train_tasks.generator.get_state(),
                     "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
+            "inputs": self.inputs,
             "best": {"accuracy" if self.algo.score_name == "accuracy" else "score":
                      self.best["score"], "ci95": self.best["ci95"], "step": self.best["step"],
                      "metric": self.algo.score_name},

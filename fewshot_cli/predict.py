@@ -1,0 +1,147 @@
+"""``fewshot predict ckpt=PATH support=DIR query=PATH``: classify your own images with a few
+examples of your own classes.
+
+``support`` holds one folder per class (any number of images each, unequal counts allowed);
+``query`` is a folder of images or one image. Images of any size and mode are decoded as the
+training data was (same size, channels and filter). Every input is checked and decoded before
+anything is written; the predictions go to ``predictions.csv`` (or ``out=``) in one atomic write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.data.images import decode_files, list_images
+from fewshot_cli.data.store import ClassStore
+from fewshot_cli.engine.checkpoint import load_checkpoint
+from fewshot_cli.engine.runtime import autocast_for, pad_host_heap, resolve_device
+from fewshot_cli.errors import FewshotError
+from fewshot_cli.evaluate import load_model
+from fewshot_cli.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+COLUMNS = ("file", "predicted", "probability", "runner_up", "runner_up_probability")
+
+
+def support_classes(folder: Path) -> dict[str, list[Path]]:
+    """Class name -> image files of ``support=``: one sub-folder per class."""
+    if not folder.is_dir():
+        raise FewshotError(f"support={folder} is not a folder; give a folder holding one "
+                           "sub-folder of images per class")
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    empty = [p.name for p in subfolders if not list_images(p)]
+    if empty:
+        raise FewshotError(f"the support class folder {folder / empty[0]} holds no images; put "
+                           "at least one image of that class in it, or remove it")
+    if len(subfolders) < 2:
+        raise FewshotError(f"support={folder} holds {len(subfolders)} class folder(s); a "
+                           "few-shot task needs at least 2 classes, one sub-folder of images each")
+    return {p.name: list_images(p) for p in subfolders}
+
+
+def query_files(path: Path) -> list[Path]:
+    """The images of ``query=``: the file itself, or the images directly inside the folder."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FewshotError(f"query={path} does not exist; give an image or a folder of images")
+    files = list_images(path)
+    if not files:
+        raise FewshotError(f"query={path} holds no images; give an image or a folder of images")
+    return files
+
+
+def as_task(store: ClassStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of a (ragged) store as one task: ``float [1, M, C, H, W]`` and labels."""
+    keep = torch.arange(store.images.shape[1]) < store.counts.unsqueeze(1)  # [classes, width]
+    images = store.images[keep].float().div_(255)
+    labels = torch.arange(store.num_classes).repeat_interleave(store.counts)
+    return images.unsqueeze(0), labels.unsqueeze(0)
+
+
+def classify(algo: FewShotAlgorithm, support: ClassStore, query: torch.Tensor,
+             device: torch.device, autocast: Any = contextlib.nullcontext, batch: int = 64
+             ) -> torch.Tensor:
+    """Class probabilities ``[Q, classes]`` of query images ``float [Q, C, H, W]`` given the
+    support set, ``batch`` queries at a time (the support is re-used for each)."""
+    support_x, support_y = (t.to(device) for t in as_task(support))
+    probabilities = []
+    with torch.no_grad():
+        for start in range(0, len(query), batch):
+            chunk = query[start:start + batch].unsqueeze(0).to(device)
+            with autocast():
+                scores = algo.predict(support_x, support_y, chunk, support.num_classes)
+            probabilities.append(algo.class_probabilities(scores)[0].cpu())
+    return torch.cat(probabilities)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The predictions as an aligned text table."""
+    shown = [[str(r["file"]), r["predicted"], f"{r['probability']:.3f}", r["runner_up"],
+              f"{r['runner_up_probability']:.3f}"] for r in rows]
+    head = ["file", "predicted", "p", "runner-up", "p"]
+    widths = [max(len(x) for x in column) for column in zip(head, *shown, strict=False)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+    return "\n".join([line(head), *(line(cells) for cells in shown)])
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Predict the class of every query image; print the table, write the CSV."""
+    for key in ("ckpt", "support", "query"):
+        if not cfg.get(key):
+            raise FewshotError(f"fewshot predict needs {key}=PATH: ckpt= a best.pt of a run, "
+                               "support= a folder of class folders, query= an image or a folder")
+    pad_host_heap()
+    support_files = support_classes(Path(cfg.support).expanduser())
+    queries = query_files(Path(cfg.query).expanduser())
+    out = Path(cfg.out).expanduser() if cfg.get("out") else Path.cwd() / "predictions.csv"
+    if out.is_dir():
+        raise FewshotError(f"out={out} is a folder; give the path of the CSV file to write")
+
+    ckpt = Path(cfg.ckpt).expanduser().resolve()
+    state = load_checkpoint(ckpt)
+    run = OmegaConf.create(state["config"])
+    run.device = cfg.device
+    device = resolve_device(run.device.type)
+    algo = load_model(run, state, ckpt, device)
+    if not isinstance(algo, FewShotAlgorithm):
+        raise FewshotError(f"fewshot predict classifies images, but {ckpt} holds a model of "
+                           f"{algo.score_name}; evaluate it with fewshot eval")
+    if algo.fixed_ways and len(support_files) != algo.ways:
+        raise FewshotError(f"this model's head was trained for {algo.ways} classes but "
+                           f"support={cfg.support} holds {len(support_files)} class folders; "
+                           f"give it {algo.ways} classes, or use a model that takes any number "
+                           "(protonet, matching, relation, siamese, weightgen)")
+
+    size = int(run.dataset.image_size)
+    inputs = state.get("inputs") or {}
+    mode = "L" if inputs.get("in_channels", 1) == 1 else "RGB"
+    support = decode_files(support_files, size, mode, what="support image",
+                           fix="replace or remove it")
+    query = decode_files({"query": queries}, size, mode, what="query image",
+                         fix="replace or remove it")
+    query_x = as_task(query)[0][0]
+
+    probabilities = classify(algo, support, query_x, device,
+                             autocast_for(device, run.device.precision), int(cfg.batch))
+    top = probabilities.topk(2, dim=-1)
+    rows = [{"file": str(f), "predicted": support.names[int(i[0])], "probability": float(p[0]),
+             "runner_up": support.names[int(i[1])], "runner_up_probability": float(p[1])}
+            for f, p, i in zip(queries, top.values, top.indices, strict=True)]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(text.getvalue(), out)
+    print(table(rows))
+    print(f"{len(rows)} predictions over {support.num_classes} classes written to {out}")
+    return rows
