@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import run_cli
 
 from fewshot_cli.algorithms.maml import MAML
 from fewshot_cli.algorithms.protonet import ProtoNet
@@ -34,10 +35,11 @@ from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.distributed import Processes
 
+SMALL = ["backbone.hidden=8", "train.queries=3", "eval.queries=3", "train.val_episodes=8",
+         "eval.episodes=8", "device=cpu", "device.memory_format=contiguous",
+         "train.optimizer._target_=torch.optim.SGD", "train.lr=0.01", "train.meta_batch=4"]
 TINY = ["dataset=glyphs", "dataset.classes.train=20", "dataset.classes.val=8",
-        "dataset.classes.test=8", "backbone.hidden=8", "train.queries=3", "eval.queries=3",
-        "train.val_episodes=8", "eval.episodes=8", "device=cpu", "device.memory_format=contiguous",
-        "train.optimizer._target_=torch.optim.SGD", "train.lr=0.01", "train.meta_batch=4"]
+        "dataset.classes.test=8", *SMALL]
 MAML_ARGS = ["algo=maml", "algo.inner_lr=0.1", "train.meta_batch=4"]
 
 
@@ -115,6 +117,43 @@ def test_averaged_gradients_equal_the_one_process_gradients(kind):
 
 
 # ---------------------------------------------------------------- the real CLI under torchrun
+
+
+def noise_folder(root: Path, classes: int = 20, images: int = 8) -> Path:
+    """A folder data set of grey 28 px images: each class a fixed random pattern plus noise.
+
+    Not glyphs: their white background makes exact ties in max-pooling, and which of two equal
+    values wins is decided by float rounding, so a rounding-level difference between runs
+    routes gradients elsewhere and the trajectories part after a few steps."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        pattern = torch.rand(28, 28, generator=g)
+        (root / f"c{c:02d}").mkdir(parents=True)
+        for i in range(images):
+            pixels = (0.7 * pattern + 0.3 * torch.rand(28, 28, generator=g)).mul(255).byte()
+            Image.fromarray(pixels.numpy(), "L").save(root / f"c{c:02d}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("algo", [[], MAML_ARGS], ids=["protonet", "maml"])
+def test_two_processes_follow_the_one_process_trajectory(tmp_path, algo):
+    data = noise_folder(tmp_path / "data")
+    args = ["train", *SMALL, "dataset=folder", f"dataset.root={data}", "dataset.image_size=28",
+            "train.ways=3", "eval.ways=3", *algo, "train.steps=10", "train.val_every=5"]
+    two = torchrun([*args, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    one = run_cli([*args, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path,
+                  env={"OMP_NUM_THREADS": "1"})
+    code, err = finished(two)
+    assert code == 0, err[-3000:]
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_same_weights(tmp_path / "two" / "last.pt", tmp_path / "one" / "last.pt")
+    assert "data-parallel over 2 processes: 2 tasks each" in (tmp_path / "two" / "train.log"
+                                                                ).read_text()
+    assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) >= 1
+    for folder in ("one", "two"):
+        assert load_checkpoint(tmp_path / folder / "last.pt")["step"] == 10
 
 
 def test_ctrl_c_on_one_rank_stops_all_and_resume_matches(tmp_path):
