@@ -8,7 +8,9 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from fewshot_cli.errors import FewshotError
 
@@ -20,16 +22,15 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` into a temporary file beside ``path``, then rename over it."""
-    import torch  # here, so that the command line's option checks need no torch start-up
-
+def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write`` into a temporary file beside ``path``, flushed to disk, then renamed over it:
+    a reader (or a crash, or a full disk) sees the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
@@ -39,19 +40,16 @@ def atomic_torch_save(obj: object, path: Path) -> None:
         raise
 
 
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save(obj)`` into ``path`` atomically."""
+    import torch  # here, so that the command line's option checks need no torch start-up
+
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write bytes into a temporary file beside ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write bytes into ``path`` atomically."""
+    _atomic(path, lambda f: f.write(data))
 
 
 def atomic_write_text(text: str, path: Path) -> None:

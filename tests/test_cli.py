@@ -95,20 +95,25 @@ def test_resume_continues_to_the_same_weights(cli, tmp_path):
     assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 20
 
 
-def test_ctrl_c_saves_last_and_resume_matches(cli, tmp_path):
-    args = [*TINY, "backbone.hidden=8", "train.steps=300", "train.val_every=300"]
-    run = tmp_path / "run"
-
+def stop_training(args: list[str], run: Path, sig: int) -> str:
+    """Start ``fewshot train``, send ``sig`` once it trains; its stderr (it must exit 130)."""
     proc = subprocess.Popen([sys.executable, "-m", "fewshot_cli", "train", *args,
-                             f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                             f"hydra.run.dir={run}"], cwd=run.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(run.glob("events.out.tfevents.*")) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
+    return err
+
+
+def test_ctrl_c_saves_last_and_resume_matches(cli, tmp_path):
+    args = [*TINY, "backbone.hidden=8", "train.steps=300", "train.val_every=300"]
+    run = tmp_path / "run"
+    err = stop_training(args, run, signal.SIGINT)
     assert "interrupted at step" in err and "resume=" in err
     stopped = load_checkpoint(run / "last.pt")["step"]
     assert 0 < stopped < 300
@@ -182,15 +187,7 @@ def test_installed_wheel_finds_its_config_from_any_folder(tmp_path):
 def test_sigterm_saves_last_like_ctrl_c(tmp_path):
     """A cluster's time limit (SIGTERM) stops at a step boundary and saves last.pt."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fewshot_cli", "train", *TINY,
-                             "backbone.hidden=8", "train.steps=300", "train.val_every=300",
-                             f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(run.glob("events.out.tfevents.*")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted at step" in err, err
+    err = stop_training([*TINY, "backbone.hidden=8", "train.steps=300", "train.val_every=300"],
+                        run, signal.SIGTERM)
+    assert "interrupted at step" in err
     assert 0 < load_checkpoint(run / "last.pt")["step"] < 300
