@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fewshot_cli.algorithms.base import MetaAlgorithm
 from fewshot_cli.config import group_targets
@@ -62,7 +62,9 @@ def build_dataset(cfg: DictConfig) -> FewShotDataset:
 def build_augment(cfg: DictConfig) -> torch.nn.Module:
     """The training augmentation of ``augment=`` (or of the deprecated keys it replaces);
     none for checkpoints written before the group existed."""
-    return instantiate(legacy_augment(cfg) or cfg.get("augment") or {"_target_": IDENTITY})
+    node = legacy_augment(cfg) or cfg.get("augment") or {"_target_": IDENTITY}
+    return build(OmegaConf.create({"augment": node, "choices": cfg.get("choices") or {}}),
+                 "augment")
 
 
 def task_kind(target: str) -> str:

@@ -39,11 +39,6 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def rank() -> int:
-    """This process's rank (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics cover the images of every rank.
 
