@@ -53,9 +53,11 @@ def omniglot_root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Decoded caches of the tests go to one session-wide temporary folder."""
+    """Decoded caches of the tests go to one session-wide temporary folder, never beside the
+    user's data in $FEWSHOT_DATA (FEWSHOT_CACHE, see fewshot_cli.data.store.cache_file)."""
     cache = tmp_path_factory.getbasetemp() / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setenv("FEWSHOT_CACHE", str(cache / "stores"))
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600,
