@@ -60,6 +60,13 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("FEWSHOT_CACHE", str(cache / "stores"))
 
 
+@pytest.fixture
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache folder of this test alone, for tests that look at the cache files."""
+    monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``fewshot <args>`` as a user would, from ``cwd``; returns the finished process."""

@@ -352,8 +352,9 @@ def _fake_omniglot(root: Path, short: int | None = None, text_png: bool = False)
                 drawers = short if short and alphabet == "Tagalog" and c == 2 else 20
                 folder = root / name / alphabet / f"character{c:02d}"
                 folder.mkdir(parents=True)
-                for d in range(1, drawers + 1):
-                    Image.new("L", (12, 12), (c * 37 + d) % 256).save(folder / f"{c}_{d:02d}.png")
+                for d in range(1, drawers + 1):  # every image its own grey: no duplicates
+                    grey = alphabets.index(alphabet) * 120 + (c - 1) * 20 + d - 1
+                    Image.new("L", (12, 12), grey).save(folder / f"{c}_{d:02d}.png")
     if text_png:
         (root / "images_background_small2/Tagalog/character03/3_05.png").write_text("hello")
     return root
