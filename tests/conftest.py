@@ -67,6 +67,20 @@ def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache"
 
 
+def zero_a_quarter_of_the_images(path: Path) -> None:
+    """Overwrite a quarter of the image bytes of a saved store in place (a disk error): the
+    largest member of torch's zip file is the image tensor."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(member.header_offset + 26)  # the local header's name and extra field lengths
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        f.seek(member.header_offset + 30 + name_len + extra_len)
+        f.write(bytes(member.file_size // 4))
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``fewshot <args>`` as a user would, from ``cwd``; returns the finished process."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 
 import pytest
 import torch
+from conftest import zero_a_quarter_of_the_images
 
 from fewshot_cli.data import store as store_module
 from fewshot_cli.data.store import ClassStore, cache_file, cached_store
@@ -108,17 +108,6 @@ def test_select_and_concat():
     both = ClassStore.concat([s, make_store(2, images=6)])
     assert both.images.shape[:2] == (5, 6) and both.counts.tolist() == [4, 4, 4, 6, 6]
     assert both.min_images == 4
-
-
-def zero_a_quarter_of_the_images(path) -> None:
-    """Overwrite a quarter of the image bytes of a saved store in place (a disk error)."""
-    with zipfile.ZipFile(path) as z:
-        member = max(z.infolist(), key=lambda i: i.file_size)  # the images' storage
-    with open(path, "r+b") as f:
-        f.seek(member.header_offset + 26)
-        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
-        f.seek(member.header_offset + 30 + name_len + extra_len)
-        f.write(bytes(member.file_size // 4))
 
 
 def test_a_damaged_cache_is_rebuilt_with_one_log_line(tmp_path, caplog):
