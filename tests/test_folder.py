@@ -16,7 +16,7 @@ from PIL import Image
 
 from fewshot_cli.data import images
 from fewshot_cli.data.folder import Folder, hash_order
-from fewshot_cli.data.splits import record_split
+from fewshot_cli.data.splits import check_split, record_split
 from fewshot_cli.errors import FewshotError
 
 # 10 usable classes (6 in two parent folders, 4 at the top) and one with too few images
@@ -141,6 +141,27 @@ def test_identical_images_across_splits_are_refused_and_within_one_reported(tmp_
     assert within.startswith("2 image(s) of the train split have an identical copy")
     assert f"{root / train[0] / '002.jpg'} (train) = {root / train[1] / 'same.jpg'}" in within
     assert f"{root / train[0] / '003.png'} (train) = {root / train[0] / 'again.png'}" in within
+
+
+def test_data_that_no_longer_reads_keeps_the_finding_not_the_readers_fix(tmp_path):
+    """A reader's fix may name keys that eval and resume cannot change (dataset.split_fractions):
+    against a record, the sentence keeps the finding and says to restore the data."""
+    root = make_image_folder(tmp_path / "mine", {f"c{i}": 5 for i in range(5)})
+    run = tmp_path / "run"
+    record_split(Folder(str(root), image_size=8), run)
+    for name in sorted(root.iterdir())[:3]:  # two classes left: none for the test split
+        shutil.rmtree(name)
+    with pytest.raises(FewshotError) as err:
+        check_split(Folder(str(root), image_size=8), run)
+    assert str(err.value) == (
+        f"the data under dataset.root={root} no longer reads as this run recorded it in "
+        f"{run / 'split.json'} (the test split of {root} has no class (of 2 with at least "
+        "dataset.min_images=5 images)); restore the data as recorded (or point dataset.root at "
+        "such a copy), or train a new run on the data as it is now")
+    shutil.move(root, tmp_path / "moved")
+    with pytest.raises(FewshotError, match=r"not in dataset.root=.*mine any more \(nothing was "
+                                           r"downloaded\); resume with dataset.root=<the folder"):
+        record_split(Folder(str(root), image_size=8), run, resuming=True)
 
 
 def test_every_class_below_min_images_is_one_sentence(tmp_path):

@@ -70,7 +70,11 @@ URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}.zip"
 FULL = ("images_background", "images_evaluation")
 VINYALS_VAL = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
 VINYALS_TEST = 423  # the last characters of images_evaluation in sorted order
-FIX = "set dataset.root=<folder with the release> or use dataset=glyphs"
+# A fix that works in every command (train, resume, eval, data)...
+FIX = "set dataset.root=<the folder that holds the release>"
+# ...and one for data missing altogether, which fewshot eval and a resume report before any
+# download (fewshot_cli.data.splits), so it is seen only by fewshot train and fewshot data.
+OFFLINE = f"{FIX} or use dataset=glyphs"
 
 
 def _alphabet(name: str) -> str:
@@ -172,7 +176,7 @@ def _fetch(url: str, dest: Path) -> None:
 def download(root: Path, name: str) -> Path:
     """Fetch the official ``<name>.zip`` into ``root``, check its md5, and move it in place."""
     return download_checked(URL.format(name=name), root / f"{name}.zip", MD5[name], _fetch,
-                            f"Omniglot's {name}", FIX)
+                            f"Omniglot's {name}", OFFLINE)
 
 
 class Omniglot(FewShotDataset):
@@ -238,7 +242,7 @@ class Omniglot(FewShotDataset):
         if self._present(name) is None:
             if not self.download:
                 raise FewshotError(f"Omniglot's {name} (folder or .zip) is not in {self.root} "
-                                   f"and dataset.download=false; {FIX}")
+                                   f"and dataset.download=false; {OFFLINE}")
             download(self.root, name)
         return self._present(name)
 

@@ -192,11 +192,20 @@ def differences(recorded: Mapping[str, Mapping[str, str | None]],
 
 
 def _moved(dataset: FewShotDataset, run_dir: Path, splits: Iterable[str], fix: str) -> None:
-    """Raise one sentence when the classes or images of ``splits`` differ from the record."""
+    """Raise one sentence when the classes or images of ``splits`` differ from the record, or
+    when the data no longer reads at all (the reader's own fix may name keys this command
+    cannot change, so only its finding is kept)."""
     path = Path(run_dir) / RECORD
-    moves = differences(read_record(path), {s: fingerprints(dataset.load(s)) for s in splits})
+    where = f" under dataset.root={dataset.root}" if dataset.root else ""
+    recorded = read_record(path)
+    try:
+        current = {s: fingerprints(dataset.load(s)) for s in splits}
+    except FewshotError as err:
+        finding = str(err).split("; ")[0]
+        raise FewshotError(f"the data{where} no longer reads as this run recorded it in {path} "
+                           f"({finding}); {fix}") from None
+    moves = differences(recorded, current)
     if moves:
-        where = f" under dataset.root={dataset.root}" if dataset.root else ""
         raise FewshotError(f"the data{where} is not the data this run started with ({path}): "
                            f"{_examples(moves)}; {fix}")
 
@@ -210,18 +219,23 @@ def _present(dataset: FewShotDataset, command: str) -> None:
                            "dataset.root=<the folder that holds it now>")
 
 
-def record_split(dataset: FewShotDataset, run_dir: Path, write: bool = True) -> None:
+def record_split(dataset: FewShotDataset, run_dir: Path, write: bool = True,
+                 resuming: bool = False) -> None:
     """At the start of ``fewshot train``: refuse a split that leaks (a class in two splits,
     identical images across splits), warn of duplicates within a split, and write
-    ``split.json`` (when ``write``: rank 0). A resumed run whose folder already holds one is
-    checked against it instead: the first record is never overwritten."""
+    ``split.json`` (when ``write``: rank 0). A resumed run is checked against its record
+    instead (the first record is never overwritten); one from before records gets one now."""
     if not checked(dataset):
         return
-    if (Path(run_dir) / RECORD).exists():
+    if resuming:
         _present(dataset, "resume")
+    if (Path(run_dir) / RECORD).exists():
         _moved(dataset, run_dir, SPLITS, "restore it as recorded (or point dataset.root at "
                "such a copy), or start a new run on the data as it is now")
         return
+    if resuming:
+        log.info("%s has no %s (a run from before fewshot recorded its split): the data is "
+                 "recorded as it is now", run_dir, RECORD)
     stores = {s: dataset.load(s) for s in SPLITS}
     for problem in integrity_problems(dataset, stores):
         if problem.stops:

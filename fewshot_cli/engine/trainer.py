@@ -41,7 +41,8 @@ class MetaTrainer:
         self.inputs = dict(self.dataset.input_spec())  # kept in checkpoints for predict
         self.algo = self.procs.prepare(build_algorithm(cfg, self.inputs, device))
         # a leaking split is refused, the split written once, a resumed run checked against it
-        record_split(self.dataset, run_dir, write=self.procs.main)
+        record_split(self.dataset, run_dir, write=self.procs.main,
+                     resuming=bool(cfg.get("resume")))
         self.train_tasks = self.dataset.sampler("train", t, t.meta_batch, device, seed=cfg.seed,
                                                 augment=build_augment(cfg))
         self.val_tasks = self.dataset.sampler("val", e, episodes_per_batch(device, e.batch),
