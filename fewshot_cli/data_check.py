@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 from omegaconf import DictConfig
 
 from fewshot_cli.build import build_dataset
@@ -45,16 +46,17 @@ class Findings:
             self.problems.append(problem)
 
 
-def files_of(dataset: FewShotDataset, store: ClassStore) -> list[tuple[str, int]]:
-    """The distinct source files of a store as (class name, image index): a rotated copy of a
-    class is the same files as its source."""
-    seen, out = set(), []
-    for name, count in zip(store.names, store.counts.tolist(), strict=True):
+def files_of(dataset: FewShotDataset, store: ClassStore) -> torch.Tensor:
+    """bool ``[classes, max_images]``: the distinct source files of a store (a rotated copy of
+    a class holds the same files as its source, so only the first copy counts)."""
+    seen: set[str] = set()
+    first = []
+    for name in store.names:
         ident = dataset.identity(name)
-        if ident not in seen:
-            seen.add(ident)
-            out += [(name, i) for i in range(count)]
-    return out
+        first.append(ident not in seen)
+        seen.add(ident)
+    slots = torch.arange(store.images.shape[1]) < store.counts.unsqueeze(1)
+    return slots & torch.tensor(first, dtype=torch.bool).unsqueeze(1)
 
 
 def _flagged(dataset: FewShotDataset, stores: Mapping[str, ClassStore], flag: int) -> list[str]:
@@ -63,10 +65,9 @@ def _flagged(dataset: FewShotDataset, stores: Mapping[str, ClassStore], flag: in
     for split, store in stores.items():
         if store.origin is None:
             continue
-        row = {n: c for c, n in enumerate(store.names)}
-        cases += [f"{dataset.image_path(split, n, i)} ({split})"
-                  for n, i in files_of(dataset, store)
-                  if int(store.origin[row[n], i, 3]) & flag]
+        hit = files_of(dataset, store) & (store.origin[..., 3] & flag != 0)
+        cases += [f"{dataset.image_path(split, store.names[c], i)} ({split})"
+                  for c, i in hit.nonzero().tolist()]
     return cases
 
 
@@ -134,14 +135,15 @@ def split_row(dataset: FewShotDataset, split: str, store: ClassStore) -> list[st
     files = files_of(dataset, store)
     modes, sizes = Counter(), Counter()
     if store.origin is not None:
-        row = {n: c for c, n in enumerate(store.names)}
-        for name, i in files:
-            code, width, height, flags = store.origin[row[name], i].tolist()
-            if not flags & FAILED:
-                modes[mode_name(code)] += 1
-                sizes[width, height] += 1
-    return [split, str(store.num_classes), per_class, str(len(files)), _counted(modes) or "-",
-            _sizes(sizes) or "-"]
+        origin = store.origin[files & (store.origin[..., 3] & FAILED == 0)]  # [files, 4]
+        for (code,), n in zip(*torch.unique(origin[:, :1], dim=0, return_counts=True),
+                              strict=True):
+            modes[mode_name(int(code))] += int(n)
+        for (width, height), n in zip(*torch.unique(origin[:, 1:3], dim=0, return_counts=True),
+                                      strict=True):
+            sizes[int(width), int(height)] += int(n)
+    return [split, str(store.num_classes), per_class, str(int(files.sum())),
+            _counted(modes) or "-", _sizes(sizes) or "-"]
 
 
 def table(rows: list[list[str]]) -> str:
