@@ -2,9 +2,12 @@
 decode them in parallel at one size into a ClassStore, and name the file that cannot be read.
 
 A reader (Omniglot, miniImageNet, a user's folder) keeps only its layout and split rules: it
-lists ``class name -> image files`` and calls :func:`decode_files`; every image is decoded once,
-squashed to ``size`` x ``size`` with a Lanczos filter, and packed into ``uint8 [classes,
-max_images, C, size, size]`` (short classes padded, ``counts`` marking the padding).
+lists ``class name -> image files`` and calls :func:`decode_files`; every image is decoded once
+as an image viewer shows it (:func:`as_seen`: transparency over a white page, deep grey scaled
+to 8 bits), squashed to ``size`` x ``size`` with a Lanczos filter, and packed into ``uint8
+[classes, max_images, C, size, size]`` (short classes padded, ``counts`` marking the padding),
+with a content digest and the origin (mode, size, flags) of every file for the data checks.
+``fewshot predict`` decodes a user's images through the same function.
 """
 
 from __future__ import annotations
