@@ -39,11 +39,17 @@ def official(monkeypatch, archive: Path) -> None:
     monkeypatch.setattr(cub, "MD5", hashlib.md5(archive.read_bytes()).hexdigest())
 
 
-def test_chen_split_from_an_archive_in_the_root(tmp_path, monkeypatch, archive):
-    official(monkeypatch, archive)
+def archived(tmp_path: Path, archive: Path) -> Path:
+    """A dataset.root holding only the (fake) official archive."""
     root = tmp_path / "cub"
     root.mkdir()
     (root / "CUB_200_2011.tgz").write_bytes(archive.read_bytes())
+    return root
+
+
+def test_chen_split_from_an_archive_in_the_root(tmp_path, monkeypatch, archive):
+    official(monkeypatch, archive)
+    root = archived(tmp_path, archive)
     ds = CUB(str(root), image_size=16, download=False)
     train, val, test = (ds.load(s) for s in ("train", "val", "test"))
     # class i (from 0, in name order): train when i%2==0, val when i%4==1, test when i%4==3
@@ -59,12 +65,9 @@ def test_chen_split_from_an_archive_in_the_root(tmp_path, monkeypatch, archive):
 
 def test_a_photo_in_a_train_and_a_test_species_is_refused(tmp_path, monkeypatch, archive):
     official(monkeypatch, archive)
-    root = tmp_path / "cub"
-    root.mkdir()
-    (root / "CUB_200_2011.tgz").write_bytes(archive.read_bytes())
-    ds = CUB(str(root), image_size=16, download=False)
+    root = archived(tmp_path, archive)
+    CUB(str(root), image_size=16, download=False).load("train")  # extracts the archive
     images = root / "CUB_200_2011" / "images"
-    ds.load("train")  # extracts the archive
     first = sorted((images / SPECIES[0]).iterdir())[0]  # class 0: train; class 3: test
     copied = images / SPECIES[3] / f"copy{first.suffix}"
     copied.write_bytes(first.read_bytes())

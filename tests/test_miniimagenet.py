@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from fewshot_cli.build import build_algorithm
-from fewshot_cli.data import miniimagenet
+from fewshot_cli.data import images, miniimagenet
 from fewshot_cli.data.miniimagenet import MiniImageNet, encode_jpeg
 from fewshot_cli.data.splits import record_split
 from fewshot_cli.data.store import ClassStore
@@ -100,9 +100,10 @@ def test_every_layout_reads_the_same_store(copy, jpegs):
         assert store.images.shape == (CLASSES, IMAGES, 3, SIZE, SIZE)
         assert store.images.dtype == torch.uint8
         assert store.names == [wnid(split, c) for c in range(CLASSES)]
-        # pixel for pixel what PIL decodes from the same JPEG file
+        # pixel for pixel what PIL decodes from the same JPEG file, and the same digest
         first = jpegs[split][store.names[2]][7]
         assert np.array_equal(store.images[2, 7].permute(1, 2, 0).numpy(), decoded(first))
+        assert store.digests[2, 7] == images._digest(Image.open(io.BytesIO(first)).convert("RGB"))
 
 
 def test_second_load_is_memory_mapped_from_the_cache(copy, monkeypatch, own_cache):

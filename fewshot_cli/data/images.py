@@ -252,15 +252,24 @@ def origin_tensors(counts: torch.Tensor, origins: Sequence[tuple[int, ...]]
     return digests.view(len(counts), width), origin.view(len(counts), width, 4)
 
 
+def array_digest(pixels: torch.Tensor) -> int:
+    """The digest :func:`_digest` gives the same image decoded by PIL, of uint8 pixels
+    ``[H, W, C]`` (C = 1 or 3) already in memory: equal pixels, equal digests, whatever the
+    reader (a miniImageNet pickle, generated glyphs) or the file format."""
+    height, width, channels = pixels.shape
+    h = hashlib.blake2b(f"{'L' if channels == 1 else 'RGB'}:{(width, height)}".encode(),
+                        digest_size=8)
+    h.update(pixels.contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
 def pixel_digests(images: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Content hashes (long ``[classes, max_count]``) of images already decoded (generated or
-    read from an array): the digest of each image's own uint8 pixels."""
+    """Content digests (long ``[classes, max_count]``, 0 in the padding) of images already
+    decoded, ``uint8 [classes, max_count, C, H, W]`` (generated, or read from an array)."""
     digests = torch.zeros(images.shape[:2], dtype=torch.long)
-    for c, n in enumerate(counts.tolist()):  # a loop at cache-build time, once per image
+    for c, n in enumerate(counts.tolist()):  # once per image, when the cache is built
         for i in range(n):
-            h = hashlib.blake2b(str(tuple(images.shape[2:])).encode(), digest_size=8)
-            h.update(images[c, i].contiguous().numpy().tobytes())
-            digests[c, i] = int.from_bytes(h.digest(), "little", signed=True)
+            digests[c, i] = array_digest(images[c, i].permute(1, 2, 0))
     return digests
 
 

@@ -35,11 +35,11 @@ from fewshot_cli.data.base import SPLITS, FewShotDataset
 from fewshot_cli.data.images import (
     PIL_MODES,
     RESAMPLE,
+    array_digest,
     decode_files,
     empty_store,
     fingerprint,
     list_class_folders,
-    pixel_digests,
 )
 from fewshot_cli.data.store import ClassStore, cache_file, cached_store
 from fewshot_cli.errors import FewshotError
@@ -133,7 +133,10 @@ def read_pickle(path: Path, size: int) -> ClassStore:
         raise FewshotError(f"{path} has a class_dict pointing outside image_data; {fix}")
     counts = torch.tensor([len(i) for i in index], dtype=torch.long)
     images, _ = empty_store(counts, 3, size)
+    digests = torch.zeros(images.shape[:2], dtype=torch.long)
     for c, rows in enumerate(index):  # a loop over classes, each one batched op
+        # digests of the source pixels, as a JPEG layout of the same images would give
+        digests[c, : len(rows)] = torch.tensor([array_digest(source[r]) for r in rows.tolist()])
         chunk = source[rows].permute(0, 3, 1, 2)
         if chunk.shape[-1] != size or chunk.shape[-2] != size:
             chunk = F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
@@ -141,8 +144,7 @@ def read_pickle(path: Path, size: int) -> ClassStore:
         images[c, : len(rows)] = chunk
     origin = torch.tensor([PIL_MODES.index("RGB"), array.shape[2], array.shape[1], 0],
                           dtype=torch.int32).expand(*images.shape[:2], 4).clone()
-    return ClassStore(images, [str(n) for n in names], counts,
-                      digests=pixel_digests(images, counts), origin=origin)
+    return ClassStore(images, [str(n) for n in names], counts, digests=digests, origin=origin)
 
 
 # ---------------------------------------------------------------- the data set
