@@ -32,9 +32,9 @@ from fewshot_cli.options import check_train
 
 log = logging.getLogger(__name__)
 HPARAM_SECTIONS = ("train", "algo", "backbone", "dataset", "device", "augment")
-# Called after each validation with (training step, validation score); returns why the run
-# should stop early (a search pruning a hopeless trial), or None to go on.
-ValidationHook = Callable[[int, float], "str | None"]
+# Called after each validation with (training step, validation score, whether it is the run's
+# last); returns why the run should stop early (a search pruning a hopeless trial), or None.
+ValidationHook = Callable[[int, float, bool], "str | None"]
 STOPPED_EARLY = "stopped early at step %d of %d: %s"  # train.log's line; report.py reads it
 
 
@@ -166,8 +166,10 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
                          _shown(metric, mean, ci), _shown(metric, best["score"], best["ci95"]),
                          best["step"])
                 if on_validation is not None:
-                    reason = procs.broadcast(on_validation(done, mean) if procs.main else None)
-                    if reason and done < t.steps:  # last.pt is saved: stop as after a Ctrl-C
+                    last = done == t.steps
+                    reason = procs.broadcast(on_validation(done, mean, last) if procs.main
+                                             else None)
+                    if reason and not last:  # last.pt is saved: stop as after a Ctrl-C
                         log.info(STOPPED_EARLY, done, t.steps, reason)
                         return reason
                 clock = time.perf_counter()  # validation time is not training speed

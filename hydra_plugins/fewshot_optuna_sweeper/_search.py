@@ -53,6 +53,12 @@ _STUDIES: dict[str, optuna.Study] = {}  # in-memory studies, for trials run in t
 # ---------------------------------------------------------------- options to Optuna objects
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message: Hydra and SQLAlchemy add lines of context."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line.split(", set env var HYDRA_FULL_ERROR")[0]
+
+
 def build_pruner(options: DictConfig) -> optuna.pruners.BasePruner:
     """``hydra.sweeper.pruner``: a name of ``PRUNERS`` (with ``pruner_args``) or a mapping
     with the ``_target_`` of any Optuna pruner."""
@@ -66,17 +72,37 @@ def build_pruner(options: DictConfig) -> optuna.pruners.BasePruner:
                         "{_target_: optuna.pruners.PercentilePruner, percentile: 25.0}")
         return PRUNERS[choice](**args)
     except (TypeError, ValueError) as err:
-        raise error(f"hydra.sweeper.pruner_args={args} do not fit the pruner {choice} ({err}); "
+        raise error(f"hydra.sweeper.pruner_args={args} do not fit the pruner {choice} "
+                    f"({first_line(err)}); "
                     "see the arguments of its class in optuna.pruners") from None
 
 
-def build_sampler(options: DictConfig) -> optuna.samplers.BaseSampler:
-    """``hydra.sweeper.sampler``: any Optuna sampler, ``{_target_: ..., seed: ...}``."""
+def build_sampler(options: DictConfig, trial: int = 0) -> optuna.samplers.BaseSampler:
+    """``hydra.sweeper.sampler``: any Optuna sampler, ``{_target_: ..., seed: ...}``. A seeded
+    sampler is seeded with ``seed + trial`` for the study's trial number ``trial``: a resumed
+    study, or a second process, does not draw the first trials' values again."""
+    seeded = {"seed": options.sampler.seed + trial} if options.sampler.get("seed") is not None \
+        else {}
     try:
-        return instantiate(options.sampler)
+        return instantiate(options.sampler, **seeded)
     except Exception as err:  # Hydra wraps the import or argument error of the target
-        raise error(f"hydra.sweeper.sampler cannot be built ({err}); give the _target_ of an "
+        raise error(f"hydra.sweeper.sampler cannot be built ({first_line(err)}); give the "
+                    "_target_ of an "
                     "Optuna sampler, e.g. optuna.samplers.TPESampler, and its arguments") from None
+
+
+@contextlib.contextmanager
+def sqlite_lock(url: str | None) -> Iterator[None]:
+    """An exclusive lock beside an SQLite database (``<file>.lock``), held by one process of
+    the machine at a time: while it creates the database's tables, or counts the study's
+    trials and asks the next. A no-op for other storages."""
+    url = str(url or "")
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    with open(f"{url.removeprefix('sqlite:///')}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
@@ -86,11 +112,12 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
         return None
     try:
         if str(url).startswith("sqlite:"):
-            return optuna.storages.RDBStorage(str(url), engine_kwargs={
-                "connect_args": {"timeout": 60}})
+            with sqlite_lock(url):  # two processes creating one database's tables collide
+                return optuna.storages.RDBStorage(str(url), engine_kwargs={
+                    "connect_args": {"timeout": 60}})
         return optuna.storages.get_storage(str(url))
     except Exception as err:  # SQLAlchemy: a bad URL, a missing driver, an unreachable server
-        raise error(f"hydra.sweeper.storage={url} cannot be opened ({str(err).splitlines()[0]}); "
+        raise error(f"hydra.sweeper.storage={url} cannot be opened ({first_line(err)}); "
                     "give a database URL such as sqlite:///study.db or "
                     "postgresql://user:password@host/db") from None
 
@@ -104,11 +131,8 @@ def distribution(override: Override) -> BaseDistribution | None:
     if not override.is_sweep_override():
         return None
     value = override.value()
-    if isinstance(value, IntervalSweep):
-        log_scale = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(value.start, value.end, log=log_scale)
-        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    if isinstance(value, IntervalSweep):  # Hydra's intervals are real; integers: range(...)
+        return FloatDistribution(value.start, value.end, log="log" in value.tags)
     # choice(...) and range(...): Hydra's own list of values (range excludes its stop).
     choices = list(override.sweep_iterator(transformer=Transformer.encode))
     if isinstance(value, RangeSweep) and not value.shuffle and len(choices) > 1 and all(
@@ -125,7 +149,7 @@ def search_space(options: DictConfig,
     try:
         parsed = OverridesParser.create().parse_overrides([*params, *arguments])
     except OverrideParseException as err:
-        raise error(f"cannot read the search space ({str(err).splitlines()[0]}); write "
+        raise error(f"cannot read the search space ({first_line(err)}); write "
                     "hydra.sweeper.params.<key> as choice(a, b), range(1, 5), interval(0.1, 1) "
                     "or tag(log, interval(1e-4, 1e-2))") from None
     space: dict[str, BaseDistribution] = {}
@@ -217,9 +241,10 @@ class Search:
     def open_study(self) -> optuna.Study:
         name = self.options.study_name
         try:
-            study = optuna.create_study(storage=self.storage, study_name=name,
-                                        sampler=self.sampler, pruner=self.pruner,
-                                        direction=self.options.direction, load_if_exists=True)
+            with sqlite_lock(self.options.storage):
+                study = optuna.create_study(storage=self.storage, study_name=name,
+                                            sampler=self.sampler, pruner=self.pruner,
+                                            direction=self.options.direction, load_if_exists=True)
         except ValueError as err:  # e.g. the stored study optimises the other direction
             raise error(f"study {name} in hydra.sweeper.storage={self.options.storage} cannot "
                         f"be continued ({err}); give another hydra.sweeper.study_name") from None
@@ -227,25 +252,15 @@ class Search:
             _STUDIES[study.study_name] = study
         return study
 
-    @contextlib.contextmanager
-    def asking(self) -> Iterator[None]:
-        """Holds a lock beside an SQLite study while this process counts its trials and asks
-        the next, so that processes on one machine never ask past ``n_trials``."""
-        url = str(self.options.storage or "")
-        if not url.startswith("sqlite:///"):
-            yield
-            return
-        with open(f"{url.removeprefix('sqlite:///')}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-
     def ask(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> list[optuna.Trial]:
         """Up to ``n_jobs`` new trials, while the study holds fewer than ``n_trials``."""
         batch = []
         for _ in range(self.options.n_jobs):
-            with self.asking():
-                if len(study.get_trials(deepcopy=False)) >= self.options.n_trials:
+            with sqlite_lock(self.options.storage):  # one machine never asks past n_trials
+                count = len(study.get_trials(deepcopy=False))
+                if count >= self.options.n_trials:
                     break
+                study.sampler = build_sampler(self.options, trial=count)  # its number, mostly
                 trial = study.ask(fixed_distributions=space)
             if trial.number >= self.options.n_trials:  # another machine asked meanwhile
                 trial.set_user_attr(NOT_RUN, "asked past n_trials by two processes at once")
@@ -314,10 +329,11 @@ def interrupted(err: BaseException | None) -> bool:
 # ---------------------------------------------------------------- inside a trial's run
 
 
-def trial_reporter(options: DictConfig) -> Callable[[int, float], str | None] | None:
+def trial_reporter(options: DictConfig) -> Callable[[int, float, bool], str | None] | None:
     """The run's hook for trial ``options.trial`` of study ``options.study_name``: it reports
-    each validation score at its training step and asks the pruner; it returns why the run
-    should stop, or None. None for an in-memory study of another process (no pruning there)."""
+    each validation score at its training step and, but at the run's last validation, asks the
+    pruner; it returns why the run should stop, or None. None for an in-memory study of
+    another process (no pruning there)."""
     if options.storage is None:
         study = _STUDIES.get(options.study_name)
         if study is None:
@@ -330,10 +346,10 @@ def trial_reporter(options: DictConfig) -> Callable[[int, float], str | None] | 
                  if t.number == options.trial)
     pruner = type(study.pruner).__name__
 
-    def report(step: int, score: float) -> str | None:
+    def report(step: int, score: float, last: bool) -> str | None:
         try:
             trial.report(score, step)
-            if not trial.should_prune():
+            if last or not trial.should_prune():
                 return None
             trial.set_user_attr(PRUNED_AT, step)
         except Exception as err:  # the storage is gone, or the trial was ended elsewhere

@@ -57,10 +57,11 @@ class FewshotOptunaSweeper(Sweeper):
         search.run(arguments)
 
     @staticmethod
-    def validation_hook(options: DictConfig) -> Callable[[int, float], str | None] | None:
-        """For a trial's run: a function of (training step, validation score) that reports the
-        score to the trial and returns why the run should stop (pruned), or None to go on.
-        None outside a trial (``hydra.sweeper.trial`` unset)."""
+    def validation_hook(options: DictConfig) -> Callable[[int, float, bool], str | None] | None:
+        """For a trial's run: a function of (training step, validation score, last validation)
+        that reports the score to the trial and returns why the run should stop (pruned), or
+        None to go on (fewshot_cli.train.ValidationHook). None outside a trial
+        (``hydra.sweeper.trial`` unset)."""
         if options.get("trial") is None:
             return None
         return _search_module(FewshotError).trial_reporter(options)
