@@ -4,8 +4,10 @@ through their storage, resuming, and the one-sentence errors of bad search optio
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO
@@ -187,6 +189,27 @@ def test_resuming_a_study_runs_only_the_rest(cli, tmp_path):
                  f"hydra.sweep.dir={tmp_path / 'c'}")).stdout
     assert "3 trials so far" in out and not list((tmp_path / "c").glob("*/last.pt"))
     assert OmegaConf.load(tmp_path / "c" / "optimization_results.yaml").trials.complete == 3
+
+
+def test_ctrl_c_stops_the_study_and_leaves_no_trial_running(tmp_path):
+    """Ctrl-C during a trial: its run saves last.pt and says so in one sentence, the trial is
+    recorded FAIL (not left RUNNING), no further trial starts, and the exit status is 130."""
+    sweep, db = tmp_path / "sweep", tmp_path / "study.db"
+    proc = search(["hparams_search=protonet_omniglot", *TINY, "train.steps=10000",
+                   "train.val_every=2", "hydra.sweeper.n_trials=3",
+                   f"hydra.sweeper.storage=sqlite:///{db}", f"hydra.sweep.dir={sweep}"], tmp_path)
+    deadline = time.monotonic() + 300
+    while not (sweep / "0" / "last.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the first trial never validated"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out + err
+    one_sentence(subprocess.CompletedProcess([], 130, out, err), "interrupted at step",
+                 "last.pt")
+    trials = load(db, "protonet_omniglot").trials
+    assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL")]
+    assert load_checkpoint(sweep / "0" / "last.pt")["step"] >= 2
 
 
 # ---------------------------------------------------------------- bad search options

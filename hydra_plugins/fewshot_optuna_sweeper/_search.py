@@ -191,6 +191,8 @@ class Search:
         for key in ("n_trials", "n_jobs"):
             if not isinstance(options[key], int) or options[key] < 1:
                 raise error(f"hydra.sweeper.{key}={options[key]} must be a positive number")
+        optuna.logging.disable_default_handler()  # Optuna's lines go where Hydra's go
+        optuna.logging.enable_propagation()
         self.pruner, self.sampler = build_pruner(options), build_sampler(options)
         pruning = not isinstance(self.pruner, optuna.pruners.NopPruner)
         if options.storage is None and pruning and not isinstance(launcher, BasicLauncher):
@@ -214,6 +216,7 @@ class Search:
                         "a search that was killed; they count towards n_trials",
                         ", ".join(map(str, running)), study.study_name)
         asked: list[optuna.Trial] = []
+        failures = 0
         try:
             while batch := self.ask(study, space):
                 asked = batch
@@ -223,6 +226,7 @@ class Search:
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(returns)
                 failed = sum(self.tell(study, t, r) for t, r in zip(batch, returns, strict=True))
+                failures += failed
                 asked = []
                 if failed / len(batch) > self.options.max_failure_rate:
                     raise error(f"{failed} of {len(batch)} trials failed, more than "
@@ -237,6 +241,11 @@ class Search:
             self.fail(study, asked, "the search stopped")
             raise
         self.summary(study)
+        from fewshot_cli import cli
+
+        if failures and not cli._failures:  # else the CLI counts them: they ran in this process
+            raise error(f"{failures} trial(s) of study {study.study_name} failed (their errors "
+                        f"are in their folders' train.log: fewshot report {self.sweep_dir})")
 
     def open_study(self) -> optuna.Study:
         name = self.options.study_name
