@@ -171,6 +171,24 @@ def test_two_processes_share_one_study_and_run_each_trial_once(tmp_path):
     assert len(writers) == 2, writers
 
 
+def test_trials_in_joblib_workers_report_their_validations_to_the_study(cli, tmp_path):
+    """Trials run by joblib in worker processes find their trial in the SQLite study by name
+    and number and report every validation at its step: what pruning across processes needs."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep, db = tmp_path / "sweep", tmp_path / "study.db"
+    ok(cli("train", "hparams_search=protonet_omniglot", *TINY, "train.steps=4",
+           "train.val_every=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+           "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2",
+           f"hydra.sweeper.storage=sqlite:///{db}", f"hydra.sweep.dir={sweep}"))
+    trials = load(db, "protonet_omniglot").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for trial in trials:
+        assert sorted(trial.intermediate_values) == [2, 4]
+        assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
+    writers = {p.name.split(".")[-2] for p in sweep.glob("*/events.out.tfevents.*")}
+    assert len(writers) == 2, writers  # two worker processes ran them
+
+
 def test_resuming_a_study_runs_only_the_rest(cli, tmp_path):
     """Run again with the same storage, a study continues: n_trials is the study's size, so
     n_trials=3 after 2 runs trial 2 alone, and once the study is full nothing runs."""
