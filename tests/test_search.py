@@ -105,6 +105,21 @@ def test_hydra_sweeps_become_optuna_distributions():
 # ---------------------------------------------------------------- pruning
 
 
+@pytest.mark.parametrize(("choice", "kind"), [
+    ("median", "MedianPruner"), ("successive_halving", "SuccessiveHalvingPruner"),
+    ("hyperband", "HyperbandPruner"), ("none", "NopPruner"),
+    ({"_target_": "optuna.pruners.PercentilePruner", "percentile": 25.0}, "PercentilePruner")])
+def test_hydra_sweeper_pruner_chooses_the_pruner(choice, kind):
+    from hydra_plugins.fewshot_optuna_sweeper._search import build_pruner
+
+    options = OmegaConf.create({"pruner": choice, "pruner_args": {}})
+    assert type(build_pruner(options)).__name__ == kind
+    if choice == "median":  # pruner_args are the named pruner's keyword arguments
+        options.pruner_args = {"n_warmup_steps": 100}
+        assert build_pruner(options)._n_warmup_steps == 100
+
+
+
 def test_a_pruner_stops_hopeless_trials_and_the_report_agrees_with_the_study(cli, tmp_path):
     """The median pruner stops trials of the hopeless learning rate at a validation: the run
     keeps its folder, last.pt at that step and its curve, the study records it PRUNED with its
