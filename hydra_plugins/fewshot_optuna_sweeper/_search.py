@@ -35,6 +35,7 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
+from fewshot_cli.cli import quoted
 from fewshot_cli.errors import Interrupted
 from hydra_plugins.fewshot_optuna_sweeper.optuna_sweeper import error
 
@@ -222,7 +223,8 @@ class Search:
                 asked = batch
                 overrides = [[*fixed, *(f"{k}={as_override(v)}" for k, v in t.params.items()),
                               f"hydra.sweeper.trial={t.number}",
-                              f"hydra.sweeper.study_name={study.study_name}"] for t in batch]
+                              f"hydra.sweeper.study_name={quoted(study.study_name)}"]
+                             for t in batch]
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(returns)
                 failed = sum(self.tell(study, t, r) for t, r in zip(batch, returns, strict=True))
@@ -287,7 +289,8 @@ class Search:
             study.tell(trial, state=TrialState.FAIL)
             if interrupted(err):
                 sys.exit(130)  # Ctrl-C: the run saved last.pt and said so; stop the study
-            log.warning("trial %d failed: %s", trial.number, err)
+            log.warning("trial %d failed: %s", trial.number,
+                        first_line(err).removeprefix("fewshot: error: "))
             return True
         stored = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         if PRUNED_AT in stored.user_attrs:
