@@ -44,7 +44,7 @@ def test_submitit_local_runs_two_jobs_returning_their_best_accuracy(cli, tmp_pat
 
 
 def test_optuna_sweep_of_three_trials_names_its_best(cli, tmp_path):
-    pytest.importorskip("optuna", reason="Optuna comes with the cluster extra")
+    pytest.importorskip("optuna", minversion="4", reason="Optuna comes with the cluster extra")
     sweep = tmp_path / "sweep"
     # train.ways and (in TINY) train.queries on the command line are fixed for every trial;
     # Optuna searches the learning rate and the distance.
@@ -76,7 +76,8 @@ def test_slurm_launcher_config_composes(cli):
 def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, tmp_path):
     """A trial that fails prints its sentence, is told to Optuna as failed, leaves its config
     and error in its folder for fewshot report, and the other trials still run."""
-    optuna = pytest.importorskip("optuna", reason="Optuna comes with the cluster extra")
+    optuna = pytest.importorskip("optuna", minversion="4",
+                                 reason="Optuna comes with the cluster extra")
     space = tmp_path / "conf" / "hparams_search"
     space.mkdir(parents=True)
     (space / "ways.yaml").write_text(
