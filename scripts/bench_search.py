@@ -2,12 +2,14 @@
 the median pruner and without, on the generated glyphs; wall time, training steps run, trials
 pruned and the best validation accuracy found.
 
-    python scripts/bench_search.py [--trials 12] [--steps 48] [--repeats 1] [key=value ...]
+    python scripts/bench_search.py [--trials 12] [--steps 48] [--repeats 1] [--first median]
+        [key=value ...]
 
 Each search is a real ``fewshot train hparams_search=protonet_omniglot`` in a temporary folder
-with its own SQLite study, read back with Optuna. Runs alternate (pruned, unpruned, pruned, ...)
-so that a change in the machine's load falls on both; the table shows the median over repeats
-and the ratio pruned / unpruned. Steps run do not depend on the load; wall time does.
+with its own SQLite study, read back with Optuna. Runs alternate (pruned, unpruned, unpruned,
+pruned, ...; --first none starts the other way) so that a change in the machine's load falls on
+both; the table shows the median over repeats and the ratio pruned / unpruned. Steps run do not
+depend on the load; wall time does.
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--first", choices=("median", "none"), default="median")
     args, extra = parser.parse_known_args()
     results: dict[str, list[dict[str, float]]] = {"median": [], "none": []}
-    for _ in range(args.repeats):
-        for pruner in results:
+    order = ["median", "none"] if args.first == "median" else ["none", "median"]
+    for repeat in range(args.repeats):
+        for pruner in order if repeat % 2 == 0 else order[::-1]:
             results[pruner].append(search(pruner, args.trials, args.steps, extra))
             print(f"pruner={pruner}: {results[pruner][-1]}", flush=True)
     print(f"\n{args.trials} trials of {args.steps} steps, {args.repeats} repeat(s), load "
