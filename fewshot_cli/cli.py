@@ -40,11 +40,12 @@ def _train(cfg: DictConfig) -> float:
     out = Path(hydra_cfg.runtime.output_dir)
     try:
         check_train(cfg)  # before torch is imported: a typo costs a fraction of a second
-        from fewshot_cli.train import train
+        from fewshot_cli.train import sweeper_hook, train
 
         with open_dict(cfg):  # the group options chosen: names for hparams, results and errors
             cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
-        return train(cfg, out, _hydra_files(cfg))
+        hook = sweeper_hook(hydra_cfg.sweeper) if hydra_cfg.mode == RunMode.MULTIRUN else None
+        return train(cfg, out, _hydra_files(cfg), on_validation=hook)
     except BaseException:
         discard_if_empty(out)  # the folder Hydra made for a run that never began
         raise

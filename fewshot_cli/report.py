@@ -33,6 +33,8 @@ Z95 = 1.959963984540054
 
 # A line of train.log recording a fatal error: Hydra's log format, or a Python traceback.
 ERROR_LINE = re.compile(r"\]\[(?:ERROR|CRITICAL)\] - (.+)$|^(Traceback .+)$", re.MULTILINE)
+# The line of a run that a search's pruner stopped (fewshot_cli.train.STOPPED_EARLY).
+STOPPED_LINE = re.compile(r"\] - stopped early at step (\d+) of \d+: (.+)$", re.MULTILINE)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Run:
 
     path: Path
     overrides: dict[str, str]                  # the run's key=value command-line overrides
-    status: str = "done"                       # done | unfinished | failed | resume
+    status: str = "done"                       # done | unfinished | pruned | failed | resume
     note: str = ""                             # why it is not done
     step: int | None = None                    # steps done: the latest checkpoint's step
     steps: int | None = None                   # steps configured (train.steps)
@@ -77,14 +79,18 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 def run_status(log: str, step: int | None, steps: int | None) -> tuple[str, str]:
     """``(status, note)`` from a run's train.log text and its latest checkpoint's step.
 
-    done: the checkpoint reached train.steps; failed: train.log records an error; unfinished:
-    otherwise (still running, stopped or killed). The one place to read a status file from.
+    done: the checkpoint reached train.steps; failed: train.log records an error; pruned: a
+    search's pruner stopped it (its last.pt is at that step); unfinished: otherwise (still
+    running, stopped or killed). The one place to read a status file from.
     """
     if step is not None and steps is not None and step >= steps:
         return "done", ""
     error = ERROR_LINE.search(log)
     if error:
         return "failed", (error.group(1) or error.group(2)).strip()
+    stopped = list(STOPPED_LINE.finditer(log))
+    if stopped and step == int(stopped[-1].group(1)):  # not continued by hand since
+        return "pruned", f"at step {step} of {steps} ({stopped[-1].group(2)})"
     if step is None:
         return "unfinished", "no checkpoint (running, or stopped before its first validation)"
     return "unfinished", f"step {step} of {steps}"

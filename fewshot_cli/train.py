@@ -3,7 +3,8 @@
 :func:`meta_train` is the whole training loop, top to bottom: one meta-update per step
 (``MetaTrainer.train_step``: sample a meta-batch, meta-loss, backward, optimizer step), metrics
 to TensorBoard every ``train.log_every`` steps, validation on fixed tasks and checkpoints every
-``train.val_every`` steps, a clean stop on Ctrl-C.
+``train.val_every`` steps, a clean stop on Ctrl-C, or when a validation hook (a search's
+pruner) asks for it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,19 @@ from fewshot_cli.options import check_train
 
 log = logging.getLogger(__name__)
 HPARAM_SECTIONS = ("train", "algo", "backbone", "dataset", "device", "augment")
+# Called after each validation with (training step, validation score, whether it is the run's
+# last); returns why the run should stop early (a search pruning a hopeless trial), or None.
+ValidationHook = Callable[[int, float, bool], "str | None"]
+STOPPED_EARLY = "stopped early at step %d of %d: %s"  # train.log's line; report.py reads it
 
 
 def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, Any] | None = None,
-          state: dict[str, Any] | None = None) -> float:
+          state: dict[str, Any] | None = None,
+          on_validation: ValidationHook | None = None) -> float:
     """Meta-train as configured in ``run_dir`` (continuing ``state``, a checkpoint, when
     given); returns the best validation score, which Hydra's sweepers optimise. Under
-    ``torchrun`` every process runs this; rank 0 owns the folder and writes everything."""
+    ``torchrun`` every process runs this; rank 0 owns the folder and writes everything, and
+    calls ``on_validation`` (see ValidationHook), whose answer every rank follows."""
     pad_host_heap()
     check_train(cfg)
     procs = Processes.start(resolve_device(cfg.device.type))
@@ -56,9 +63,20 @@ def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, Any] | None = N
             if procs.world > 1:
                 log.info("data-parallel over %d processes: %d tasks each per meta-batch",
                          procs.world, cfg.train.meta_batch // procs.world)
-            return meta_train(trainer)
+            return meta_train(trainer, on_validation)
     finally:
         procs.close()
+
+
+def sweeper_hook(sweeper: DictConfig) -> ValidationHook | None:
+    """The validation hook that the sweeper running this run offers, if its class has a
+    ``validation_hook(sweeper_config)`` (``hydra/sweeper=fewshot_optuna`` does: it reports
+    each validation to the run's Optuna trial and relays the pruner's verdict)."""
+    from hydra.utils import get_class
+
+    target = sweeper.get("_target_")
+    make = getattr(get_class(target), "validation_hook", None) if target else None
+    return make(sweeper) if make is not None else None
 
 
 def _bar(**kwargs: Any) -> tqdm:
@@ -66,7 +84,7 @@ def _bar(**kwargs: Any) -> tqdm:
     return tqdm(dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5.0, **kwargs)
 
 
-def meta_train(trainer: MetaTrainer) -> float:
+def meta_train(trainer: MetaTrainer, on_validation: ValidationHook | None = None) -> float:
     """The training loop; returns the best validation score."""
     cfg, run_dir = trainer.cfg, trainer.run_dir
     t, metric = cfg.train, trainer.algo.score_name
@@ -77,7 +95,7 @@ def meta_train(trainer: MetaTrainer) -> float:
     main = trainer.procs.main
     writer = SummaryWriter(str(run_dir), purge_step=trainer.step or None) if main else None
     try:
-        _loop(trainer, writer)
+        stopped = _loop(trainer, writer, on_validation)
         if writer is not None:
             writer.add_hparams(hparams(cfg), {f"hparam/best_val_{metric}": trainer.best["score"]},
                                run_name=".")
@@ -88,14 +106,17 @@ def meta_train(trainer: MetaTrainer) -> float:
     if writer is not None:
         writer.close()
     best = trainer.best
-    log.info("done: best val %s %s at step %d; evaluate with: fewshot eval ckpt=%s", metric,
-             _shown(metric, best["score"], best["ci95"]), best["step"], run_dir / "best.pt")
+    log.info("%s: best val %s %s at step %d; evaluate with: fewshot eval ckpt=%s",
+             "stopped" if stopped else "done", metric, _shown(metric, best["score"], best["ci95"]),
+             best["step"], run_dir / "best.pt")
     return best["score"]
 
 
-def _loop(trainer: MetaTrainer, writer: SummaryWriter | None) -> None:
-    """Steps from ``trainer.step`` to ``train.steps``: update, log, validate, save. ``writer``
-    is None on the ranks of a torchrun job other than 0."""
+def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
+          on_validation: ValidationHook | None) -> str | None:
+    """Steps from ``trainer.step`` to ``train.steps``: update, log, validate, save; returns why
+    ``on_validation`` stopped it early, or None. ``writer`` is None on the ranks of a torchrun
+    job other than 0."""
     cfg, run_dir, procs = trainer.cfg, trainer.run_dir, trainer.procs
     t, metric = cfg.train, trainer.algo.score_name
     log.info("run folder: %s", run_dir)
@@ -144,7 +165,15 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None) -> None:
                 log.info("step %d: val %s %s (best %s at step %d)", done, metric,
                          _shown(metric, mean, ci), _shown(metric, best["score"], best["ci95"]),
                          best["step"])
+                if on_validation is not None:
+                    last = done == t.steps
+                    reason = procs.broadcast(on_validation(done, mean, last) if procs.main
+                                             else None)
+                    if reason and not last:  # last.pt is saved: stop as after a Ctrl-C
+                        log.info(STOPPED_EARLY, done, t.steps, reason)
+                        return reason
                 clock = time.perf_counter()  # validation time is not training speed
+    return None
 
 
 def _shown(metric: str, mean: float, ci: float) -> str:

@@ -105,7 +105,17 @@ def test_run_status_reads_the_checkpoint_step_and_the_log():
     assert run_status("", None, 500)[0] == "unfinished"
 
 
+def test_a_run_a_search_pruned_is_listed_as_pruned_at_its_step():
+    from fewshot_cli.train import STOPPED_EARLY
+
+    why = "Optuna's MedianPruner pruned trial 3 of study s"
+    log = f"[2026-01-01 00:00:00,000][fewshot_cli.train][INFO] - {STOPPED_EARLY % (40, 100, why)}"
+    assert run_status(log, 40, 100) == ("pruned", f"at step 40 of 100 ({why})")
+    assert run_status(log, 60, 100) == ("unfinished", "step 60 of 100")  # resumed by hand since
+    assert run_status(log, 100, 100) == ("done", "")
+
+
 def test_t95_matches_scipy():
-    stats = pytest.importorskip("scipy.stats", reason="scipy comes with the [cluster] extra")
+    stats = pytest.importorskip("scipy.stats", reason="scipy comes with the [dev] extra")
     for dof in range(1, 300):
         assert t95(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=1e-4), dof

@@ -44,7 +44,7 @@ def test_submitit_local_runs_two_jobs_returning_their_best_accuracy(cli, tmp_pat
 
 
 def test_optuna_sweep_of_three_trials_names_its_best(cli, tmp_path):
-    plugin("hydra_optuna_sweeper")
+    pytest.importorskip("optuna", minversion="4", reason="Optuna comes with the cluster extra")
     sweep = tmp_path / "sweep"
     # train.ways and (in TINY) train.queries on the command line are fixed for every trial;
     # Optuna searches the learning rate and the distance.
@@ -52,11 +52,12 @@ def test_optuna_sweep_of_three_trials_names_its_best(cli, tmp_path):
            "train.val_every=2", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"))
     trials = {int(p.parent.name): load_checkpoint(p)["best"]["accuracy"]
               for p in sweep.glob("*/last.pt")}
-    assert sorted(trials) == [0, 1, 2]
+    assert sorted(trials) == [0, 1, 2]  # one folder per trial, named by its number
     found = OmegaConf.load(sweep / "optimization_results.yaml")
     assert set(found.best_params) == {"train.lr", "algo.distance"}
     assert found.best_value == pytest.approx(max(trials.values()))
     best = max(sorted(trials), key=trials.get)
+    assert found.best_trial == best and found.best_run_dir == str(sweep / str(best))
     overrides = list(OmegaConf.load(sweep / str(best) / ".hydra" / "overrides.yaml"))
     assert {f"{k}={v}" for k, v in found.best_params.items()} <= set(overrides)
     assert f"best run: {best} (train.lr=" in ok(cli("report", str(sweep))).stdout
@@ -75,22 +76,26 @@ def test_slurm_launcher_config_composes(cli):
 def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, tmp_path):
     """A trial that fails prints its sentence, is told to Optuna as failed, leaves its config
     and error in its folder for fewshot report, and the other trials still run."""
-    plugin("hydra_optuna_sweeper")
+    optuna = pytest.importorskip("optuna", minversion="4",
+                                 reason="Optuna comes with the cluster extra")
     space = tmp_path / "conf" / "hparams_search"
     space.mkdir(parents=True)
     (space / "ways.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: optuna\n"
-        "hydra:\n  mode: MULTIRUN\n  sweeper:\n    direction: maximize\n    n_trials: 4\n"
-        "    max_failure_rate: 1.0\n    sampler:\n      seed: 0\n"
-        "    params:\n      train.ways: choice(5, 60)\n")
-    sweep = tmp_path / "sweep"
+        "# @package _global_\ndefaults:\n  - base/optuna\n"
+        "hydra:\n  sweeper:\n    n_trials: 4\n    params:\n      train.ways: choice(5, 60)\n")
+    sweep, db = tmp_path / "sweep", tmp_path / "study.db"
     proc = cli("train", "hparams_search=ways", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-               *TINY, "train.steps=2", "train.val_every=2", f"hydra.sweep.dir={sweep}")
+               *TINY, "train.steps=2", "train.val_every=2", f"hydra.sweep.dir={sweep}",
+               f"hydra.sweeper.storage=sqlite:///{db}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "train.ways=60 exceeds the 40 classes" in proc.stderr
     failed = [p for p in sweep.iterdir() if p.is_dir() and not (p / "last.pt").exists()]
     finished = [p for p in sweep.iterdir() if (p / "last.pt").exists()]
     assert failed and finished and len(failed) + len(finished) == 4
     assert OmegaConf.load(sweep / "optimization_results.yaml").best_params["train.ways"] == 5
+    trials = optuna.load_study(study_name="ways", storage=f"sqlite:///{db}").trials
+    states = {t.number: t.state.name for t in trials}
+    assert states == {int(p.name): "FAIL" for p in failed} | {
+        int(p.name): "COMPLETE" for p in finished}
     out = ok(cli("report", str(sweep))).stdout
     assert out.count("failed: train.ways=60 exceeds") == len(failed)

@@ -1,0 +1,374 @@
+"""The search itself: ask Optuna for trials, hand their overrides to Hydra's launcher, tell
+Optuna how each ended (COMPLETE, PRUNED or FAIL); and the hook a trial's run calls after each
+validation, which reports the score to the study and asks the pruner whether to go on.
+
+A trial's run may live in another process or on another machine (joblib, SLURM): it finds its
+trial through the study's storage, by study name and trial number (``hydra.sweeper.trial``).
+An in-memory study lives in the sweeper's process only, so there only the basic launcher's
+trials (run in that process) can be pruned; a launcher with other processes needs a storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import OverrideParseException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import TrialState
+
+from fewshot_cli.cli import quoted
+from fewshot_cli.errors import Interrupted
+from hydra_plugins.fewshot_optuna_sweeper.optuna_sweeper import error
+
+log = logging.getLogger(__name__)
+
+PRUNERS = {"median": optuna.pruners.MedianPruner,
+           "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+           "hyperband": optuna.pruners.HyperbandPruner,
+           "none": optuna.pruners.NopPruner}
+PRUNED_AT = "fewshot.pruned_at_step"  # user attribute set by the run's hook when it stops
+RUN_DIR = "fewshot.run_dir"           # user attribute: the trial's run folder
+NOT_RUN = "fewshot.not_run"           # user attribute of a trial asked past n_trials
+_STUDIES: dict[str, optuna.Study] = {}  # in-memory studies, for trials run in this process
+
+
+# ---------------------------------------------------------------- options to Optuna objects
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message: Hydra and SQLAlchemy add lines of context."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line.split(", set env var HYDRA_FULL_ERROR")[0]
+
+
+def build_pruner(options: DictConfig) -> optuna.pruners.BasePruner:
+    """``hydra.sweeper.pruner``: a name of ``PRUNERS`` (with ``pruner_args``) or a mapping
+    with the ``_target_`` of any Optuna pruner."""
+    choice, args = options.pruner, OmegaConf.to_container(options.pruner_args)
+    try:
+        if isinstance(choice, DictConfig):
+            return instantiate(choice, **args)
+        if choice not in PRUNERS:
+            raise error(f"hydra.sweeper.pruner={choice} is not a pruner; choose one of "
+                        f"{', '.join(PRUNERS)}, or any Optuna pruner as "
+                        "{_target_: optuna.pruners.PercentilePruner, percentile: 25.0}")
+        return PRUNERS[choice](**args)
+    except (TypeError, ValueError) as err:
+        raise error(f"hydra.sweeper.pruner_args={args} do not fit the pruner {choice} "
+                    f"({first_line(err)}); "
+                    "see the arguments of its class in optuna.pruners") from None
+
+
+def build_sampler(options: DictConfig, trial: int = 0) -> optuna.samplers.BaseSampler:
+    """``hydra.sweeper.sampler``: any Optuna sampler, ``{_target_: ..., seed: ...}``. A seeded
+    sampler is seeded with ``seed + trial`` for the study's trial number ``trial``: a resumed
+    study, or a second process, does not draw the first trials' values again."""
+    seeded = {"seed": options.sampler.seed + trial} if options.sampler.get("seed") is not None \
+        else {}
+    try:
+        return instantiate(options.sampler, **seeded)
+    except Exception as err:  # Hydra wraps the import or argument error of the target
+        raise error(f"hydra.sweeper.sampler cannot be built ({first_line(err)}); give the "
+                    "_target_ of an "
+                    "Optuna sampler, e.g. optuna.samplers.TPESampler, and its arguments") from None
+
+
+@contextlib.contextmanager
+def sqlite_lock(url: str | None) -> Iterator[None]:
+    """An exclusive lock beside an SQLite database (``<file>.lock``), held by one process of
+    the machine at a time: while it creates the database's tables, or counts the study's
+    trials and asks the next. A no-op for other storages."""
+    url = str(url or "")
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    with open(f"{url.removeprefix('sqlite:///')}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
+    """The storage at ``url`` (None: in memory). SQLite waits up to a minute for another
+    process's write instead of failing at once: trials of one study write at the same time."""
+    if url is None:
+        return None
+    try:
+        if str(url).startswith("sqlite:"):
+            with sqlite_lock(url):  # two processes creating one database's tables collide
+                return optuna.storages.RDBStorage(str(url), engine_kwargs={
+                    "connect_args": {"timeout": 60}})
+        return optuna.storages.get_storage(str(url))
+    except Exception as err:  # SQLAlchemy: a bad URL, a missing driver, an unreachable server
+        raise error(f"hydra.sweeper.storage={url} cannot be opened ({first_line(err)}); "
+                    "give a database URL such as sqlite:///study.db or "
+                    "postgresql://user:password@host/db") from None
+
+
+# ---------------------------------------------------------------- the search space
+
+
+def distribution(override: Override) -> BaseDistribution | None:
+    """The Optuna distribution of a sweep override (``choice``, ``range``, ``interval``,
+    ``tag(log, interval)``), or None for a plain ``key=value`` fixed for every trial."""
+    if not override.is_sweep_override():
+        return None
+    value = override.value()
+    if isinstance(value, IntervalSweep):  # Hydra's intervals are real; integers: range(...)
+        return FloatDistribution(value.start, value.end, log="log" in value.tags)
+    # choice(...) and range(...): Hydra's own list of values (range excludes its stop).
+    choices = list(override.sweep_iterator(transformer=Transformer.encode))
+    if isinstance(value, RangeSweep) and not value.shuffle and len(choices) > 1 and all(
+            isinstance(c, int) for c in choices):
+        return IntDistribution(choices[0], choices[-1], step=choices[1] - choices[0])
+    return CategoricalDistribution(choices)
+
+
+def search_space(options: DictConfig,
+                 arguments: Sequence[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
+    """``hydra.sweeper.params`` and the command line's overrides: the distributions to sample,
+    and the overrides every trial gets (a key fixed on the command line leaves the search)."""
+    params = [f"{k}={v}" for k, v in (options.params or {}).items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides([*params, *arguments])
+    except OverrideParseException as err:
+        raise error(f"cannot read the search space ({first_line(err)}); write "
+                    "hydra.sweeper.params.<key> as choice(a, b), range(1, 5), interval(0.1, 1) "
+                    "or tag(log, interval(1e-4, 1e-2))") from None
+    space: dict[str, BaseDistribution] = {}
+    fixed: dict[str, str] = {}
+    for override in parsed:
+        key = override.get_key_element()
+        found = distribution(override)
+        if found is None:
+            space.pop(key, None)
+            fixed[key] = override.input_line
+        else:
+            fixed.pop(key, None)
+            space[key] = found
+    if not space:
+        raise error("nothing to search: every key of hydra.sweeper.params is fixed on the "
+                    "command line; leave one of them out, or add one with "
+                    "hydra.sweeper.params.<key>='choice(a, b)'")
+    return space, list(fixed.values())
+
+
+def as_override(value: Any) -> str:
+    """A sampled value as Hydra writes it on a command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+# ---------------------------------------------------------------- the study
+
+
+class Search:
+    """One invocation's share of a study: asks trials until the study holds ``n_trials``."""
+
+    def __init__(self, options: DictConfig, launcher: Any, sweep_dir: str) -> None:
+        self.options, self.launcher, self.sweep_dir = options, launcher, Path(sweep_dir)
+        if options.direction not in ("maximize", "minimize"):
+            raise error(f"hydra.sweeper.direction={options.direction} is not a direction; "
+                        "choose maximize or minimize")
+        for key in ("n_trials", "n_jobs"):
+            if not isinstance(options[key], int) or options[key] < 1:
+                raise error(f"hydra.sweeper.{key}={options[key]} must be a positive number")
+        optuna.logging.disable_default_handler()  # Optuna's lines go where Hydra's go
+        optuna.logging.enable_propagation()
+        self.pruner, self.sampler = build_pruner(options), build_sampler(options)
+        pruning = not isinstance(self.pruner, optuna.pruners.NopPruner)
+        if options.storage is None and pruning and not isinstance(launcher, BasicLauncher):
+            raise error(f"pruning needs a storage that the trials' processes share, and "
+                        f"{type(launcher).__name__} runs each trial in another process; add "
+                        "hydra.sweeper.storage=sqlite:///study.db (a database URL across "
+                        "machines), or hydra.sweeper.pruner=none")
+        self.storage = open_storage(options.storage)
+        self.job_idx = 0
+
+    def run(self, arguments: Sequence[str]) -> None:
+        space, fixed = search_space(self.options, arguments)
+        study = self.open_study()
+        before = study.get_trials(deepcopy=False)
+        running = [t.number for t in before if t.state == TrialState.RUNNING]
+        log.info("study %s (%s): %d trials so far, asking up to n_trials=%d in all",
+                 study.study_name, self.options.storage or "in memory", len(before),
+                 self.options.n_trials)
+        if running:
+            log.warning("trials %s of study %s are RUNNING: in another process, or left so by "
+                        "a search that was killed; they count towards n_trials",
+                        ", ".join(map(str, running)), study.study_name)
+        asked: list[optuna.Trial] = []
+        failures = 0
+        try:
+            while batch := self.ask(study, space):
+                asked = batch
+                overrides = [[*fixed, *(f"{k}={as_override(v)}" for k, v in t.params.items()),
+                              f"hydra.sweeper.trial={t.number}",
+                              f"hydra.sweeper.study_name={quoted(study.study_name)}"]
+                             for t in batch]
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                self.job_idx += len(returns)
+                failed = sum(self.tell(study, t, r) for t, r in zip(batch, returns, strict=True))
+                failures += failed
+                asked = []
+                if failed / len(batch) > self.options.max_failure_rate:
+                    raise error(f"{failed} of {len(batch)} trials failed, more than "
+                                f"hydra.sweeper.max_failure_rate={self.options.max_failure_rate}"
+                                "; the study stopped (see the trials' errors above)")
+        except KeyboardInterrupt:
+            self.fail(study, asked, "interrupted")
+            print("fewshot: error: interrupted; the study keeps its finished trials: run the "
+                  "same command with the same storage to continue it", file=sys.stderr)
+            sys.exit(130)
+        except BaseException:
+            self.fail(study, asked, "the search stopped")
+            raise
+        self.summary(study)
+        from fewshot_cli import cli
+
+        if failures and not cli._failures:  # else the CLI counts them: they ran in this process
+            raise error(f"{failures} trial(s) of study {study.study_name} failed (their errors "
+                        f"are in their folders' train.log: fewshot report {self.sweep_dir})")
+
+    def open_study(self) -> optuna.Study:
+        name = self.options.study_name
+        try:
+            with sqlite_lock(self.options.storage):
+                study = optuna.create_study(storage=self.storage, study_name=name,
+                                            sampler=self.sampler, pruner=self.pruner,
+                                            direction=self.options.direction, load_if_exists=True)
+        except ValueError as err:  # e.g. the stored study optimises the other direction
+            raise error(f"study {name} in hydra.sweeper.storage={self.options.storage} cannot "
+                        f"be continued ({err}); give another hydra.sweeper.study_name") from None
+        if self.storage is None:
+            _STUDIES[study.study_name] = study
+        return study
+
+    def ask(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> list[optuna.Trial]:
+        """Up to ``n_jobs`` new trials, while the study holds fewer than ``n_trials``."""
+        batch = []
+        for _ in range(self.options.n_jobs):
+            with sqlite_lock(self.options.storage):  # one machine never asks past n_trials
+                count = len(study.get_trials(deepcopy=False))
+                if count >= self.options.n_trials:
+                    break
+                study.sampler = build_sampler(self.options, trial=count)  # its number, mostly
+                trial = study.ask(fixed_distributions=space)
+            if trial.number >= self.options.n_trials:  # another machine asked meanwhile
+                trial.set_user_attr(NOT_RUN, "asked past n_trials by two processes at once")
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            batch.append(trial)
+        return batch
+
+    def tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn) -> bool:
+        """Record how the trial's run ended; True when it failed."""
+        if ret.hydra_cfg is not None:
+            trial.set_user_attr(RUN_DIR, str(ret.hydra_cfg.hydra.runtime.output_dir))
+        if ret.status == JobStatus.FAILED:
+            err = ret._return_value  # the run's exception; ret.return_value would re-raise it
+            study.tell(trial, state=TrialState.FAIL)
+            if interrupted(err):
+                sys.exit(130)  # Ctrl-C: the run saved last.pt and said so; stop the study
+            log.warning("trial %d failed: %s", trial.number,
+                        first_line(err).removeprefix("fewshot: error: "))
+            return True
+        stored = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        if PRUNED_AT in stored.user_attrs:
+            study.tell(trial, state=TrialState.PRUNED)
+            return False
+        value = float(ret.return_value)
+        study.tell(trial, value)
+        return math.isnan(value)  # Optuna records a NaN as a failed trial
+
+    def fail(self, study: optuna.Study, trials: list[optuna.Trial], why: str) -> None:
+        """Mark this process's unfinished trials FAIL, so that no trial stays RUNNING."""
+        for trial in trials:
+            with contextlib.suppress(Exception):  # already told, or the storage is gone
+                trial.set_user_attr(NOT_RUN, why)
+                study.tell(trial, state=TrialState.FAIL)
+
+    def summary(self, study: optuna.Study) -> None:
+        """Log the study's counts and best trial; write optimization_results.yaml."""
+        trials = study.get_trials(deepcopy=False)
+        counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+        result: dict[str, Any] = {"name": "fewshot_optuna", "study_name": study.study_name,
+                                  "storage": self.options.storage, "direction":
+                                  self.options.direction, "trials": counts}
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        if done:
+            best = study.best_trial
+            result.update(best_trial=best.number, best_params=best.params, best_value=best.value,
+                          best_run_dir=best.user_attrs.get(RUN_DIR))
+            log.info("best trial %d: %s with %s, in %s", best.number, best.value, best.params,
+                     best.user_attrs.get(RUN_DIR))
+        log.info("study %s: %s", study.study_name,
+                 ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(result), self.sweep_dir / "optimization_results.yaml")
+
+
+def interrupted(err: BaseException | None) -> bool:
+    """Whether ``err`` (a failed run's error) came from a Ctrl-C or SIGTERM of the run."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Interrupted):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+# ---------------------------------------------------------------- inside a trial's run
+
+
+def trial_reporter(options: DictConfig) -> Callable[[int, float, bool], str | None] | None:
+    """The run's hook for trial ``options.trial`` of study ``options.study_name``: it reports
+    each validation score at its training step and, but at the run's last validation, asks the
+    pruner; it returns why the run should stop, or None. None for an in-memory study of
+    another process (no pruning there)."""
+    if options.storage is None:
+        study = _STUDIES.get(options.study_name)
+        if study is None:
+            return None
+    else:
+        study = optuna.load_study(study_name=options.study_name,
+                                  storage=open_storage(options.storage),
+                                  pruner=build_pruner(options))
+    trial = next(optuna.Trial(study, t._trial_id) for t in study.get_trials(deepcopy=False)
+                 if t.number == options.trial)
+    pruner = type(study.pruner).__name__
+
+    def report(step: int, score: float, last: bool) -> str | None:
+        try:
+            trial.report(score, step)
+            if last or not trial.should_prune():
+                return None
+            trial.set_user_attr(PRUNED_AT, step)
+        except Exception as err:  # the storage is gone, or the trial was ended elsewhere
+            logging.getLogger("fewshot").warning(
+                "could not report step %d to trial %d of study %s (%s); the run goes on",
+                step, options.trial, options.study_name, err)
+            return None
+        return f"Optuna's {pruner} pruned trial {options.trial} of study {options.study_name}"
+
+    return report
