@@ -24,7 +24,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fewshot_cli.config import conf_dir
+from fewshot_cli.config import conf_dir, group_option
 from fewshot_cli.errors import FewshotError, Interrupted
 
 GROUPS = ("algo", "backbone", "dataset", "augment", "device", "experiment", "hparams_search")
@@ -292,7 +292,7 @@ def resume(args: list[str]) -> float:
                 f"random state belong to its stored config; resume may change only "
                 f"{', '.join(RESUMABLE)}; start a new run for other settings")
         if key == "device":
-            cfg.device = OmegaConf.load(_group_file("device", str(o.value())))
+            cfg.device = group_option("device", _group_file("device", str(o.value())).stem)
         elif OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise FewshotError(f"resume cannot change {o.input_line}: the run's config has no "
                                f"{key}")
