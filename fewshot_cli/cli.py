@@ -75,12 +75,20 @@ def _report(cfg: DictConfig) -> None:
     report(cfg)
 
 
+def _reproduce(cfg: DictConfig) -> None:
+    from fewshot_cli.reproduce import reproduce
+
+    reproduce(cfg, train_new=_train, resume_run=resume)
+
+
 COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
     "train": (_train, "meta-train an algorithm; writes TensorBoard events, last.pt and best.pt"),
     "eval": (_eval, "test a checkpoint on fixed episodes: accuracy ± 95% CI, results.json"),
     "predict": (_predict, "classify your images with a few examples of your classes: "
                           "predictions.csv"),
     "report": (_report, "summarise a sweep folder: Markdown table, report.csv, report.png"),
+    "reproduce": (_reproduce, "train a paper preset and test it at the paper's shapes: paper "
+                              "against ours, reproduction.json"),
 }
 POSITIONAL = {"report": "dir"}
 
