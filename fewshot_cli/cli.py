@@ -97,7 +97,7 @@ def usage() -> str:
     """The top-level help: commands, config groups and their options."""
     lines = ["usage: fewshot <command> [key=value ...] [-m for a sweep] [--help]", "",
              "commands:"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "config groups (choose with group=option):"]
     for group in GROUPS:
         options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))

@@ -14,7 +14,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,9 @@ def reproduce(cfg: DictConfig, train_new: Callable[[DictConfig], Any],
 
 
 def _require_preset(cfg: DictConfig) -> None:
-    if cfg.get("paper") is None:
+    """Refuse, before anything is trained, a config that is not a paper preset (no
+    experiment=, or one of the bases the presets build on, which names no test shape)."""
+    if not (cfg.get("paper") or {}).get("shapes"):
         presets = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
         raise FewshotError("fewshot reproduce needs experiment=NAME, a paper preset: one of "
                            f"{', '.join(presets)}")
@@ -99,28 +101,25 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str],
     """Test ``run_dir/best.pt`` at every shape of its preset's ``paper.shapes``, print paper
     against ours and write ``reproduction.json`` (atomically, once everything is measured)."""
     from fewshot_cli.engine.checkpoint import code_version, load_checkpoint
-    from fewshot_cli.evaluate import evaluate
 
     best = run_dir / "best.pt"
     state = load_checkpoint(best)
-    stored = state["config"]
-    paper, preset = stored["paper"], stored["choices"]["experiment"]
-    done, planned = load_checkpoint(run_dir / "last.pt")["step"], planned_steps(preset)
+    paper, preset = state["config"]["paper"], state["config"]["choices"]["experiment"]
+    steps = {"done": load_checkpoint(run_dir / "last.pt")["step"],
+             "planned": planned_steps(preset)}
     changed = changes(run_dir, overrides)
-    started, figures = time.perf_counter(), []
-    for shape in paper["shapes"]:
-        result = evaluate(_eval_config(best, shape, cfg, overrides))
-        figures.append(figure(shape, (paper.get("figures") or {}).get(shape), result, done,
-                              planned, changed))
+    started = time.perf_counter()
+    figures = [figure(shape, (paper.get("figures") or {}).get(shape),
+                      _evaluate(best, shape, cfg, overrides), **steps, changed=changed)
+               for shape in paper["shapes"]]
     record = {
         "preset": preset, "cite": paper.get("cite"), "run": str(run_dir),
         "command": " ".join(["fewshot reproduce", *overrides]),
-        "checkpoint": {"file": best.name, "step": state["step"]},
-        "steps": {"done": done, "planned": planned}, "changed": changed,
-        "figures": figures, "differences": list(paper.get("differences") or []),
+        "checkpoint": {"file": best.name, "step": state["step"]}, "steps": steps,
+        "changed": changed, "figures": figures,
+        "differences": list(paper.get("differences") or []),
         "wall_s": {"train": round(train_s, 1), "eval": round(time.perf_counter() - started, 1)},
-        "hardware": hardware(cfg.device.type),
-        "torch": _torch_version(),
+        "hardware": hardware(cfg.device.type), "torch": _torch_version(),
         "code": {"trained": state.get("code") or "not recorded", "evaluated": code_version()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -140,15 +139,17 @@ def planned_steps(preset: str) -> int:
                            "this fewshot; reproduce it with the fewshot that trained it") from None
 
 
-def _eval_config(best: Path, shape: str, cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The ``fewshot eval`` config testing ``best`` at ``shape`` on this command's device."""
+def _evaluate(best: Path, shape: str, cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """``fewshot eval`` of ``best`` at ``shape`` on this command's device: its result entry."""
+    from fewshot_cli.evaluate import evaluate
+
     ev = compose("eval")
     ev.ckpt, ev.device = str(best), cfg.device
     if match := SHAPE.fullmatch(shape):
         ev.eval.ways, ev.eval.shots = int(match[1]), int(match[2])
     if any(o.startswith("dataset.root=") for o in overrides):
         ev.dataset.root = cfg.dataset.root
-    return ev
+    return evaluate(ev)
 
 
 def changes(run_dir: Path, overrides: list[str]) -> list[str]:
@@ -167,7 +168,7 @@ def changes(run_dir: Path, overrides: list[str]) -> list[str]:
 
 
 def figure(shape: str, paper: Mapping[str, Any] | None, result: Mapping[str, Any], done: int,
-           planned: int, changed: list[str] = ()) -> dict[str, Any]:
+           planned: int, changed: Sequence[str] = ()) -> dict[str, Any]:
     """One row of the record: the paper's figure, ours (accuracies in %), and the verdict,
     which says first whether the run was changed from its preset or shortened."""
     metric = result.get("metric", "accuracy")

@@ -120,8 +120,9 @@ def test_resuming_a_finished_run_only_evaluates_it(reproduced, cli, tmp_path):
 
 def test_what_cannot_be_reproduced_is_one_sentence(reproduced, cli, tmp_path):
     run, _ = reproduced
-    one_sentence(cli("reproduce", "train.steps=5"), "needs experiment=NAME",
-                 "protonet_omniglot_5w1s")
+    for args in ([], ["experiment=base/protonet_omniglot"]):
+        one_sentence(cli("reproduce", *args, "train.steps=5"), "needs experiment=NAME",
+                     "protonet_omniglot_5w1s")
     one_sentence(cli("reproduce", "experiment=maml_omniglot_5w1s", f"resume={run / 'last.pt'}"),
                  "trained with experiment=protonet_omniglot_5w1s", "drop experiment=")
     plain = tmp_path / "plain"
