@@ -3,13 +3,14 @@ name says, its full config is the one it composed to before the presets became d
 bases (tests/data/presets_before.json) but for the intended differences, it states only what
 differs from its base, its paper figures are well-formed data, and it builds its data set and
 algorithm (an Omniglot preset on the offline glyphs too). Also: the device options, the preset
-files' length and `fewshot --help`."""
+files' length, `fewshot --help` and the README's generated preset table."""
 
 from __future__ import annotations
 
 import json
 import re
 import statistics
+import sys
 
 import pytest
 import yaml
@@ -131,3 +132,10 @@ def test_help_lists_presets_but_not_their_bases():
     assert listed == PRESETS and not bases & set(listed)
     assert not any(option.startswith("base") for option in listed)
 
+
+def test_readme_preset_table_is_the_generated_one():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import preset_table
+
+    assert preset_table.readme_block((REPO / "README.md").read_text()) == preset_table.render(), \
+        "run: python scripts/preset_table.py --write"
