@@ -153,3 +153,22 @@ def test_a_checkpoint_from_before_code_versions_says_not_recorded(reproduced, cl
     assert state["code"] == ["not recorded", code_version()]
     assert state["config"]["device"] == {"type": "cpu", "precision": "fp32",
                                          "memory_format": "auto"}
+
+
+def test_a_record_added_to_reproductions_shows_in_the_table(reproduced, tmp_path, monkeypatch):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import preset_table
+
+    run, _ = reproduced
+    monkeypatch.setattr(preset_table, "RECORDS", tmp_path)
+    folder = preset_table.add(run)
+    assert folder == tmp_path / "protonet_omniglot_5w1s"
+    assert json.loads((folder / "reproduction.json").read_text())["preset"] == folder.name
+    assert (folder / "validation.log").read_text().count("step 4: val accuracy") == 1
+    rows = [r for r in preset_table.render().splitlines() if "`protonet_omniglot_5w1s`" in r]
+    assert len(rows) == 2 and all("(8 episodes)" in r and "shortened (4 of 20000" in r
+                                  for r in rows)
