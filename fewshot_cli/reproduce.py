@@ -23,7 +23,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fewshot_cli.config import conf_dir
 from fewshot_cli.errors import FewshotError
@@ -82,7 +82,7 @@ def _continue(ckpt: Path, overrides: list[str], resume_run: Callable[[list[str]]
     stored = load_checkpoint(ckpt)["config"]
     trained = (stored.get("choices") or {}).get("experiment")
     asked = HydraConfig.get().runtime.choices.get("experiment")
-    if stored.get("paper") is None or trained is None:
+    if trained is None:
         raise FewshotError(f"{ckpt} was not trained from a paper preset, so there is nothing to "
                            "compare it with; test it with fewshot eval ckpt=... instead")
     if asked is not None and asked != trained:
@@ -104,9 +104,11 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str],
 
     best = run_dir / "best.pt"
     state = load_checkpoint(best)
-    paper, preset = state["config"]["paper"], state["config"]["choices"]["experiment"]
-    steps = {"done": load_checkpoint(run_dir / "last.pt")["step"],
-             "planned": planned_steps(preset)}
+    preset = state["config"]["choices"]["experiment"]
+    now = preset_config(preset)
+    # A checkpoint written before presets carried their figures takes them from the preset.
+    paper = state["config"].get("paper") or OmegaConf.to_container(now.paper)
+    steps = {"done": load_checkpoint(run_dir / "last.pt")["step"], "planned": now.train.steps}
     changed = changes(run_dir, overrides)
     started = time.perf_counter()
     figures = [figure(shape, (paper.get("figures") or {}).get(shape),
@@ -130,10 +132,10 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str],
     return record
 
 
-def planned_steps(preset: str) -> int:
-    """``train.steps`` of ``experiment=preset`` as the config tree holds it now."""
+def preset_config(preset: str) -> DictConfig:
+    """``experiment=preset`` as the config tree composes it now (its steps, its paper)."""
     try:
-        return int(compose("train", [f"experiment={preset}"]).train.steps)
+        return compose("train", [f"experiment={preset}"])
     except HydraException:
         raise FewshotError(f"experiment={preset}, which trained this run, is not a preset of "
                            "this fewshot; reproduce it with the fewshot that trained it") from None

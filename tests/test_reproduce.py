@@ -132,19 +132,22 @@ def test_what_cannot_be_reproduced_is_one_sentence(reproduced, cli, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
 
 
-def test_a_checkpoint_from_before_code_versions_says_not_recorded(reproduced, cli, tmp_path):
+def test_a_checkpoint_from_before_code_versions_and_figures_is_reproduced(reproduced, cli,
+                                                                          tmp_path):
+    """A preset's run trained before checkpoints kept the code version and the paper figures:
+    its code is "not recorded", its figures come from the preset it names."""
     run, _ = reproduced
     old = tmp_path / "old"
     old.mkdir()
-    (old / ".hydra").mkdir()
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(run / name)
-        del state["code"]
+        del state["code"], state["config"]["paper"]
         save_checkpoint(old / name, {k: v for k, v in state.items()
                                      if k not in ("format", "version")})
     ok(cli("reproduce", f"resume={old / 'last.pt'}"))
-    assert json.loads((old / "reproduction.json").read_text())["code"]["trained"] == \
-        "not recorded"
+    record = json.loads((old / "reproduction.json").read_text())
+    assert record["code"]["trained"] == "not recorded"
+    assert [f["paper"]["value"] for f in record["figures"]] == [98.8, 96.0]
     # resumed by this code: both versions, in order (and device=cpu, now auto.yaml with one key
     # changed, is composed the way Hydra composes it, not read as a file)
     ok(cli("train", f"resume={old / 'last.pt'}", "train.steps=6", "train.val_every=2",
