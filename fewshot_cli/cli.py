@@ -24,7 +24,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fewshot_cli.config import conf_dir
+from fewshot_cli.config import conf_dir, group_option
 from fewshot_cli.errors import FewshotError, Interrupted
 
 GROUPS = ("algo", "backbone", "dataset", "augment", "device", "experiment", "hparams_search")
@@ -82,6 +82,12 @@ def _report(cfg: DictConfig) -> None:
     report(cfg)
 
 
+def _reproduce(cfg: DictConfig) -> None:
+    from fewshot_cli.reproduce import reproduce
+
+    reproduce(cfg, train_new=_train, resume_run=resume)
+
+
 COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
     "train": (_train, "meta-train an algorithm; writes TensorBoard events, last.pt and best.pt"),
     "eval": (_eval, "test a checkpoint on fixed episodes: accuracy ± 95% CI, results.json"),
@@ -89,6 +95,8 @@ COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
                           "predictions.csv"),
     "data": (_data, "check a data set without training: splits, files, duplicates, leaks"),
     "report": (_report, "summarise a sweep folder: Markdown table, report.csv, report.png"),
+    "reproduce": (_reproduce, "train a paper preset and test it at the paper's shapes: paper "
+                              "against ours, reproduction.json"),
 }
 POSITIONAL = {"report": "dir"}
 
@@ -97,7 +105,7 @@ def usage() -> str:
     """The top-level help: commands, config groups and their options."""
     lines = ["usage: fewshot <command> [key=value ...] [-m for a sweep] [--help]", "",
              "commands:"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "config groups (choose with group=option):"]
     for group in GROUPS:
         options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
@@ -302,7 +310,7 @@ def resume(args: list[str]) -> float:
                 f"random state belong to its stored config; resume may change only "
                 f"{', '.join(RESUMABLE)}; start a new run for other settings")
         if key == "device":
-            cfg.device = OmegaConf.load(_group_file("device", str(o.value())))
+            cfg.device = group_option("device", _group_file("device", str(o.value())).stem)
         elif OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise FewshotError(f"resume cannot change {o.input_line}: the run's config has no "
                                f"{key}")

@@ -9,6 +9,7 @@ learning-rate schedule class of ``torch.optim``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,20 @@ def own_targets() -> frozenset[str]:
         for doc in docs:
             found.update(value for key, value in _items(doc) if key == "_target_")
     return frozenset(t for t in found if isinstance(t, str) and t.startswith("fewshot_cli."))
+
+
+def group_option(group: str, option: str) -> Any:
+    """``conf/<group>/<option>.yaml`` as Hydra composes it (following its defaults: cpu.yaml is
+    auto.yaml with one key changed), as a DictConfig of its own; the option must exist."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    inside_app = GlobalHydra.instance().is_initialized()  # fewshot reproduce runs in Hydra's app
+    with contextlib.nullcontext() if inside_app else initialize_config_dir(
+            str(conf_dir()), version_base="1.3"):
+        node = compose("train", [f"{group}={option}"])[group]
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
 
 
 def group_targets(group: str) -> dict[str, str]:

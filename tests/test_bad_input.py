@@ -387,24 +387,6 @@ def test_a_nan_loss_is_logged_in_the_run_and_keeps_the_last_good_checkpoint(cli,
 # ---------------------------------------------------------------- 6. the smaller things
 
 
-def test_every_omniglot_preset_runs_offline_on_glyphs(cli, tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from fewshot_cli.build import build_algorithm, build_dataset
-    from fewshot_cli.config import conf_dir
-
-    presets = sorted(p.stem for p in (conf_dir() / "experiment").glob("*omniglot*.yaml"))
-    assert len(presets) >= 16
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        for preset in presets:
-            cfg = compose("train", [f"experiment={preset}", "dataset=glyphs", "device=cpu"])
-            dataset = build_dataset(cfg)
-            build_algorithm(cfg, dataset.input_spec())
-    ok(cli("train", "experiment=maml_omniglot_5w1s", "dataset=glyphs", "backbone.hidden=8",
-           "dataset.classes.train=20", "train.meta_batch=2", "train.steps=2", "train.val_every=2",
-           "train.val_episodes=2", "device=cpu", f"hydra.run.dir={tmp_path / 'preset'}"))
-
-
 def test_hparams_name_the_variant_and_every_group(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2

@@ -205,20 +205,6 @@ def test_algo_configs_instantiate(name: str) -> None:
     assert algo.eval_inner_steps >= algo.inner_steps
 
 
-def test_presets_compose() -> None:
-    presets = sorted((REPO / "conf" / "experiment").glob("*.yaml"))
-    names = [p.stem for p in presets if p.stem.startswith(("maml_", "metasgd_"))]
-    assert len(names) == 12
-    has_mini = (REPO / "conf" / "dataset" / "miniimagenet.yaml").exists()
-    for name in names:
-        if "miniimagenet" in name and not has_mini:
-            continue
-        cfg = _compose([f"experiment={name}"])
-        assert cfg.algo._target_.endswith("maml.MAML")
-        ways, shots = name.rsplit("_", 1)[1].split("w")
-        assert (cfg.train.ways, cfg.train.shots) == (int(ways), int(shots.rstrip("s")))
-
-
 @pytest.mark.real_data
 def test_maml_learns_omniglot(omniglot_root: Path, cli, tmp_path: Path) -> None:
     if not (REPO / "fewshot_cli" / "data" / "omniglot.py").exists():

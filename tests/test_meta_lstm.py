@@ -160,15 +160,3 @@ def test_config_and_a_new_update_rule_is_one_yaml_key() -> None:
     cfg = _compose(["algo=meta_lstm", f"algo.update_rule={sgd}"])
     algo = instantiate(cfg.algo, backbone=Conv4(1, 16, hidden=4), ways=3)
     assert isinstance(algo.rule, SGD) and algo.rule.lr == 0.1
-
-
-def test_presets_compose() -> None:
-    names = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("meta_lstm_*.yaml"))
-    assert names == ["meta_lstm_miniimagenet_5w1s", "meta_lstm_miniimagenet_5w5s",
-                     "meta_lstm_omniglot_5w1s"]
-    for name in names:
-        cfg = _compose([f"experiment={name}"])
-        assert cfg.algo._target_.endswith("meta_lstm.MetaLSTM")
-        assert cfg.backbone.hidden == 32 and cfg.train.grad_clip == 0.25
-        ways, shots = name.rsplit("_", 1)[1].split("w")
-        assert (cfg.train.ways, cfg.train.shots) == (int(ways), int(shots.rstrip("s")))

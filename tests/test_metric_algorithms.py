@@ -229,25 +229,6 @@ def test_algorithms_build_from_the_config_tree(overrides):
     assert algo.ways == cfg.train.ways
 
 
-def presets() -> list[str]:
-    return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
-                  if p.stem.split("_")[0] in ("matching", "relation", "siamese"))
-
-
-@pytest.mark.parametrize("preset", presets())
-def test_presets_compose_and_build(preset):
-    algo_name, data_name, shape = preset.split("_")
-    if not (CONF / "dataset" / f"{data_name}.yaml").exists():
-        pytest.skip(f"conf/dataset/{data_name}.yaml is not there yet")
-    cfg = composed([f"experiment={preset}"])
-    assert cfg.algo._target_.split(".")[-2] == algo_name
-    ways, shots = (int(x) for x in shape.rstrip("s").split("w"))
-    assert (cfg.eval.ways, cfg.eval.shots) == (ways, shots)
-    channels = 3 if data_name == "miniimagenet" else 1
-    store = random_store(classes=2, images=2, size=cfg.dataset.image_size, channels=channels)
-    build_algorithm(cfg, store)
-
-
 # ---------------------------------------------------------------- the real CLI, end to end
 
 TINY = ["dataset=glyphs", "dataset.classes.train=20", "dataset.classes.val=8",

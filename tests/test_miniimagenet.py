@@ -1,5 +1,5 @@
-"""The miniImageNet reader: a tiny fake copy in each layout, the cache, bad input,
-the ProtoNet presets, and the real CLI trained and evaluated on each layout."""
+"""The miniImageNet reader: a tiny fake copy in each layout, the cache, bad input
+and the real CLI trained and evaluated on each layout."""
 
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from fewshot_cli.build import build_algorithm
 from fewshot_cli.data import images, miniimagenet
 from fewshot_cli.data.miniimagenet import MiniImageNet, encode_jpeg
 from fewshot_cli.data.splits import record_split
-from fewshot_cli.data.store import ClassStore
 from fewshot_cli.errors import FewshotError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,27 +228,7 @@ def test_bad_config_values_name_the_key():
         MiniImageNet("x", image_size=0)
 
 
-# ---------------------------------------------------------------- presets and the CLI
-
-
-def composed(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("train", overrides=overrides)
-
-
-@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment")
-                                          .glob("protonet_*.yaml")))
-def test_protonet_presets_compose_and_build(preset):
-    cfg = composed([f"experiment={preset}"])
-    assert cfg.algo._target_.endswith("protonet.ProtoNet")
-    shape = {"protonet_omniglot_lake_minimal": "20w1s"}.get(preset, preset.rsplit("_", 1)[1])
-    ways, shots = (int(x) for x in shape.rstrip("s").split("w"))
-    assert (cfg.eval.ways, cfg.eval.shots, cfg.train.shots) == (ways, shots, shots)
-    assert cfg.train.ways >= ways and cfg.train.scheduler.step_size == 2000
-    channels = 3 if "miniimagenet" in preset else 1
-    store = ClassStore(torch.zeros(2, 2, channels, cfg.dataset.image_size,
-                                   cfg.dataset.image_size, dtype=torch.uint8), ["a", "b"])
-    build_algorithm(cfg, store)
+# ---------------------------------------------------------------- the CLI
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -107,16 +107,6 @@ def test_rl2_chooses_its_gru(tmp_path):
     assert isinstance(algo.backbone, GRUPolicy) and algo.backbone.policy.out_features == 7
 
 
-@pytest.mark.parametrize(("preset", "arms", "pulls"), [("k5_n10", 5, 10), ("k10_n100", 10, 100),
-                                                      ("k50_n500", 50, 500)])
-def test_presets_compose_and_build(preset, arms, pulls):
-    cfg = composed(f"experiment=rl2_bandits_{preset}")
-    dataset = build_dataset(cfg)
-    assert (dataset.arms, dataset.pulls, cfg.eval.episodes) == (arms, pulls, 1000)
-    algo = build_algorithm(cfg, dataset.input_spec())
-    assert algo.backbone.hidden == 128 and algo.backbone.policy.out_features == arms
-
-
 # ---------------------------------------------------------------- the real CLI
 
 

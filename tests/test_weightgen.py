@@ -126,14 +126,3 @@ def test_config_picks_the_generator_by_name() -> None:
         instantiate(cfg.algo, backbone=Conv4(1, 28, hidden=8), ways=5)
     assert isinstance(error.value.__cause__, FewshotError)
     assert "algo.generator=lstm is unknown" in str(error.value.__cause__)
-
-
-def test_presets_compose() -> None:
-    names = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("weightgen_*.yaml"))
-    assert names == ["weightgen_miniimagenet_5w1s", "weightgen_miniimagenet_5w5s",
-                     "weightgen_omniglot_20w1s", "weightgen_omniglot_5w1s"]
-    for name in names:
-        cfg = _compose([f"experiment={name}"])
-        assert cfg.algo._target_.endswith("weightgen.WeightGen")
-        ways, shots = name.rsplit("_", 1)[1].split("w")
-        assert (cfg.eval.ways, cfg.eval.shots) == (int(ways), int(shots.rstrip("s")))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
+import subprocess
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,32 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
     except (OSError, RuntimeError) as err:
         raise write_failure(path, err, "the previous checkpoint there is unchanged") from None
+
+
+@functools.cache
+def code_version() -> dict[str, Any]:
+    """The code running now: ``{"commit": sha, "dirty": bool}`` when fewshot runs from a git
+    checkout (dirty: tracked files differ from the commit), else ``{"package": version}``.
+    Checkpoints record it under ``"code"``, so a figure names the code that trained it."""
+    repo = Path(__file__).resolve().parents[2]
+    git = ["git", "-C", str(repo)]
+    try:
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10)
+        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == repo:
+            sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=10, check=True).stdout.strip()
+            changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=30, check=True)
+            return {"commit": sha, "dirty": bool(changed.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git on this machine: an installed package names its version
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {"package": version("fewshot")}
+    except PackageNotFoundError:
+        return {"package": "unknown"}
 
 
 def _unreadable(path: Path, err: BaseException) -> str:

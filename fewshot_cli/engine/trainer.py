@@ -18,7 +18,7 @@ from fewshot_cli.build import (
     build_optimizer,
 )
 from fewshot_cli.data.splits import record_split
-from fewshot_cli.engine.checkpoint import save_checkpoint
+from fewshot_cli.engine.checkpoint import code_version, save_checkpoint
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.metrics import mean_ci95, score_tasks
 from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch
@@ -50,6 +50,7 @@ class MetaTrainer:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.algo)
         self.step = 0
         self.best = {"score": -math.inf, "ci95": math.nan, "step": 0}
+        self.code = [code_version()]  # every version of the code that trained this run, in order
         # The first step whose loss was not finite, kept on the device so that steps which do
         # not log never wait for it; -1 while every loss has been finite.
         self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -128,6 +129,7 @@ class MetaTrainer:
                     "sampler": self.train_tasks.generator.get_state(),
                     "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
             "inputs": self.inputs,
+            "code": self.code,
             "best": {"accuracy" if self.algo.score_name == "accuracy" else "score":
                      self.best["score"], "ci95": self.best["ci95"], "step": self.best["step"],
                      "metric": self.algo.score_name},
@@ -145,6 +147,9 @@ class MetaTrainer:
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         best = state["best"]
+        trained_by = list(state.get("code") or ["not recorded"])  # saved before it was kept
+        now = code_version()
+        self.code = trained_by if trained_by[-1] == now else [*trained_by, now]
         self.step = state["step"]
         self.best = {"score": best.get("score", best.get("accuracy")), "ci95": best["ci95"],
                      "step": best["step"]}

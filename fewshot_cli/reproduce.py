@@ -1,0 +1,278 @@
+"""``fewshot reproduce experiment=NAME [key=value ...]``: meta-train a paper preset (or continue
+it with ``resume=<run>/last.pt``; a finished run is only evaluated), test its best checkpoint at
+every shape the paper reports, and set the paper's figures against ours with a verdict.
+
+A preset's ``paper`` block (``conf/experiment/base/*.yaml``) holds the figures, per test shape
+(``5w1s``; ``k5_n10`` for bandits), and the preset's ``paper.shapes`` the shapes its model is
+tested at. The run's folder gets ``reproduction.json`` (format: ``reproductions/README.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from fewshot_cli.config import conf_dir
+from fewshot_cli.errors import FewshotError
+from fewshot_cli.files import atomic_write_text
+
+SHAPE = re.compile(r"(\d+)w(\d+)s")  # "20w1s": 20-way 1-shot; other shapes keep the stored eval
+RECORD = "reproduction.json"
+
+
+def reproduce(cfg: DictConfig, train_new: Callable[[DictConfig], Any],
+              resume_run: Callable[[list[str]], Any]) -> dict[str, Any]:
+    """Train (``train_new``: the train command's task) or continue (``resume_run``: the train
+    command's ``resume=`` path) the preset of ``cfg``, then evaluate and record it.
+
+    Returns the record written to ``<run>/reproduction.json``. Raises FewshotError when no paper
+    preset is given, when ``resume=`` names a run of another preset or one trained without
+    a preset, and for every error of training and evaluation.
+    """
+    from fewshot_cli.engine.run_folder import discard_if_empty
+
+    hydra_cfg = HydraConfig.get()
+    out, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        raise FewshotError("fewshot reproduce runs one preset at a time; run it once per preset "
+                           "instead of with -m")
+    started = time.perf_counter()
+    if cfg.get("resume"):
+        discard_if_empty(out)  # the folder Hydra claimed: the run continues in its own
+        run_dir = _continue(Path(str(cfg.resume)), overrides, resume_run)
+    else:
+        try:
+            _require_preset(cfg)
+        except FewshotError:
+            discard_if_empty(out)
+            raise
+        train_new(cfg)
+        run_dir = out
+    train_s = time.perf_counter() - started
+    return evaluate_and_record(run_dir, cfg, overrides, train_s)
+
+
+def _require_preset(cfg: DictConfig) -> None:
+    """Refuse, before anything is trained, a config that is not a paper preset (no
+    experiment=, or one of the bases the presets build on, which names no test shape)."""
+    if not (cfg.get("paper") or {}).get("shapes"):
+        presets = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+        raise FewshotError("fewshot reproduce needs experiment=NAME, a paper preset: one of "
+                           f"{', '.join(presets)}")
+
+
+def _continue(ckpt: Path, overrides: list[str], resume_run: Callable[[list[str]], Any]) -> Path:
+    """Continue the run of ``ckpt`` (to its train.steps or the one given) and return its
+    folder; a run already at its steps is left as it is."""
+    from fewshot_cli.engine.checkpoint import load_checkpoint
+
+    stored = load_checkpoint(ckpt)["config"]
+    trained = (stored.get("choices") or {}).get("experiment")
+    asked = HydraConfig.get().runtime.choices.get("experiment")
+    if trained is None:
+        raise FewshotError(f"{ckpt} was not trained from a paper preset, so there is nothing to "
+                           "compare it with; test it with fewshot eval ckpt=... instead")
+    if asked is not None and asked != trained:
+        raise FewshotError(f"{ckpt} was trained with experiment={trained}, not experiment="
+                           f"{asked}; drop experiment= to continue it, or drop resume= to start "
+                           f"a new run of {asked}")
+    resume_run([o for o in overrides if not o.startswith("experiment=")])
+    return ckpt.expanduser().resolve().parent
+
+
+# ---------------------------------------------------------------- evaluation and the record
+
+
+def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str],
+                        train_s: float) -> dict[str, Any]:
+    """Test ``run_dir/best.pt`` at every shape of its preset's ``paper.shapes``, print paper
+    against ours and write ``reproduction.json`` (atomically, once everything is measured)."""
+    from fewshot_cli.engine.checkpoint import code_version, load_checkpoint
+
+    best = run_dir / "best.pt"
+    state = load_checkpoint(best)
+    preset = state["config"]["choices"]["experiment"]
+    now = preset_config(preset)
+    # A checkpoint written before presets carried their figures takes them from the preset.
+    paper = state["config"].get("paper") or OmegaConf.to_container(now.paper)
+    steps = {"done": load_checkpoint(run_dir / "last.pt")["step"], "planned": now.train.steps}
+    changed = changes(run_dir, overrides)
+    started = time.perf_counter()
+    figures = [figure(shape, (paper.get("figures") or {}).get(shape),
+                      _evaluate(best, shape, cfg, overrides), **steps, changed=changed)
+               for shape in paper["shapes"]]
+    record = {
+        "preset": preset, "cite": paper.get("cite"), "run": str(run_dir),
+        "command": " ".join(["fewshot reproduce", *overrides]),
+        "checkpoint": {"file": best.name, "step": state["step"]}, "steps": steps,
+        "changed": changed, "figures": figures,
+        "differences": list(paper.get("differences") or []),
+        "wall_s": {"train": round(train_s, 1), "eval": round(time.perf_counter() - started, 1)},
+        "hardware": hardware(cfg.device.type), "torch": _torch_version(),
+        "code": {"trained": state.get("code") or "not recorded", "evaluated": code_version()},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = run_dir / RECORD
+    atomic_write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", path)
+    print(table(record))
+    print(f"reproduction written to {path}")
+    return record
+
+
+def preset_config(preset: str) -> DictConfig:
+    """``experiment=preset`` as the config tree composes it now (its steps, its paper)."""
+    try:
+        return compose("train", [f"experiment={preset}"])
+    except HydraException:
+        raise FewshotError(f"experiment={preset}, which trained this run, is not a preset of "
+                           "this fewshot; reproduce it with the fewshot that trained it") from None
+
+
+def _evaluate(best: Path, shape: str, cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """``fewshot eval`` of ``best`` at ``shape`` on this command's device: its result entry."""
+    from fewshot_cli.evaluate import evaluate
+
+    ev = compose("eval")
+    ev.ckpt, ev.device = str(best), cfg.device
+    if match := SHAPE.fullmatch(shape):
+        ev.eval.ways, ev.eval.shots = int(match[1]), int(match[2])
+    if any(o.startswith("dataset.root=") for o in overrides):
+        ev.dataset.root = cfg.dataset.root
+    return evaluate(ev)
+
+
+def changes(run_dir: Path, overrides: list[str]) -> list[str]:
+    """The overrides, of the command that started the run (its ``.hydra/overrides.yaml``) and of
+    this one, that make the run differ from its preset in more than its length, its seed, where
+    it computes or how its validation and test are batched (the keys resume= may change)."""
+    from omegaconf import OmegaConf
+
+    from fewshot_cli.cli import RESUMABLE
+
+    started = run_dir / ".hydra" / "overrides.yaml"
+    first = [str(o) for o in OmegaConf.load(started)] if started.is_file() else []
+    neutral = {*RESUMABLE, "experiment", "resume", "seed"}
+    return [o for o in dict.fromkeys([*first, *overrides])
+            if o.split("=", 1)[0].lstrip("+~") not in neutral]
+
+
+def figure(shape: str, paper: Mapping[str, Any] | None, result: Mapping[str, Any], done: int,
+           planned: int, changed: Sequence[str] = ()) -> dict[str, Any]:
+    """One row of the record: the paper's figure, ours (accuracies in %), and the verdict,
+    which says first whether the run was changed from its preset or shortened."""
+    metric = result.get("metric", "accuracy")
+    scale = 100.0 if metric == "accuracy" else 1.0
+    ci = result.get("ci95")
+    ours = {"value": round(scale * result[metric], 4),
+            "ci95": None if ci is None else round(scale * ci, 4),
+            "episodes": result.get("episodes"), "queries": result.get("queries"),
+            "seed": result.get("seed")}
+    found = verdict(paper, ours, "points" if metric == "accuracy" else "")
+    if done < planned:
+        found = {**found, "shortened": True,
+                 "text": f"shortened ({done} of {planned} steps): {found['text']}"}
+    if changed:
+        found = {**found, "changed": True,
+                 "text": f"changed from the preset ({' '.join(changed)}); {found['text']}"}
+    return {"shape": shape, "metric": metric, "paper": dict(paper) if paper else None,
+            "ours": ours, "verdict": found}
+
+
+def verdict(paper: Mapping[str, Any] | None, ours: Mapping[str, Any],
+            unit: str = "points") -> dict[str, Any]:
+    """Ours against the paper's figure, both ``{"value", "ci95"}`` in the same unit (accuracy in
+    %, so gaps are percentage points; a missing CI counts as zero width).
+
+    ``kind`` is "inside" (our mean within the paper's interval), "overlap" (the two intervals
+    overlap), "below" or "above" (apart; ``text`` says by how much), or "no paper figure".
+    """
+    if not paper or paper.get("value") is None:
+        return {"kind": "no paper figure", "gap": None, "text": "no paper figure"}
+    gap = ours["value"] - paper["value"]
+    amount = f"{abs(gap):.2f}{' ' + unit if unit else ''}"
+    side = f"ours {amount} {'below' if gap < 0 else 'above'}"
+    paper_ci, our_ci = paper.get("ci95"), ours.get("ci95") or 0.0
+    if paper_ci is not None and abs(gap) <= paper_ci:
+        kind, text = "inside", f"inside the paper's interval ({side})"
+    elif abs(gap) <= (paper_ci or 0.0) + our_ci:
+        kind = "overlap"
+        text = f"CIs overlap ({side})" if paper_ci is not None else \
+            f"the paper's figure is inside our CI ({side})"
+    else:
+        kind = "below" if gap < 0 else "above"
+        text = f"{kind} the paper by {amount}"
+    return {"kind": kind, "gap": round(gap, 4), "text": text}
+
+
+def table(record: Mapping[str, Any]) -> str:
+    """What the command prints: the run, then paper against ours, one test shape a row."""
+    steps, ckpt = record["steps"], record["checkpoint"]
+    lines = [f"{record['preset']}: {record['cite']}",
+             f"{ckpt['file']} from step {ckpt['step']}; {steps['done']} of {steps['planned']} "
+             f"steps trained; training {record['wall_s']['train']:.0f} s, evaluation "
+             f"{record['wall_s']['eval']:.0f} s", "",
+             "| test | paper | ours (95% CI) | episodes | verdict |", "|---|---:|---:|---:|---|"]
+    for row in record["figures"]:
+        lines.append(f"| {row['shape']} | {shown(row['paper'])} | {shown(row['ours'], 2)} | "
+                     f"{row['ours']['episodes']} | {row['verdict']['text']} |")
+    if record["differences"]:
+        lines += ["", "known protocol differences:", *(f"- {d}" for d in record["differences"])]
+    return "\n".join(lines)
+
+
+def shown(figure: Mapping[str, Any] | None, decimals: int | None = None,
+          unverified: str = " (unverified)") -> str:
+    """``98.70 ± 0.40``: a figure and its CI, a paper's in the precision it was given (or
+    ``decimals``); ``—`` for none; ``unverified`` appended to a figure not verified."""
+    if not figure or figure.get("value") is None:
+        return "—"
+    numbers = [figure["value"]] + ([figure["ci95"]] if figure.get("ci95") is not None else [])
+    if decimals is None:  # YAML keeps 48.70 as 48.7: the CI's 1.84 says two decimals
+        decimals = max(len(repr(float(x)).partition(".")[2]) for x in numbers)
+    text = " ± ".join(f"{x:.{decimals}f}" for x in numbers)
+    return text + (unverified if figure.get("verified") is False else "")
+
+
+def hardware(device_type: str) -> dict[str, Any]:
+    """The machine this command ran on: CPU model, its cores (and those this process may use),
+    torch's thread count, the GPU when it computed on one, and the load average at the end."""
+    import torch
+
+    from fewshot_cli.engine.runtime import resolve_device
+
+    device = resolve_device(device_type)
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(),
+            "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": device.type,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__

@@ -1,0 +1,141 @@
+"""Every paper preset: it composes as the CLI composes it, its episode shape is the one its
+name says, its full config is the one it composed to before the presets became diffs over family
+bases (tests/data/presets_before.json) but for the intended differences, it states only what
+differs from its base, its paper figures are well-formed data, and it builds its data set and
+algorithm (an Omniglot preset on the offline glyphs too). Also: the device options, the preset
+files' length, `fewshot --help` and the README's generated preset table."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+from presets_compose import composed
+
+from fewshot_cli.build import build_algorithm, build_dataset
+from fewshot_cli.config import conf_dir, group_option
+
+EXPERIMENTS = conf_dir() / "experiment"
+PRESETS = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+BEFORE = json.loads((REPO / "tests" / "data" / "presets_before.json").read_text())
+# The only keys whose values may differ from the snapshot: the paper data each preset gained.
+INTENDED = {"paper"}
+# The test shape a name does not spell as its last part.
+NAME_SHAPES = {"protonet_omniglot_lake_minimal": "20w1s"}
+# Presets that train on other episodes than they test on, as their papers do: ProtoNet (Snell et
+# al. 2017: 60-way on Omniglot, 30/20-way on miniImageNet; weightgen's Omniglot recipe is
+# ProtoNet's) and Siamese Networks (Koch et al. 2015: pairs from 16 classes x 4 images).
+TRAIN_SHAPES = {
+    **{f"protonet_omniglot_{s}": (60, int(s[-2])) for s in ("5w1s", "5w5s", "20w1s", "20w5s")},
+    "protonet_omniglot_lake_minimal": (60, 1),
+    "protonet_miniimagenet_5w1s": (30, 1), "protonet_miniimagenet_5w5s": (20, 5),
+    "weightgen_omniglot_5w1s": (60, 1), "weightgen_omniglot_20w1s": (60, 1),
+    **{f"siamese_{d}_{s}": (16, 1) for d in ("omniglot", "miniimagenet")
+       for s in ("5w1s", "5w5s", "20w1s", "20w5s")},
+}
+FIGURE_KEYS = {"value", "ci95", "read", "verified"}
+
+
+def name_shape(preset: str) -> str:
+    return NAME_SHAPES.get(preset) or re.search(r"(\d+w\d+s|k\d+_n\d+)$", preset)[0]
+
+
+def leaves(node: object, prefix: str = "") -> dict[str, object]:
+    """``{"train.ways": 5, ...}`` of nested mappings."""
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip("."): node}
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        out.update(leaves(value, f"{prefix}{key}."))
+    return out
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset(preset):
+    cfg = composed([f"experiment={preset}"])
+    data = cfg["choices"]["dataset"]
+    # (a) the episode shape against the name
+    shape = name_shape(preset)
+    if match := re.fullmatch(r"(\d+)w(\d+)s", shape):
+        ways, shots = int(match[1]), int(match[2])
+        assert (cfg["eval"]["ways"], cfg["eval"]["shots"]) == (ways, shots)
+        train = (cfg["train"]["ways"], cfg["train"]["shots"])
+        assert train == TRAIN_SHAPES.get(preset, (ways, shots))
+    else:
+        arms, pulls = (int(x) for x in re.findall(r"\d+", shape))
+        assert (cfg["dataset"]["arms"], cfg["dataset"]["pulls"]) == (arms, pulls)
+    assert preset.startswith(f"{cfg['choices']['algo']}_{data.split('_')[0]}_")
+    assert cfg["choices"]["experiment"] == preset
+    # (b) nothing changed since the presets became diffs, but what was meant
+    before = BEFORE[f"experiment={preset}"]
+    assert {k: v for k, v in cfg.items() if k not in INTENDED} == before
+    # (c) the preset states only what differs from its base
+    own = yaml.safe_load((EXPERIMENTS / f"{preset}.yaml").read_text())
+    bases = [d for d in own.pop("defaults") if isinstance(d, str)]
+    assert len(bases) == 1 and bases[0].startswith("base/"), "a preset builds on one base"
+    base = leaves(composed([f"experiment={bases[0]}", f"dataset={data}"]))
+    restated = [k for k, v in leaves(own).items() if base.get(k, "<none>") == v]
+    assert not restated, f"{preset} restates what its base gives: {restated}"
+    # (d) the paper's figures as data, for the shapes the preset is tested at
+    paper = cfg["paper"]
+    assert isinstance(paper["cite"], str) and paper["metric"] in ("accuracy", "total_reward")
+    assert shape == paper["shapes"][0], "the preset's own shape is the first it is tested at"
+    for test_shape in paper["shapes"]:
+        assert re.fullmatch(r"\d+w\d+s|k\d+_n\d+", test_shape)
+    for figure in (paper["figures"] or {}).values():
+        assert set(figure) == FIGURE_KEYS and isinstance(figure["value"], (int, float))
+        assert figure["ci95"] is None or figure["ci95"] > 0
+        assert figure["read"] and isinstance(figure["verified"], bool)
+    assert all(isinstance(d, str) for d in paper["differences"])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_builds_its_data_set_and_algorithm(preset):
+    """Before any image is decoded; an Omniglot preset also on the offline glyphs, the tool's
+    stand-in for Omniglot in the tests (its dataset keys must fit both)."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [[f"experiment={preset}"]]
+    if "omniglot" in preset:
+        overrides.append([f"experiment={preset}", "dataset=glyphs"])
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        for args in overrides:
+            cfg = compose("train", [*args, "device=cpu"])
+            build_algorithm(cfg, build_dataset(cfg).input_spec())
+
+
+def test_presets_are_short_diffs():
+    lengths = [len((EXPERIMENTS / f"{p}.yaml").read_text().splitlines()) for p in PRESETS]
+    assert statistics.median(lengths) <= 15, lengths
+    assert set(BEFORE) == {f"experiment={p}" for p in PRESETS} | {
+        f"device={d}" for d in ("auto", "cpu", "cuda")}, "a preset was added or removed"
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda"])
+def test_device_options_are_auto_with_one_key_changed(device):
+    cfg = composed([f"device={device}"])
+    assert cfg == BEFORE[f"device={device}"]
+    assert group_option("device", device) == cfg["device"]  # what resume= device=... loads
+
+
+def test_help_lists_presets_but_not_their_bases():
+    from fewshot_cli.cli import usage
+
+    line = next(x for x in usage().splitlines() if x.strip().startswith("experiment="))
+    listed = line.split("=", 1)[1].strip().split(", ")
+    bases = {p.stem for p in (EXPERIMENTS / "base").glob("*.yaml")}
+    assert listed == PRESETS and not bases & set(listed)
+    assert not any(option.startswith("base") for option in listed)
+
+
+def test_readme_preset_table_is_the_generated_one():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import preset_table
+
+    assert preset_table.readme_block((REPO / "README.md").read_text()) == preset_table.render(), \
+        "run: python scripts/preset_table.py --write"

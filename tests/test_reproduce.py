@@ -1,0 +1,177 @@
+"""``fewshot reproduce``: the verdict logic, and the real CLI on the generated glyphs: a shortened,
+changed run of a paper preset prints paper against ours with its verdicts and writes every field
+of reproduction.json; a finished run is only evaluated; what cannot be reproduced is one
+sentence; checkpoints record the code that trained them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from test_bad_input import ok, one_sentence
+
+from fewshot_cli.engine.checkpoint import code_version, load_checkpoint, save_checkpoint
+from fewshot_cli.reproduce import figure, verdict
+
+# A 5-way 1-shot ProtoNet Omniglot preset run, shortened and shrunk to seconds on the glyphs.
+TINY = ["experiment=protonet_omniglot_5w1s", "dataset=glyphs", "dataset.classes.train=20",
+        "dataset.classes.val=20", "dataset.classes.test=20", "backbone.hidden=8",
+        "train.ways=5", "train.steps=4", "train.val_every=4", "train.val_episodes=4",
+        "eval.episodes=8", "device=cpu"]
+RECORD_KEYS = {"preset", "cite", "run", "command", "checkpoint", "steps", "changed", "figures",
+               "differences", "wall_s", "hardware", "torch", "code", "date"}
+
+
+# ---------------------------------------------------------------- the verdict
+
+
+@pytest.mark.parametrize("paper, ours, kind, text", [
+    ({"value": 98.7, "ci95": 0.4}, {"value": 98.5, "ci95": 0.3}, "inside",
+     "inside the paper's interval (ours 0.20 points below)"),
+    ({"value": 98.7, "ci95": 0.4}, {"value": 98.0, "ci95": 0.5}, "overlap",
+     "CIs overlap (ours 0.70 points below)"),
+    ({"value": 98.8, "ci95": None}, {"value": 98.6, "ci95": 0.3}, "overlap",
+     "the paper's figure is inside our CI (ours 0.20 points below)"),
+    ({"value": 98.7, "ci95": 0.4}, {"value": 96.0, "ci95": 0.5}, "below",
+     "below the paper by 2.70 points"),
+    ({"value": 49.42, "ci95": 0.78}, {"value": 52.0, "ci95": 0.7}, "above",
+     "above the paper by 2.58 points"),
+    ({"value": 98.8, "ci95": None}, {"value": 98.8, "ci95": None}, "overlap",
+     "the paper's figure is inside our CI (ours 0.00 points above)"),
+    (None, {"value": 90.0, "ci95": 0.5}, "no paper figure", "no paper figure"),
+])
+def test_verdict(paper, ours, kind, text):
+    found = verdict(paper, ours)
+    assert (found["kind"], found["text"]) == (kind, text)
+
+
+def test_a_shortened_or_changed_run_says_so_first():
+    result = {"metric": "accuracy", "accuracy": 0.96, "ci95": 0.005, "episodes": 600}
+    paper = {"value": 98.7, "ci95": 0.4, "read": "Table 1", "verified": True}
+    row = figure("5w1s", paper, result, done=50, planned=60000)
+    assert row["verdict"]["text"] == "shortened (50 of 60000 steps): below the paper by 2.70 points"
+    assert row["ours"] == {"value": 96.0, "ci95": 0.5, "episodes": 600, "queries": None,
+                           "seed": None}
+    row = figure("5w1s", paper, result, done=60000, planned=60000, changed=["train.lr=0.01"])
+    assert row["verdict"]["text"].startswith("changed from the preset (train.lr=0.01); below")
+    reward = figure("k5_n10", {"value": 6.7, "ci95": None}, {"metric": "total_reward",
+                    "total_reward": 6.5, "ci95": 0.1, "episodes": 1000}, 3000, 3000)
+    assert reward["verdict"]["text"] == "below the paper by 0.20"
+
+
+# ---------------------------------------------------------------- the real CLI
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """A run made by ``fewshot reproduce``: its folder and the command's output."""
+    from conftest import run_cli
+
+    root = tmp_path_factory.mktemp("reproduce")
+    run = root / "run"
+    done = ok(run_cli(["reproduce", *TINY, f"hydra.run.dir={run}"], root))
+    return run, done.stdout
+
+
+def test_reproduce_prints_paper_against_ours_and_records_everything(reproduced):
+    run, out = reproduced
+    assert "| test | paper | ours (95% CI) | episodes | verdict |" in out
+    for shape, paper in (("5w1s", "98.8"), ("20w1s", "96.0")):
+        assert f"| {shape} | {paper} |" in out
+    assert out.count("changed from the preset (dataset=glyphs") == 2
+    assert out.count("shortened (4 of 20000 steps)") == 2
+    record = json.loads((run / "reproduction.json").read_text())
+    assert set(record) == RECORD_KEYS
+    assert record["preset"] == "protonet_omniglot_5w1s" and record["run"] == str(run)
+    assert record["steps"] == {"done": 4, "planned": 20000}
+    assert record["checkpoint"] == {"file": "best.pt", "step": 4}
+    assert record["changed"][0] == "dataset=glyphs" and "train.steps=4" not in record["changed"]
+    assert [f["shape"] for f in record["figures"]] == ["5w1s", "20w1s"]
+    for row, paper in zip(record["figures"], (98.8, 96.0), strict=True):
+        assert row["paper"]["value"] == paper and row["paper"]["verified"] is True
+        assert 0 <= row["ours"]["value"] <= 100 and row["ours"]["episodes"] == 8
+        assert row["verdict"]["shortened"] and row["verdict"]["changed"]
+    assert record["differences"] and record["cite"].startswith("Snell")
+    assert record["wall_s"]["train"] > 0 and record["wall_s"]["eval"] > 0
+    assert set(record["hardware"]) == {"cpu", "cores", "cores_usable", "torch_threads",
+                                       "device", "gpu", "load_average"}
+    assert record["hardware"]["device"] == "cpu" and record["hardware"]["gpu"] is None
+    assert record["code"] == {"trained": [code_version()], "evaluated": code_version()}
+    assert load_checkpoint(run / "last.pt")["code"] == [code_version()]
+
+
+def test_resuming_a_finished_run_only_evaluates_it(reproduced, cli, tmp_path):
+    run, _ = reproduced
+    before = {name: digest(run / name) for name in ("last.pt", "best.pt")}
+    done = ok(cli("reproduce", f"resume={run / 'last.pt'}"))
+    assert "nothing to do" in done.stdout and "shortened (4 of 20000 steps)" in done.stdout
+    assert {name: digest(run / name) for name in before} == before
+    record = json.loads((run / "reproduction.json").read_text())
+    assert record["command"] == f"fewshot reproduce resume={run / 'last.pt'}"
+    assert record["changed"][0] == "dataset=glyphs"  # from the command that started the run
+    assert not any(tmp_path.iterdir()), "the folder Hydra claimed for the command was left"
+
+
+def test_what_cannot_be_reproduced_is_one_sentence(reproduced, cli, tmp_path):
+    run, _ = reproduced
+    for args in ([], ["experiment=base/protonet_omniglot"]):
+        one_sentence(cli("reproduce", *args, "train.steps=5"), "needs experiment=NAME",
+                     "protonet_omniglot_5w1s")
+    one_sentence(cli("reproduce", "experiment=maml_omniglot_5w1s", f"resume={run / 'last.pt'}"),
+                 "trained with experiment=protonet_omniglot_5w1s", "drop experiment=")
+    plain = tmp_path / "plain"
+    ok(cli("train", *TINY[1:], "train.steps=2", "train.val_every=2", f"hydra.run.dir={plain}"))
+    one_sentence(cli("reproduce", f"resume={plain / 'last.pt'}"),
+                 "was not trained from a paper preset", "fewshot eval")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
+def test_a_checkpoint_from_before_code_versions_and_figures_is_reproduced(reproduced, cli,
+                                                                          tmp_path):
+    """A preset's run trained before checkpoints kept the code version and the paper figures:
+    its code is "not recorded", its figures come from the preset it names."""
+    run, _ = reproduced
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(run / name)
+        del state["code"], state["config"]["paper"]
+        save_checkpoint(old / name, {k: v for k, v in state.items()
+                                     if k not in ("format", "version")})
+    ok(cli("reproduce", f"resume={old / 'last.pt'}"))
+    record = json.loads((old / "reproduction.json").read_text())
+    assert record["code"]["trained"] == "not recorded"
+    assert [f["paper"]["value"] for f in record["figures"]] == [98.8, 96.0]
+    # resumed by this code: both versions, in order (and device=cpu, now auto.yaml with one key
+    # changed, is composed the way Hydra composes it, not read as a file)
+    ok(cli("train", f"resume={old / 'last.pt'}", "train.steps=6", "train.val_every=2",
+           "device=cpu"))
+    state = load_checkpoint(old / "last.pt")
+    assert state["code"] == ["not recorded", code_version()]
+    assert state["config"]["device"] == {"type": "cpu", "precision": "fp32",
+                                         "memory_format": "auto"}
+
+
+def test_a_record_added_to_reproductions_shows_in_the_table(reproduced, tmp_path, monkeypatch):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import preset_table
+
+    run, _ = reproduced
+    monkeypatch.setattr(preset_table, "RECORDS", tmp_path)
+    folder = preset_table.add(run)
+    assert folder == tmp_path / "protonet_omniglot_5w1s"
+    assert json.loads((folder / "reproduction.json").read_text())["preset"] == folder.name
+    assert (folder / "validation.log").read_text().count("step 4: val accuracy") == 1
+    rows = [r for r in preset_table.render().splitlines() if "`protonet_omniglot_5w1s`" in r]
+    assert len(rows) == 2 and all("(8 episodes)" in r and "shortened (4 of 20000" in r
+                                  for r in rows)
