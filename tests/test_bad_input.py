@@ -461,3 +461,59 @@ def test_bench_maml_dependencies_are_installed():
     text = (REPO / "pyproject.toml").read_text()
     assert "psutil" in text
     __import__("psutil")
+
+
+# ---------------------------------------------------------------- 7. a result is never lost
+
+
+@pytest.mark.parametrize("content", [b'{"best.pt": {"5-way', b'{"best.pt": []}'])
+def test_eval_prints_its_figure_and_keeps_it_beside_a_results_file_it_cannot_merge_into(
+        cli, run, content):
+    """Issue 19.10: a corrupt results.json made eval drop its figure, [] gave a traceback."""
+    (run / "results.json").write_bytes(content)
+    proc = ok(cli("eval", f"ckpt={run / 'best.pt'}"))
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    figure = next(i for i, line in enumerate(lines) if "test accuracy" in line)
+    moved = next(i for i, line in enumerate(lines) if "could not be merged into" in line)
+    assert figure < moved, proc.stdout  # the figure first, whatever happens to the file
+    aside, = run.glob("results.json.corrupt-*")
+    assert aside.name in lines[moved] and aside.read_bytes() == content
+    assert len(eval_result(run, 5, 1, episodes=8)) > 0
+
+
+def test_eval_that_cannot_write_its_result_has_printed_it_first(cli, run):
+    immutable = subprocess.run(["chattr", "+i", str(run)], capture_output=True).returncode == 0
+    if not immutable:
+        if os.geteuid() == 0:
+            pytest.skip("chattr is not available and root ignores permission bits")
+        run.chmod(0o555)
+    try:
+        proc = cli("eval", f"ckpt={run / 'best.pt'}")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(run)], capture_output=True)
+        run.chmod(0o755)
+    one_sentence(proc, "could not write", "results.json", "the figure above was not saved")
+    assert "5-way 1-shot (3 queries) test accuracy" in proc.stdout
+    assert not (run / "results.json").exists()
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage", b"[]", b'{"best.pt": []}'])
+def test_report_names_a_run_whose_results_cannot_be_read_and_reports_the_rest(
+        cli, trained, tmp_path, content):
+    """Issue 19.10: one corrupt results.json made fewshot report fail for the whole folder."""
+    sweep = tmp_path / "sweep"
+    for n in ("0", "1"):
+        shutil.copytree(trained, sweep / n)
+    config = OmegaConf.load(sweep / "1" / ".hydra" / "config.yaml")
+    config.seed = 1  # another run, not a repeat of the first
+    OmegaConf.save(config, sweep / "1" / ".hydra" / "config.yaml")
+    ok(cli("eval", f"ckpt={sweep / '1' / 'best.pt'}"))
+    (sweep / "0" / "results.json").write_bytes(content)
+    proc = ok(cli("report", str(sweep)))
+    assert "Traceback" not in proc.stderr
+    note, = [line for line in proc.stdout.splitlines() if line.startswith("- 0: ")]
+    assert "results.json" in note and "left out" in note, proc.stdout
+    own = eval_result(sweep / "1", 5, 1)["accuracy"]
+    assert "| 2 of 2 | 4 | " in proc.stdout and f"| {100 * own:.2f} |" in proc.stdout

@@ -116,8 +116,8 @@ def maml(tmp_path_factory) -> Path:
     """A default MAML checkpoint (algo.batchnorm=task, 2 ways) trained a few steps."""
     folder = tmp_path_factory.mktemp("maml")
     data = make_image_folder(folder / "data", SHAPES)
-    ok(run_cli(["train", *TRAIN, "algo=maml", "train.meta_batch=2", f"dataset.root={data}",
-                f"hydra.run.dir={folder / 'run'}"], folder))
+    ok(run_cli(["train", *TRAIN, "algo=maml", "train.meta_batch=2", "algo.eval_inner_steps=1",
+                f"dataset.root={data}", f"hydra.run.dir={folder / 'run'}"], folder))
     return folder / "run" / "best.pt"
 
 
@@ -147,8 +147,7 @@ def test_a_maml_answer_does_not_depend_on_the_other_query_files(cli, maml, tmp_p
     together = probabilities(query)
     assert probabilities(files[3]) == pytest.approx({files[3].name: together[files[3].name]},
                                                     abs=1e-5)
-    for batch in ("batch=1", "batch=4"):
-        assert probabilities(query, batch) == pytest.approx(together, abs=1e-5)
+    assert probabilities(query, "batch=1") == pytest.approx(together, abs=1e-5)
     # The same files among others, in another order (names decide the order): the three
     # brightest and darkest of another image set join them.
     mixed = tmp_path / "mixed"
