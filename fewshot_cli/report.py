@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.errors import FewshotError
@@ -48,7 +48,7 @@ class Run:
 
     path: Path
     overrides: dict[str, str]                  # the run's key=value command-line overrides
-    status: str = "done"                       # done | unfinished | failed | resume
+    status: str = "done"                       # done | unfinished | failed | resume | unreadable
     note: str = ""                             # why it is not done
     step: int | None = None                    # steps done: the latest checkpoint's step
     steps: int | None = None                   # steps configured (train.steps)
@@ -145,11 +145,17 @@ def read_run(path: Path) -> Run:
     hydra = path / ".hydra"
     try:
         config = OmegaConf.load(hydra / "config.yaml")
-        overrides = [str(o) for o in OmegaConf.load(hydra / "overrides.yaml")] \
+        listed = OmegaConf.load(hydra / "overrides.yaml") \
             if (hydra / "overrides.yaml").is_file() else []
+        if not isinstance(config, DictConfig) or "train" not in config or \
+                not isinstance(listed, (ListConfig, list)):
+            raise ValueError("config.yaml is not a fewshot train config or overrides.yaml "
+                             "not a list")
+        overrides = [str(o) for o in listed]
     except Exception as err:  # noqa: BLE001 - OmegaConf and YAML raise many kinds
         run = Run(path, {}, status="unreadable")
         run.note = f"its .hydra files cannot be read ({str(err).splitlines()[0][:100]})"
+        run.problems.append(run.note)
         return run
     run = Run(path, dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o))
     run.config = json.dumps(OmegaConf.to_container(config), sort_keys=True, default=str)
@@ -235,6 +241,12 @@ def mark_repeats(runs: list[Run]) -> None:
             run.repeat_of = first[run.config]
         else:
             first[run.config] = run
+
+
+def tabled(runs: list[Run]) -> list[Run]:
+    """The runs the table and plots show: not resume commands (counted in the runs they
+    continued), nor folders whose config cannot be read (listed with their problem)."""
+    return [r for r in runs if r.status not in ("resume", "unreadable")]
 
 
 def counted(runs: list[Run]) -> list[Run]:
@@ -361,7 +373,7 @@ def group_runs_by_metric(runs: list[Run], keys: list[str]) -> dict[tuple, list[R
 def summary(root: Path, runs: list[Run], keys: list[str], tests: list[Column]) -> str:
     """The Markdown report: the table, the best run, and every run that is not done, repeats
     another or has a file that could not be read."""
-    trained = [r for r in runs if r.status != "resume"]
+    trained = tabled(runs)
     done, metric = counted(trained), only_metric(trained)
     shown_keys = keys if metric is not None else [*keys, "metric"]
     lines = [f"# fewshot report: {root}", "",
@@ -383,7 +395,7 @@ def summary(root: Path, runs: list[Run], keys: list[str], tests: list[Column]) -
         lines += [f"- {name(root, r)}: {r.status}: {r.note}" for r in unfinished]
     troubled = [r for r in runs if r.problems]
     if troubled:
-        lines += ["", f"files that could not be read ({len(troubled)} runs):"]
+        lines += ["", "files that could not be read, by run:"]
         lines += [f"- {name(root, r)}: {problem}" for r in troubled for problem in r.problems]
     resumes = [r for r in runs if r.status == "resume"]
     if resumes:
@@ -472,7 +484,7 @@ def plot(root: Path, runs: list[Run], keys: list[str], tests: list[Column]) -> b
     runs scored by the most common metric, where they differ)."""
     from matplotlib.figure import Figure
 
-    trained = [r for r in runs if r.status != "resume"]
+    trained = tabled(runs)
     metrics = [r.metric for r in trained]
     metric = max(set(metrics), key=metrics.count) if metrics else "accuracy"
     trained = [r for r in trained if r.metric == metric]
@@ -572,7 +584,7 @@ def report(cfg: DictConfig) -> dict[str, Any]:
                            "written by fewshot train; pass a multirun/<date>/<time> folder")
     runs = [read_run(path) for path in paths]
     mark_repeats(runs)
-    keys = swept_keys([r for r in runs if r.status != "resume"])
+    keys = swept_keys(tabled(runs))
     tests = result_columns(runs)
     out = Path(cfg.out).expanduser().resolve() if cfg.out else root
     text = summary(root, runs, keys, tests)

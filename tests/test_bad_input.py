@@ -511,9 +511,12 @@ def test_report_names_a_run_whose_results_cannot_be_read_and_reports_the_rest(
     OmegaConf.save(config, sweep / "1" / ".hydra" / "config.yaml")
     ok(cli("eval", f"ckpt={sweep / '1' / 'best.pt'}"))
     (sweep / "0" / "results.json").write_bytes(content)
+    (sweep / "2" / ".hydra").mkdir(parents=True)
+    (sweep / "2" / ".hydra" / "config.yaml").write_bytes(content)  # a run's config, too
     proc = ok(cli("report", str(sweep)))
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "2 of 2 runs finished" in proc.stdout
     note, = [line for line in proc.stdout.splitlines() if line.startswith("- 0: ")]
     assert "results.json" in note and "left out" in note, proc.stdout
+    assert "- 2: its .hydra files cannot be read" in proc.stdout
     own = eval_result(sweep / "1", 5, 1)["accuracy"]
     assert "| 2 of 2 | 4 | " in proc.stdout and f"| {100 * own:.2f} |" in proc.stdout
