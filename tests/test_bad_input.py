@@ -4,6 +4,7 @@ traceback, and leaves every file that existed before unchanged and loadable."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -325,18 +327,9 @@ def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 def test_an_unwritable_run_folder(cli, tmp_path):
     folder = tmp_path / "locked"
     folder.mkdir()
-    immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-    if not immutable:
-        if os.geteuid() == 0:
-            pytest.skip("chattr is not available and root ignores permission bits")
-        folder.chmod(0o555)
-    try:
+    with unwritable(folder):
         one_sentence(cli("train", *TINY, "train.steps=2", f"hydra.run.dir={folder}"),
                      "cannot write into the run folder", str(folder), "hydra.run.dir")
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
-        folder.chmod(0o755)
     assert not any(folder.iterdir())
 
 
@@ -482,18 +475,26 @@ def test_eval_prints_its_figure_and_keeps_it_beside_a_results_file_it_cannot_mer
     assert len(eval_result(run, 5, 1, episodes=8)) > 0
 
 
-def test_eval_that_cannot_write_its_result_has_printed_it_first(cli, run):
-    immutable = subprocess.run(["chattr", "+i", str(run)], capture_output=True).returncode == 0
+@contextlib.contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """``folder`` cannot be written within the block: immutable (chattr, which binds root too)
+    or, where chattr is missing, read-only; skips the test where neither holds for root."""
+    immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
     if not immutable:
         if os.geteuid() == 0:
             pytest.skip("chattr is not available and root ignores permission bits")
-        run.chmod(0o555)
+        folder.chmod(0o555)
     try:
-        proc = cli("eval", f"ckpt={run / 'best.pt'}")
+        yield
     finally:
         if immutable:
-            subprocess.run(["chattr", "-i", str(run)], capture_output=True)
-        run.chmod(0o755)
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+def test_eval_that_cannot_write_its_result_has_printed_it_first(cli, run):
+    with unwritable(run):
+        proc = cli("eval", f"ckpt={run / 'best.pt'}")
     one_sentence(proc, "could not write", "results.json", "the figure above was not saved")
     assert "5-way 1-shot (3 queries) test accuracy" in proc.stdout
     assert not (run / "results.json").exists()

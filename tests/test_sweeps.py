@@ -94,22 +94,3 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, tmp_path):
     assert OmegaConf.load(sweep / "optimization_results.yaml").best_params["train.ways"] == 5
     out = ok(cli("report", str(sweep))).stdout
     assert out.count("failed: train.ways=60 exceeds") == len(failed)
-
-
-def test_optuna_trials_with_the_same_parameters_are_one_run_in_the_report(cli, tmp_path):
-    """Issue 19.8: two trials drawing the same parameters (and seed) were averaged as two
-    seeds and shown as ± 0.00; they are one experiment run twice."""
-    plugin("hydra_optuna_sweeper")
-    space = tmp_path / "conf" / "hparams_search"
-    space.mkdir(parents=True)
-    (space / "one.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: optuna\n"
-        "hydra:\n  mode: MULTIRUN\n  sweeper:\n    direction: maximize\n    n_trials: 2\n"
-        "    sampler:\n      seed: 0\n    params:\n      train.lr: choice(0.002)\n")
-    sweep = tmp_path / "sweep"
-    ok(cli("train", "hparams_search=one", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-           *SHORT, f"hydra.sweep.dir={sweep}"))
-    best = load_checkpoint(sweep / "0" / "last.pt")["best"]["accuracy"]
-    out = ok(cli("report", str(sweep))).stdout
-    assert f"| all | 1 of 1 (+1 repeated) | 2 | {100 * best:.2f} | " in out, out
-    assert "- 1 repeats 0" in out
