@@ -521,3 +521,11 @@ def test_report_names_a_run_whose_results_cannot_be_read_and_reports_the_rest(
     assert "- 2: its .hydra files cannot be read" in proc.stdout
     own = eval_result(sweep / "1", 5, 1)["accuracy"]
     assert "| 2 of 2 | 4 | " in proc.stdout and f"| {100 * own:.2f} |" in proc.stdout
+
+
+def test_query_statistics_a_model_cannot_switch_to_are_one_sentence(cli, run):
+    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.query_statistics=sideways"),
+                 "eval.query_statistics=sideways must be inductive or transductive")
+    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.query_statistics=transductive"),
+                 "eval.query_statistics=transductive", "no per-batch statistics", "drop the key")
+    assert not (run / "results.json").exists()

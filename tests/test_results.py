@@ -147,3 +147,24 @@ def test_eight_concurrent_evaluations_keep_eight_results(tmp_path):
         assert "results written" in out
     seeds = {e["seed"] for e in read_results(run / "results.json")["best.pt"].values()}
     assert seeds == set(range(8))
+
+
+def test_eval_names_the_query_statistics_and_can_test_the_other_rule(tmp_path):
+    """A MAML checkpoint (algo.batchnorm=task) is tested transductively, as in Finn et al., and
+    says so; eval.query_statistics=inductive tests it as fewshot predict uses it, as another
+    protocol, and the report gives that test a column of its own."""
+    run = tmp_path / "run"
+    ok(run_cli(["train", *TINY, "algo=maml", "algo.eval_inner_steps=1", "train.steps=2",
+                "train.val_every=2", f"hydra.run.dir={run}"], tmp_path))
+    ckpt = f"ckpt={run / 'best.pt'}"
+    own = ok(run_cli(["eval", ckpt], tmp_path)).stdout
+    assert "8 episodes, transductive query statistics)" in own
+    other = ok(run_cli(["eval", ckpt, "eval.query_statistics=inductive"], tmp_path)).stdout
+    assert "8 episodes, inductive query statistics)" in other
+    entries = read_results(run / "results.json")["best.pt"]
+    assert sorted(e["query_statistics"] for e in entries.values()) == ["inductive",
+                                                                       "transductive"]
+    assert {e["model_query_statistics"] for e in entries.values()} == {"transductive"}
+    report = ok(run_cli(["report", str(tmp_path)], tmp_path)).stdout
+    assert "| test accuracy best.pt (%) | test accuracy best.pt 5-way 1-shot (3 queries), " \
+           "8 episodes, seed 2024, inductive query statistics (%) |" in report
