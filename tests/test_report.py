@@ -176,10 +176,17 @@ def test_within_group_and_ordinary_tests_of_one_shape_never_share_a_column(cli, 
     within["accuracy"] = 0.123
     lake = key.replace("(5 queries)", "(5 queries), within group, distinct drawers")
     results["best.pt"][lake] = within
+    # An entry written before protocol records (key and settings only) is read as the run's
+    # own protocol when its settings are the run's.
+    legacy = {k: v for k, v in plain.items() if k not in ("protocol", "query_statistics",
+                                                          "model_query_statistics")}
+    results["last.pt"] = {"5-way 1-shot (5 queries), 20 episodes, seed 2024":
+                          {**legacy, "accuracy": 0.456}}
     (run / "results.json").write_text(json.dumps(results))
     out = ok(cli("report", str(tmp_path))).stdout
-    assert f"test accuracy best.pt (%) | test accuracy best.pt {lake} (%) |" in out, out
-    assert f"| {100 * plain['accuracy']:.2f} | 12.30 |" in out
+    assert "test accuracy best.pt (%) | test accuracy last.pt (%) | test accuracy best.pt " \
+           f"{lake} (%) |" in out, out
+    assert f"| {100 * plain['accuracy']:.2f} | 45.60 | 12.30 |" in out
 
 
 def test_protocols_that_read_alike_get_their_differences_in_the_label(tmp_path):
