@@ -1,5 +1,5 @@
 """``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps: train, eval, predict,
-report.
+data, report.
 
 Every failure a user can cause ends here as one sentence on stderr and a non-zero exit:
 our own errors (FewshotError, raised where the wrong value enters), the system's (a full disk,
@@ -69,6 +69,12 @@ def _predict(cfg: DictConfig) -> None:
     predict(cfg)
 
 
+def _data(cfg: DictConfig) -> None:
+    from fewshot_cli.data_check import check_data
+
+    check_data(cfg, HydraConfig.get().runtime.choices.get("dataset"))
+
+
 def _report(cfg: DictConfig) -> None:
     from fewshot_cli.report import report
 
@@ -80,6 +86,7 @@ COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
     "eval": (_eval, "test a checkpoint on fixed episodes: accuracy ± 95% CI, results.json"),
     "predict": (_predict, "classify your images with a few examples of your classes: "
                           "predictions.csv"),
+    "data": (_data, "check a data set without training: splits, files, duplicates, leaks"),
     "report": (_report, "summarise a sweep folder: Markdown table, report.csv, report.png"),
 }
 POSITIONAL = {"report": "dir"}
@@ -104,6 +111,7 @@ def usage() -> str:
               "  fewshot report multirun/<date>/<time>",
               "  fewshot eval ckpt=outputs/<date>/<time>-protonet-omniglot/best.pt",
               "  fewshot predict ckpt=<run>/best.pt support=my_classes/ query=new_images/",
+              "  fewshot data dataset=folder dataset.root=my_images/",
               "", "`fewshot train --help` shows every key and its current value."]
     return "\n".join(lines)
 
@@ -257,7 +265,8 @@ def condense(text: str, command: str) -> str:
 # data lives and how (not what) it computes. Anything else would make the checkpoint's weights,
 # optimizer state or random state belong to a config other than the one it records.
 RESUMABLE = ("train.steps", "train.val_every", "train.val_episodes", "train.log_every",
-             "eval.batch", "eval.episodes", "dataset.root", "dataset.download", "device",
+             "eval.batch", "eval.episodes", "dataset.root", "dataset.download",
+             "dataset.allow_duplicates", "device",
              "device.type", "device.precision", "device.memory_format", "algo.batching",
              "algo.task_chunk", "algo.checkpoint_steps")
 

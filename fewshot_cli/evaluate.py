@@ -14,6 +14,7 @@ from tqdm import tqdm
 from fewshot_cli.algorithms.base import FewShotAlgorithm, MetaAlgorithm
 from fewshot_cli.build import build_algorithm, build_dataset
 from fewshot_cli.data.base import FewShotDataset
+from fewshot_cli.data.splits import check_split
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.metrics import mean_ci95, score_tasks
 from fewshot_cli.engine.runtime import (
@@ -125,6 +126,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     e = run.eval
 
     dataset = build_dataset(run)
+    check_split(dataset, ckpt.parent)  # the test classes are the ones the run recorded
     algo = load_model(run, state, ckpt, device, dataset)
     own_statistics = query_statistics(algo)
     statistics = use_query_statistics(algo, e.get("query_statistics"))
