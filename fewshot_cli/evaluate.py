@@ -144,7 +144,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     result = summary(run, state, algo.score_name, scores, baselines)
     plain = OmegaConf.to_container(run, resolve=True)
     result.update(query_statistics=statistics, model_query_statistics=own_statistics,
-                  protocol=protocol(plain, statistics))
+                  protocol=protocol(plain, statistics, ckpt.parent))
     shape = dataset.describe(e)
     print(report(ckpt.name, state["step"], shape, result))  # first: the figure is never lost
     print(f"results written to {write_result(ckpt, key_words(shape, result), result)}")

@@ -202,7 +202,7 @@ def read_tests(run: Run, stored: dict[str, Any]) -> None:
                for key, entry in found.items()]
     model = next((e["model_query_statistics"] for *_, e in entries
                   if e.get("model_query_statistics")), None)
-    own = protocol(stored, model)
+    own = protocol(stored, model, run.path)
     for ckpt, key, entry in entries:
         record = entry_protocol(entry, own)
         if record == own:

@@ -6,18 +6,19 @@ settings that produced it, and ``protocol``: everything that changes the figure,
 structured record (:func:`protocol`) so that readers compare records, never parse the key.
 Entries written before ``protocol`` existed are read by completing their settings with the
 run's own (:func:`entry_protocol`). ``fewshot eval`` merges into the file under a lock, and a
-file it cannot merge into is moved aside, never lost (:func:`merge_result`).
-
-Torch-free: ``fewshot report`` reads it too.
+file it cannot merge into is moved aside, never lost (:func:`merge_result`); ``fewshot report``
+reads it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fewshot_cli.data.splits import RECORD, read_record
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import MovedAside, merge_json
 
@@ -35,15 +36,32 @@ def dataset_name(config: Mapping[str, Any]) -> str:
         str(config["dataset"].get("_target_", "?")).rsplit(".", 1)[-1]
 
 
-def protocol(config: Mapping[str, Any], query_statistics: str | None) -> dict[str, Any]:
+def recorded_test_classes(run_dir: Path) -> str | None:
+    """A digest of the test classes and their images' fingerprints that the run recorded in
+    its ``split.json`` (what ``dataset.root`` holds matters too: two folders of images under
+    the same options are different tests); None for a run without a readable record."""
+    try:
+        classes = read_record(Path(run_dir) / RECORD).get("test")
+    except FewshotError:
+        return None
+    if classes is None:
+        return None
+    text = json.dumps(classes, sort_keys=True).encode()
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
+
+
+def protocol(config: Mapping[str, Any], query_statistics: str | None,
+             run_dir: Path | None = None) -> dict[str, Any]:
     """Everything that changes a test figure of a run with the plain (resolved) ``config``:
-    the data set and its options (where it lives aside), the split, the ``eval.*`` task
-    settings, and ``query_statistics`` ("inductive", "transductive"; None for tasks without
-    queries). The one place to add a new ingredient of a result's identity."""
+    the data set and its options (where it lives aside), the split and the test classes the
+    run in ``run_dir`` recorded, the ``eval.*`` task settings, and ``query_statistics``
+    ("inductive", "transductive"; None for tasks without queries). The one place to add a new
+    ingredient of a result's identity."""
     dataset = config["dataset"]
     return {"dataset": dataset_name(config),
             "dataset_options": {k: v for k, v in dataset.items() if k not in LOCATION_KEYS},
             "split": "test",
+            "test_classes": recorded_test_classes(run_dir) if run_dir is not None else None,
             **{key: config["eval"].get(key) for key in EVAL_KEYS},
             "query_statistics": query_statistics}
 
@@ -63,7 +81,9 @@ def entry_protocol(entry: Mapping[str, Any], defaults: Mapping[str, Any]) -> dic
     were tested on the run's data, with the model's own query statistics)."""
     stored = entry.get("protocol")
     if isinstance(stored, Mapping):
-        return {**defaults, **stored}
+        # Tested before the run recorded its split (a resume records one): the run's classes.
+        unknown = {"test_classes"} if stored.get("test_classes") is None else set()
+        return {**defaults, **{k: v for k, v in stored.items() if k not in unknown}}
     known = {key: entry[key] for key in (*EVAL_KEYS, "split") if key in entry}
     return {**defaults, **known}
 

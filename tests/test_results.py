@@ -20,6 +20,7 @@ from fewshot_cli.results import (
     key_words,
     layout_problem,
     merge_result,
+    protocol,
     read_results,
 )
 
@@ -168,3 +169,25 @@ def test_eval_names_the_query_statistics_and_can_test_the_other_rule(tmp_path):
     report = ok(run_cli(["report", str(tmp_path)], tmp_path)).stdout
     assert "| test accuracy best.pt (%) | test accuracy best.pt 5-way 1-shot (3 queries), " \
            "8 episodes, seed 2024, inductive query statistics (%) |" in report
+
+
+def test_the_test_classes_a_run_recorded_are_part_of_the_protocol(tmp_path):
+    """Two folders of images under the same dataset options are different tests: the digest
+    of the test classes in split.json tells them apart (None for a run without a record)."""
+    config = {"dataset": {"_target_": "x.Folder", "root": "/a", "image_size": 28},
+              "eval": {"ways": 5, "shots": 1}}
+    assert protocol(config, "inductive", tmp_path)["test_classes"] is None
+    split = {"version": 2, "splits": {"train": {"a": "1"}, "test": {"t": "aa", "u": "bb"}}}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    first = protocol(config, "inductive", tmp_path)
+    split["splits"]["train"]["a"] = "2"  # training classes do not change the test
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    assert protocol(config, "inductive", tmp_path) == first
+    split["splits"]["test"]["u"] = "cc"  # one test class's images differ
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    assert protocol(config, "inductive", tmp_path)["test_classes"] != first["test_classes"]
+    assert protocol({**config, "dataset": {**config["dataset"], "root": "/b"}}, "inductive",
+                    tmp_path)["dataset_options"] == first["dataset_options"]
+    # An entry tested before its run recorded the split is read as that run's test.
+    before = {"metric": "accuracy", "accuracy": 0.5, "protocol": {**first, "test_classes": None}}
+    assert entry_protocol(before, first) == first
