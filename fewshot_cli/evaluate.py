@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from fewshot_cli.algorithms.base import FewShotAlgorithm, MetaAlgorithm
 from fewshot_cli.build import build_algorithm, build_dataset
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.splits import check_split
@@ -23,10 +24,13 @@ from fewshot_cli.engine.runtime import (
     resolve_device,
 )
 from fewshot_cli.errors import FewshotError
-from fewshot_cli.files import atomic_write_text
+from fewshot_cli.files import write_failure
 from fewshot_cli.options import DEVICE_RULES, EVAL_RULES, check
+from fewshot_cli.results import key_words, merge_result, protocol
 
 log = logging.getLogger(__name__)
+#: the inner-loop family's ``algo.batchnorm`` policy that gives each kind of query statistics
+POLICIES = {"transductive": "task", "inductive": "support"}
 
 
 def run_config(stored: dict[str, Any], cfg: DictConfig) -> DictConfig:
@@ -58,9 +62,57 @@ def load_model(run: DictConfig, state: dict[str, Any], ckpt: Path, device: torch
     return algo.eval()
 
 
+def batch_statistics(algo: torch.nn.Module) -> list[str]:
+    """The BatchNorm layers of ``algo`` that normalise with the statistics of the batch they
+    are given even in evaluation mode (``track_running_stats=False``): where a score then
+    depends on the other images of the batch."""
+    return [name for name, m in algo.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and (m.training or not m.track_running_stats or m.running_mean is None)]
+
+
+def query_statistics(algo: MetaAlgorithm) -> str | None:
+    """How a query's score depends on the other queries tested with it: "inductive" (not at
+    all: running statistics, or the support set's), "transductive" (BatchNorm statistics of
+    its own query batch: the MAML family's ``algo.batchnorm=task``, as in Finn et al. 2017;
+    or BatchNorm without running statistics), None for tasks without queries (RL²)."""
+    if not isinstance(algo, FewShotAlgorithm):
+        return None
+    policy = getattr(algo, "batchnorm", None)  # the inner-loop family's BatchNorm policy
+    return "transductive" if policy == "task" or batch_statistics(algo) else "inductive"
+
+
+def use_query_statistics(algo: MetaAlgorithm, wanted: str | None) -> str | None:
+    """Switch ``algo`` to the query statistics ``wanted`` (None: keep its own) and return
+    those it now uses. Only the inner-loop family's BatchNorm policy can switch (``task``:
+    transductive, ``support``: inductive); raises a FewshotError naming
+    ``eval.query_statistics`` for any other model asked to change."""
+    own = query_statistics(algo)
+    if wanted is None or wanted == own:
+        return own
+    if own is None:
+        raise FewshotError(f"eval.query_statistics={wanted} applies to few-shot image "
+                           f"classifiers, but this model scores {algo.score_name}; drop the key")
+    if getattr(algo, "batchnorm", None) in POLICIES.values() and not batch_statistics(algo):
+        algo.batchnorm = POLICIES[wanted]
+        return wanted
+    if wanted == "inductive":
+        raise FewshotError("eval.query_statistics=inductive: this model's BatchNorm keeps no "
+                           "running statistics (backbone.track_running_stats=false), so a task's "
+                           "queries are scored together; fewshot predict scores each query alone "
+                           "with the support set; drop the key to evaluate as trained")
+    raise FewshotError("eval.query_statistics=transductive: this model normalises with the "
+                       "BatchNorm statistics learned in training and has no per-batch statistics "
+                       "to switch to; drop the key")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score ± 95% CI on ``eval.episodes`` fixed test tasks (and, where the data set has them,
-    its classical baselines on the same tasks); merged into the run's results.json."""
+    its classical baselines on the same tasks). The figure is printed first, then merged into
+    the run's results.json under its full protocol; returns the result entry.
+
+    Raises FewshotError for a bad checkpoint or option, and (after printing the figure) where
+    results.json cannot be written."""
     if not cfg.get("ckpt"):
         raise FewshotError("fewshot eval needs ckpt=PATH, the best.pt or last.pt of a run "
                            "(fewshot train prints it when it ends)")
@@ -76,6 +128,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dataset = build_dataset(run)
     check_split(dataset, ckpt.parent)  # the test classes are the ones the run recorded
     algo = load_model(run, state, ckpt, device, dataset)
+    own_statistics = query_statistics(algo)
+    statistics = use_query_statistics(algo, e.get("query_statistics"))
     batch = episodes_per_batch(device, e.batch)
     tasks = dataset.sampler("test", e, batch, device, prefix="eval")
     baselines: dict[str, list[torch.Tensor | None]] = {}
@@ -88,16 +142,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     scores = score_tasks(algo, tasks.fixed(e.episodes, seed=e.seed), autocast, progress,
                          on_batch)
     result = summary(run, state, algo.score_name, scores, baselines)
+    plain = OmegaConf.to_container(run, resolve=True)
+    result.update(query_statistics=statistics, model_query_statistics=own_statistics,
+                  protocol=protocol(plain, statistics, ckpt.parent))
     shape = dataset.describe(e)
-    results_path = write_result(ckpt, f"{shape}, {e.episodes} episodes, seed {e.seed}", result)
-    print(report(ckpt.name, state["step"], shape, result))
-    print(f"results written to {results_path}")
+    print(report(ckpt.name, state["step"], shape, result))  # first: the figure is never lost
+    print(f"results written to {write_result(ckpt, key_words(shape, result), result)}")
     return result
 
 
 def _stats(scores: torch.Tensor) -> dict[str, Any]:
     mean, ci = mean_ci95(scores)
-    return {"mean": mean, "ci95": None if ci != ci else ci}  # JSON has no NaN: null
+    finite = lambda x: x if math.isfinite(x) else None  # JSON has no NaN: null
+    return {"mean": finite(mean), "ci95": finite(ci)}
 
 
 def summary(run: DictConfig, state: dict[str, Any], metric: str, scores: torch.Tensor,
@@ -118,18 +175,19 @@ def summary(run: DictConfig, state: dict[str, Any], metric: str, scores: torch.T
 
 
 def write_result(ckpt: Path, key: str, result: dict[str, Any]) -> Path:
-    """Merge ``result`` into ``results.json`` beside the checkpoint, atomically; an entry is
-    replaced only by one with the same checkpoint, task shape, episode count and seed."""
+    """Merge ``result`` into ``results.json`` beside the checkpoint, under a lock (concurrent
+    evaluations all keep theirs), replacing only the entry of the same checkpoint and
+    protocol. A results.json that cannot be merged into is moved aside (one warning says
+    where) and a fresh one holds ``result``. Raises a FewshotError where the folder cannot be
+    written."""
     path = ckpt.parent / "results.json"
-    results: dict[str, Any] = {}
-    if path.exists():
-        try:
-            results = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise FewshotError(f"{path} is not readable JSON, so the new result was not added; "
-                               "move the file away and evaluate again") from None
-    results.setdefault(ckpt.name, {})[key] = result
-    atomic_write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", path)
+    try:
+        moved = merge_result(path, ckpt.name, key, result)
+    except OSError as err:
+        raise write_failure(path, err, "the figure above was not saved") from None
+    if moved is not None:
+        log.warning("%s could not be merged into (%s): moved it to %s and started a fresh "
+                    "one with this result", path, moved.reason, moved.to.name)
     return path
 
 
@@ -146,9 +204,11 @@ def report(name: str, step: int, shape: str, result: dict[str, Any]) -> str:
         half = f"{scale * ci:.2f}{unit}" if ci is not None else "n/a (one episode)"
         return f"{scale * mean:.2f}{unit} ± {half}"
 
+    statistics = result.get("query_statistics")
     lines = [f"{name} (step {step}): {shape} test {metric} "
              f"{shown(result[metric], result['ci95'])} (95% CI, {result['episodes']} episode"
-             f"{'s' if result['episodes'] != 1 else ''})"]
+             f"{'s' if result['episodes'] != 1 else ''}"
+             f"{f', {statistics} query statistics' if statistics else ''})"]
     if result.get("baselines"):
         rows = [(result["algo"], result[metric], result["ci95"])] + [
             (n, *((b["mean"], b["ci95"]) if b else (None, None)))

@@ -1,16 +1,22 @@
-"""Atomic writes: a reader (or a crash) never sees half a checkpoint, result or cache file.
+"""Atomic writes: a reader (or a crash) never sees half a checkpoint, result or cache file;
+and locked merges: processes that update one JSON file at once all keep their update.
 
 Ground floor: imports nothing of fewshot but its errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import json
 import os
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fewshot_cli.errors import FewshotError
 
@@ -82,3 +88,74 @@ def write_failure(path: Path, err: BaseException, consequence: str) -> FewshotEr
     else:
         fix = "check the disk and try again"
     return FewshotError(f"could not write {path}: {reason}; {consequence}; {fix}")
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the hidden ``.<name>.lock`` beside ``path`` for the block,
+    so that processes updating ``path`` (on one machine, or over NFS) take turns. The kernel
+    drops the lock when a process dies; the lock file stays (removing it would let two
+    processes lock two different files). Raises OSError where the folder cannot be written."""
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@dataclass(frozen=True)
+class MovedAside:
+    """A file :func:`merge_json` could not merge into, and where it now lies."""
+
+    reason: str
+    to: Path
+
+
+def _read_json(path: Path, problem: Callable[[Any], str | None]) -> tuple[Any, str | None]:
+    """``(data, None)``, ``(None, None)`` where there is no file, or ``(None, why)`` where it
+    cannot be merged into: unreadable, not JSON, or ``problem(data)`` names what is wrong."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except OSError as err:
+        return None, f"it cannot be read ({err.strerror or err})"
+    except UnicodeDecodeError:
+        return None, "it is not UTF-8 text"
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        return None, f"it is not valid JSON ({err})"
+    return data, problem(data)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` to a free ``<name>.corrupt-<date>-<time>[-n]`` beside it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        to = path.with_name(f"{path.name}.corrupt-{stamp}" + (f"-{n}" if n > 1 else ""))
+        if not to.exists():
+            os.replace(path, to)
+            return to
+    raise FileExistsError(errno.EEXIST, "too many files moved aside", str(path))
+
+
+def merge_json(path: Path, update: Callable[[Any], Any],
+               problem: Callable[[Any], str | None] = lambda data: None) -> MovedAside | None:
+    """Read-modify-write the JSON file ``path`` under its :func:`locked` lock: ``update(data)``
+    (``data`` None where there is no file yet) is written back atomically, so N processes
+    merging at once keep N updates. A file that cannot be merged into (unreadable, not JSON,
+    or ``problem(data)`` returns why) is never lost and never blocks the update: it is moved
+    aside to ``<name>.corrupt-<time>`` and ``update(None)`` starts a fresh file; the move is
+    returned so the caller can say so. Raises OSError where the folder cannot be written
+    (turn it into one sentence with :func:`write_failure`)."""
+    path = Path(path)
+    with locked(path):
+        data, why = _read_json(path, problem)
+        moved = None
+        if why is not None:
+            moved, data = MovedAside(why, _move_aside(path)), None
+        text = json.dumps(update(data), indent=2, allow_nan=False) + "\n"
+        atomic_write_text(text, path)
+    return moved

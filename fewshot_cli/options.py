@@ -55,6 +55,9 @@ EVAL_RULES: dict[str, Rule] = {
     "eval.batch": Rule("int_or_auto", lambda v: v >= 1, "auto or a whole number of at least 1",
                        "auto"),
     "eval.seed": _int(0, 2024, "a whole number (0 or more)"),
+    "eval.query_statistics": Rule("choice", lambda v: v in ("inductive", "transductive"),
+                                  "inductive or transductive (null: as the model was trained)",
+                                  "inductive"),
 }
 DEVICE_RULES: dict[str, Rule] = {
     "device.type": Rule("choice", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda",

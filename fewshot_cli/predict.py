@@ -5,6 +5,9 @@ examples of your own classes.
 ``query`` is a folder of images or one image. Images of any size and mode are decoded as the
 training data was (same size, channels and filter). Every input is checked and decoded before
 anything is written; the predictions go to ``predictions.csv`` (or ``out=``) in one atomic write.
+
+Predictions are inductive: a file's answer depends only on the support set and that file, not on
+which other files are in the query folder or how they are batched (:func:`inductive_rule`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import csv
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.runtime import autocast_for, pad_host_heap, resolve_device
 from fewshot_cli.errors import FewshotError
-from fewshot_cli.evaluate import load_model
+from fewshot_cli.evaluate import POLICIES, batch_statistics, load_model
 from fewshot_cli.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -68,11 +72,46 @@ def as_task(store: ClassStore) -> tuple[torch.Tensor, torch.Tensor]:
     return images.unsqueeze(0), labels.unsqueeze(0)
 
 
+@dataclass(frozen=True)
+class QueryRule:
+    """How a model scores each query independently of the others: the rule in words, and the
+    most queries one forward pass may hold (None: any number)."""
+
+    words: str
+    most: int | None = None
+
+
+def inductive_rule(algo: FewShotAlgorithm) -> QueryRule:
+    """Make ``algo`` answer each query from the support set and that query alone, and say how.
+
+    The inner-loop family trained with ``algo.batchnorm=task`` normalises a query batch with
+    its own statistics (Finn et al.'s transductive setting, which ``fewshot eval`` keeps and
+    names): it is switched to the support set's statistics. A model whose BatchNorm keeps no
+    running statistics sees each query alone with the support set. Every other model (running
+    statistics; Matching's full-context embeddings, Relation's pairs and weightgen's generator
+    read the support set only) already is inductive. Idempotent."""
+    policy = getattr(algo, "batchnorm", None)
+    if policy == "task":
+        algo.batchnorm = POLICIES["inductive"]
+        return QueryRule("queries normalised with the support set's BatchNorm statistics; this "
+                         "model was trained with algo.batchnorm=task, whose fewshot eval uses "
+                         "each query set's own")
+    if batch_statistics(algo):
+        return QueryRule("each query classified alone with the support set, as this model's "
+                         "BatchNorm keeps no running statistics", most=1)
+    if policy is not None:
+        return QueryRule("queries normalised with the support set's BatchNorm statistics")
+    return QueryRule("every query scored on its own, BatchNorm with the statistics of training")
+
+
 def classify(algo: FewShotAlgorithm, support: ClassStore, query: torch.Tensor,
              device: torch.device, autocast: Any = contextlib.nullcontext, batch: int = 64
              ) -> torch.Tensor:
     """Class probabilities ``[Q, classes]`` of query images ``float [Q, C, H, W]`` given the
-    support set, ``batch`` queries at a time (the support is re-used for each)."""
+    support set, ``batch`` queries at a time (the support is re-used for each). Inductive
+    (:func:`inductive_rule`): a query's row does not depend on the other queries."""
+    rule = inductive_rule(algo)
+    batch = min(batch, rule.most or batch)
     support_x, support_y = (t.to(device) for t in as_task(support))
     probabilities = []
     with torch.no_grad():
@@ -131,6 +170,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
                          fix="replace or remove it")
     query_x = as_task(query)[0][0]
 
+    rule = inductive_rule(algo)
     probabilities = classify(algo, support, query_x, device,
                              autocast_for(device, run.device.precision), int(cfg.batch))
     top = probabilities.topk(2, dim=-1)
@@ -143,5 +183,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     writer.writerows(rows)
     atomic_write_text(text.getvalue(), out)
     print(table(rows))
+    print(f"query statistics: inductive, each answer depends only on the support set and its "
+          f"file ({rule.words})")
     print(f"{len(rows)} predictions over {support.num_classes} classes written to {out}")
     return rows

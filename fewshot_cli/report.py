@@ -3,8 +3,12 @@
 A run folder is one holding ``.hydra/config.yaml`` (written by ``fewshot train``) with its
 ``.hydra/overrides.yaml``, ``train.log``, ``last.pt``/``best.pt``, TensorBoard events and, once
 evaluated, ``results.json``. Runs are grouped by the swept keys other than ``seed``; each group
-shows the mean ± 95% CI (Student t) over its finished runs, so over seeds. Runs that failed or
-are unfinished are listed as such.
+shows the mean ± 95% CI (Student t) over its finished runs, so over seeds; runs repeating
+another's full config (seed included) are counted once and named. Each run's score is read
+under its own metric (accuracy in %, RL²'s total reward as it is). A test is keyed by its full
+protocol (results.py): each run's own protocol is one column per checkpoint, any other its own
+column. Runs that failed or are unfinished are listed as such, and a file of a run that cannot
+be read is named beside that run while the rest of the folder is still reported.
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ import logging
 import math
 import re
 import statistics
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import atomic_write_bytes, atomic_write_text
+from fewshot_cli.results import entry_protocol, protocol, read_results
 
 # Two-sided 95% quantiles of Student's t for 1..9 degrees of freedom (scipy.stats.t.ppf(0.975));
 # from 10 on, the Cornish-Fisher expansion below is within 1e-5 of them.
@@ -37,20 +44,38 @@ ERROR_LINE = re.compile(r"\]\[(?:ERROR|CRITICAL)\] - (.+)$|^(Traceback .+)$", re
 STOPPED_LINE = re.compile(r"\] - stopped early at step (\d+) of \d+: (.+)$", re.MULTILINE)
 
 
-@dataclass
+@dataclass(eq=False)
 class Run:
     """What one run folder says about itself."""
 
     path: Path
     overrides: dict[str, str]                  # the run's key=value command-line overrides
-    status: str = "done"                       # done | unfinished | pruned | failed | resume
+    status: str = "done"              # done | unfinished | pruned | failed | resume | unreadable
     note: str = ""                             # why it is not done
     step: int | None = None                    # steps done: the latest checkpoint's step
     steps: int | None = None                   # steps configured (train.steps)
-    best: dict[str, float] | None = None       # best validation {accuracy, ci95, step}
-    tests: dict[str, dict[str, float]] = field(default_factory=dict)  # "best.pt": own shape
+    metric: str = "accuracy"                   # what its scores measure (algo.score_name)
+    best: dict[str, float] | None = None       # best validation {score, ci95, step}
+    tests: dict[Column, dict[str, float | None]] = field(default_factory=dict)  # {score, ci95}
     episodes_per_s: float | None = None        # median of train/episodes_per_s
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val accuracy)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val/<metric>)
+    config: str = ""                           # its full config, canonical: repeats share it
+    repeat_of: Run | None = None               # the earlier run with the very same config
+    problems: list[str] = field(default_factory=list)  # files that could not be read
+
+
+@dataclass(frozen=True)
+class Column:
+    """A test column: a checkpoint under each run's own protocol (``own``), or under one
+    other protocol, which ``key`` holds as canonical JSON."""
+
+    own: bool
+    ckpt: str
+    key: str = ""
+    words: str = ""
+
+    def label(self) -> str:
+        return self.ckpt if self.own else f"{self.ckpt} {self.words}"
 
 
 def t95(dof: int) -> float:
@@ -121,11 +146,25 @@ def read_scalars(run_dir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[i
 
 
 def read_run(path: Path) -> Run:
-    """Everything ``fewshot report`` shows about the run folder ``path``."""
-    overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+    """Everything ``fewshot report`` shows about the run folder ``path``; a file of the run
+    that cannot be read becomes a note (a problem, or the run's status), never an error."""
+    hydra = path / ".hydra"
+    try:
+        config = OmegaConf.load(hydra / "config.yaml")
+        listed = OmegaConf.load(hydra / "overrides.yaml") \
+            if (hydra / "overrides.yaml").is_file() else []
+        if not isinstance(config, DictConfig) or "train" not in config or \
+                not isinstance(listed, (ListConfig, list)):
+            raise ValueError("config.yaml is not a fewshot train config or overrides.yaml "
+                             "not a list")
+        overrides = [str(o) for o in listed]
+    except Exception as err:  # noqa: BLE001 - OmegaConf and YAML raise many kinds
+        run = Run(path, {}, status="unreadable")
+        run.note = f"its .hydra files cannot be read ({str(err).splitlines()[0][:100]})"
+        run.problems.append(run.note)
+        return run
     run = Run(path, dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o))
-    config = OmegaConf.load(path / ".hydra" / "config.yaml")
+    run.config = json.dumps(OmegaConf.to_container(config), sort_keys=True, default=str)
     if config.get("resume"):
         run.status, run.note = "resume", f"continued {config.resume} in that run's folder"
         return run
@@ -139,30 +178,97 @@ def read_run(path: Path) -> Run:
         except FewshotError as err:
             run.status, run.note = "failed", str(err)
             return run
-        best = state["best"]  # {"accuracy" (or another metric's "score"), "ci95", "step"}
+        best = state["best"]  # {"accuracy" or "score", "ci95", "step", "metric"}
         run.step, stored = state["step"], state["config"]
-        run.best = {**best, "accuracy": best.get("accuracy", best.get("score"))}
+        run.metric = best.get("metric", "accuracy")
+        run.best = {"score": best.get("score", best.get("accuracy")), "ci95": best["ci95"],
+                    "step": best["step"]}
         run.steps = stored["train"]["steps"]  # resume may have changed it
     log = path / "train.log"
     run.status, run.note = run_status(log.read_text(errors="replace") if log.is_file() else "",
                                       run.step, run.steps)
+    if stored and (path / "results.json").is_file():
+        read_tests(run, stored)
+    read_curves(run)
+    return run
 
-    results = path / "results.json"
-    if results.is_file() and stored:
-        # The run's own test shape (eval.ways/shots, often following the swept train.shots) is
-        # one column; other shapes evaluated on purpose get their own.
-        own = (stored["eval"].get("ways"), stored["eval"].get("shots"))
-        for ckpt_name, entries in json.loads(results.read_text()).items():
-            for result in entries.values():
-                shape = (result.get("ways"), result.get("shots"))
-                label = ckpt_name if shape == own else f"{shape[0]}way-{shape[1]}shot {ckpt_name}"
-                metric = result.get("metric", "accuracy")
-                run.tests[label] = {"accuracy": result[metric], "ci95": result["ci95"]}
-    scalars = read_scalars(path, ("val/accuracy", "train/episodes_per_s"))
-    run.curve = scalars.get("val/accuracy", [])
+
+def read_tests(run: Run, stored: dict[str, Any]) -> None:
+    """``run.tests`` from its results.json: the entries under the run's own protocol (its
+    stored ``eval.*`` settings and the model's own query statistics, what ``fewshot eval``
+    uses by default) go in one column per checkpoint, others in a column of their protocol."""
+    path = run.path / "results.json"
+    try:
+        results = read_results(path)
+    except FewshotError as err:
+        run.problems.append(f"{err}; its test results are left out (fewshot eval moves such a "
+                            "file aside and starts a fresh one)")
+        return
+    entries = [(ckpt, key, entry) for ckpt, found in results.items()
+               for key, entry in found.items()]
+    model = next((e["model_query_statistics"] for *_, e in entries
+                  if e.get("model_query_statistics")), None)
+    own = protocol(stored, model, run.path)
+    for ckpt, key, entry in entries:
+        record = entry_protocol(entry, own)
+        if record == own:
+            column = Column(True, ckpt)
+        else:
+            words = key if not record["query_statistics"] or "query statistics" in key else \
+                f"{key}, {record['query_statistics']} query statistics"
+            column = Column(False, ckpt, json.dumps(record, sort_keys=True, default=str), words)
+        run.tests[column] = {"score": entry[entry.get("metric", "accuracy")],
+                             "ci95": entry.get("ci95")}
+
+
+def read_curves(run: Run) -> None:
+    """``run.curve`` (``val/<metric>``) and its median training speed from its TensorBoard
+    events; events that cannot be read become a problem of the run."""
+    tag = f"val/{run.metric}"
+    try:
+        scalars = read_scalars(run.path, (tag, "train/episodes_per_s"))
+    except Exception as err:  # noqa: BLE001 - TensorBoard's reader raises many kinds
+        run.problems.append(f"its TensorBoard events cannot be read ({err}); no curve")
+        return
+    run.curve = scalars.get(tag, [])
     speeds = [value for _, value in scalars.get("train/episodes_per_s", [])]
     run.episodes_per_s = statistics.median(speeds) if speeds else None
-    return run
+
+
+def mark_repeats(runs: list[Run]) -> None:
+    """Set ``repeat_of`` on each finished run whose full config (seed included) is that of an
+    earlier finished run: the same experiment twice (e.g. two Optuna trials drawing the same
+    parameters) is one sample, not two seeds."""
+    first: dict[str, Run] = {}
+    for run in runs:
+        if run.status != "done" or not run.config:
+            continue
+        if run.config in first:
+            run.repeat_of = first[run.config]
+        else:
+            first[run.config] = run
+
+
+def tabled(runs: list[Run]) -> list[Run]:
+    """The runs the table and plots show: not resume commands (counted in the runs they
+    continued), nor folders whose config cannot be read (listed with their problem)."""
+    return [r for r in runs if r.status not in ("resume", "unreadable")]
+
+
+def counted(runs: list[Run]) -> list[Run]:
+    """The finished runs that count: one per distinct config."""
+    return [r for r in runs if r.status == "done" and r.repeat_of is None]
+
+
+def samples(runs: list[Run], value: Callable[[Run], float | None]) -> list[float]:
+    """One value per distinct config among the finished ``runs``: the mean of ``value`` over
+    that config's runs that have one (repeats of one experiment are one sample)."""
+    by_config: dict[int, list[float]] = {}
+    for run in runs:
+        found = value(run) if run.status == "done" else None
+        if found is not None:
+            by_config.setdefault(id(run.repeat_of or run), []).append(found)
+    return [statistics.fmean(values) for values in by_config.values()]
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
@@ -196,55 +302,107 @@ def group_runs(runs: list[Run], keys: list[str]) -> dict[tuple, list[Run]]:
     return dict(sorted(groups.items(), key=lambda kv: [value_order(v) for v in kv[0]]))
 
 
-def percent(mean: float, ci: float) -> str:
-    """``mean ± ci`` in percent; only the mean for a single run, a dash for none."""
-    if math.isnan(mean):
+def scale(metric: str) -> tuple[float, str]:
+    """How a metric is shown: accuracies as percentages, any other score as it is."""
+    return (100.0, "%") if metric == "accuracy" else (1.0, "")
+
+
+def shown(mean: float | None, ci: float | None, metric: str, unit: bool = False) -> str:
+    """``mean ± ci`` in the metric's scale (with its unit if ``unit``); only the mean for a
+    single run, a dash for none."""
+    if mean is None or math.isnan(mean):
         return "—"
-    return f"{100 * mean:.2f} ± {100 * ci:.2f}" if not math.isnan(ci) else f"{100 * mean:.2f}"
+    factor, symbol = scale(metric)
+    suffix = symbol if unit else ""
+    value = f"{factor * mean:.2f}{suffix}"
+    if ci is None or math.isnan(ci):
+        return value
+    return f"{value} ± {factor * ci:.2f}{suffix}"
 
 
-def group_table(groups: dict[tuple, list[Run]], keys: list[str], tests: list[str]) -> str:
-    """The Markdown table: one row per group, mean ± 95% CI over the group's finished runs."""
-    head = [*(keys or ["runs"]), "finished", "steps", "best val acc (%)",
-            *(f"test {t} (%)" for t in tests), "episodes/s"]
+def heading(metric: str | None, what: str, label: str = "") -> str:
+    """A column heading naming the metric and its unit: ``best val accuracy (%)``, ``test
+    total_reward best.pt``; metric None: the runs' metrics differ and each cell has its unit."""
+    words = " ".join(w for w in (what, metric, label) if w)
+    return f"{words} (%)" if metric == "accuracy" else words
+
+
+def only_metric(runs: list[Run]) -> str | None:
+    """The metric every run is scored by, or None when they differ."""
+    metrics = {r.metric for r in runs}
+    return metrics.pop() if len(metrics) == 1 else None
+
+
+def group_table(groups: dict[tuple, list[Run]], keys: list[str], tests: list[Column],
+                metric: str | None) -> str:
+    """The Markdown table: one row per group, mean ± 95% CI over the group's finished runs
+    (one per distinct config); ``metric`` None: the runs' metrics differ."""
+    head = [*(keys or ["runs"]), "finished", "steps", heading(metric, "best val"),
+            *(heading(metric, "test", t.label()) for t in tests), "episodes/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for values, members in groups.items():
-        done = [r for r in members if r.status == "done"]
+        done = counted(members)
+        repeats = sum(r.repeat_of is not None for r in members)
         steps = sorted({r.step for r in done})
         speeds = [r.episodes_per_s for r in done if r.episodes_per_s is not None]
+        group_metric = members[0].metric  # one per group (group_runs_by_metric)
+        cell = partial(group_cell, metric=group_metric, unit=metric is None)
         row = [v if v is not None else "(default)" for v in values] if keys else ["all"]
-        row += [f"{len(done)} of {len(members)}",
+        row += [f"{len(done)} of {len(members) - repeats}"
+                + (f" (+{repeats} repeated)" if repeats else ""),
                 "—" if not steps else "–".join(map(str, sorted({steps[0], steps[-1]}))),
-                percent(*mean_ci95([r.best["accuracy"] for r in done]))]
-        row += [percent(*mean_ci95([r.tests[t]["accuracy"] for r in done if t in r.tests]))
+                cell(samples(members, lambda r: r.best["score"]))]
+        row += [cell(samples(members, lambda r, t=t: r.tests.get(t, {}).get("score")))
                 for t in tests]
         row.append(f"{statistics.fmean(speeds):.1f}" if speeds else "—")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def summary(root: Path, runs: list[Run], keys: list[str], tests: list[str]) -> str:
-    """The Markdown report: the table, the best run, and every run that is not done."""
-    done = [r for r in runs if r.status == "done"]
-    trained = [r for r in runs if r.status != "resume"]
+def group_cell(values: list[float], metric: str, unit: bool) -> str:
+    """A table cell: the mean ± 95% CI of ``values``, one per counted run."""
+    return shown(*mean_ci95(values), metric, unit)
+
+
+def group_runs_by_metric(runs: list[Run], keys: list[str]) -> dict[tuple, list[Run]]:
+    """Runs grouped by ``keys`` and, where the runs' metrics differ, by metric too: scores of
+    different metrics are never averaged together."""
+    if only_metric(runs) is not None:
+        return group_runs(runs, keys)
+    groups: dict[tuple, list[Run]] = {}
+    for values, members in group_runs(runs, keys).items():
+        for run in members:
+            groups.setdefault((*values, run.metric), []).append(run)
+    return groups
+
+
+def summary(root: Path, runs: list[Run], keys: list[str], tests: list[Column]) -> str:
+    """The Markdown report: the table, the best run, and every run that is not done, repeats
+    another or has a file that could not be read."""
+    trained = tabled(runs)
+    done, metric = counted(trained), only_metric(trained)
+    shown_keys = keys if metric is not None else [*keys, "metric"]
     lines = [f"# fewshot report: {root}", "",
              f"{len(done)} of {len(trained)} runs finished; grouped by "
              f"{', '.join(keys) or 'nothing (no key differs between runs)'}; "
-             "mean ± 95% CI (Student t) over the finished runs of each row, i.e. over seeds.", "",
-             group_table(group_runs(trained, keys), keys, tests), ""]
-    if done:
-        best = max(done, key=lambda r: r.best["accuracy"])
-        swept = " ".join(f"{k}={best.overrides[k]}" for k in [*keys, "seed"]
-                         if k in best.overrides)
-        lines.append(f"best run: {name(root, best)} ({swept or 'no overrides'}): best val acc "
-                     f"{percent(best.best['accuracy'], best.best['ci95'])}% at step "
-                     f"{best.best['step']}")
-    else:
-        lines.append("best run: none has finished yet")
+             "mean ± 95% CI (Student t) over the finished runs of each row, i.e. over seeds; "
+             "a test column named by a checkpoint alone holds each run's own test protocol "
+             "(its eval settings), any other protocol has its own column.", "",
+             group_table(group_runs_by_metric(trained, keys), shown_keys, tests, metric), ""]
+    lines += best_runs(root, done, keys)
+    repeats = [r for r in trained if r.repeat_of is not None]
+    if repeats:
+        lines += ["", f"repeated runs ({len(repeats)}), the same full config seed included, "
+                      "counted once:"]
+        lines += [f"- {name(root, r)} repeats {name(root, r.repeat_of)}" for r in repeats]
     unfinished = [r for r in trained if r.status != "done"]
     if unfinished:
         lines += ["", f"not finished ({len(unfinished)}):"]
         lines += [f"- {name(root, r)}: {r.status}: {r.note}" for r in unfinished]
+    troubled = [r for r in runs if r.problems]
+    if troubled:
+        lines += ["", "files that could not be read, by run:"]
+        lines += [f"- {name(root, r)}: {problem}" for r in troubled for problem in r.problems]
     resumes = [r for r in runs if r.status == "resume"]
     if resumes:
         lines += ["", f"resume commands ({len(resumes)}), counted in the runs they continued:"]
@@ -252,44 +410,98 @@ def summary(root: Path, runs: list[Run], keys: list[str], tests: list[str]) -> s
     return "\n".join(lines) + "\n"
 
 
+def best_runs(root: Path, done: list[Run], keys: list[str]) -> list[str]:
+    """One line naming the run with the best validation score (one per metric)."""
+    if not done:
+        return ["best run: none has finished yet"]
+    lines = []
+    for metric in sorted({r.metric for r in done}):
+        best = max((r for r in done if r.metric == metric), key=lambda r: r.best["score"])
+        swept = " ".join(f"{k}={best.overrides[k]}" for k in [*keys, "seed"]
+                         if k in best.overrides)
+        lines.append(f"best run: {name(root, best)} ({swept or 'no overrides'}): best val "
+                     f"{metric} {shown(best.best['score'], best.best['ci95'], metric, True)} "
+                     f"at step {best.best['step']}")
+    return lines
+
+
 def name(root: Path, run: Run) -> str:
     """The run folder relative to the report's folder."""
     return str(run.path.relative_to(root))
 
 
-def table_csv(root: Path, runs: list[Run], tests: list[str]) -> str:
-    """report.csv: one row per run, with every override, accuracies as fractions."""
+def flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested protocol record as ``{"dataset_options.image_size": 28, ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def result_columns(runs: list[Run]) -> list[Column]:
+    """Every test column of the runs, the own-protocol ones first, then by label. Protocols
+    that differ only where the words do not look (a data set option) get the differing
+    values added to their label, so no two columns read the same."""
+    columns = {t for r in runs for t in r.tests}
+    by_label: dict[str, list[Column]] = {}
+    for column in columns:
+        by_label.setdefault(column.label(), []).append(column)
+    renamed: dict[Column, Column] = {}
+    for alike in (group for group in by_label.values() if len(group) > 1):
+        records = [flat(json.loads(c.key)) for c in alike]
+        every = dict.fromkeys(k for r in records for k in r)
+        differ = [k for k in every if len({repr(r.get(k)) for r in records}) > 1]
+        for column, record in zip(alike, records, strict=True):
+            extra = ", ".join(f"{k}={json.dumps(record.get(k))}" for k in differ)
+            renamed[column] = replace(column, words=f"{column.words} [{extra}]")
+    for run in runs:
+        run.tests = {renamed.get(t, t): score for t, score in run.tests.items()}
+    return sorted({renamed.get(c, c) for c in columns},
+                  key=lambda t: (not t.own, t.ckpt, t.words, t.key))
+
+
+def table_csv(root: Path, runs: list[Run], tests: list[Column]) -> str:
+    """report.csv: one row per run, with every override; scores as the metric gives them
+    (accuracies as fractions)."""
     keys = list(dict.fromkeys(key for run in runs for key in run.overrides))
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["run", "status", "note", *keys, "step", "steps", "val_accuracy",
-                     "val_ci95", "val_best_step", *(f"test {t} {m}" for t in tests
-                                                     for m in ("accuracy", "ci95")),
-                     "episodes_per_s"])
+    writer.writerow(["run", "status", "note", *keys, "step", "steps", "metric", "val_score",
+                     "val_ci95", "val_best_step",
+                     *(f"test {t.label()} {m}" for t in tests for m in ("score", "ci95")),
+                     "episodes_per_s", "repeat_of", "problems"])
     for run in runs:
         best = run.best or {}
         writer.writerow([name(root, run), run.status, run.note,
                          *(run.overrides.get(k, "") for k in keys), run.step, run.steps,
-                         best.get("accuracy"), best.get("ci95"), best.get("step"),
-                         *(run.tests.get(t, {}).get(m) for t in tests
-                           for m in ("accuracy", "ci95")),
-                         run.episodes_per_s])
+                         run.metric, best.get("score"), best.get("ci95"), best.get("step"),
+                         *(run.tests.get(t, {}).get(m) for t in tests for m in ("score", "ci95")),
+                         run.episodes_per_s,
+                         name(root, run.repeat_of) if run.repeat_of else "",
+                         "; ".join(run.problems)])
     return out.getvalue()
 
 
-def plot(root: Path, runs: list[Run], keys: list[str], tests: list[str]) -> bytes:
-    """report.png: best accuracy against each swept key, and the validation curves."""
+def plot(root: Path, runs: list[Run], keys: list[str], tests: list[Column]) -> bytes:
+    """report.png: best score against each swept key, and the validation curves (of the
+    runs scored by the most common metric, where they differ)."""
     from matplotlib.figure import Figure
 
+    trained = tabled(runs)
+    metrics = [r.metric for r in trained]
+    metric = max(set(metrics), key=metrics.count) if metrics else "accuracy"
+    trained = [r for r in trained if r.metric == metric]
+    done = counted(trained)
     panels = len(keys) + 1
     cols = min(panels, 3)
     fig = Figure(figsize=(4.8 * cols, 3.8 * math.ceil(panels / cols)), layout="constrained")
     axes = fig.subplots(math.ceil(panels / cols), cols, squeeze=False).ravel()
-    trained = [r for r in runs if r.status != "resume"]
-    done = [r for r in trained if r.status == "done"]
     for ax, key in zip(axes, keys, strict=False):
-        plot_key(ax, done, key, tests[:1])
-    plot_curves(axes[len(keys)], trained, keys)
+        plot_key(ax, done, key, tests[:1], metric)
+    plot_curves(axes[len(keys)], trained, keys, metric)
     for ax in axes[panels:]:
         ax.set_visible(False)
     fig.suptitle(f"{root.parent.name}/{root.name}: {len(done)} of {len(trained)} runs finished")
@@ -298,8 +510,8 @@ def plot(root: Path, runs: list[Run], keys: list[str], tests: list[str]) -> byte
     return png.getvalue()
 
 
-def plot_key(ax: Any, runs: list[Run], key: str, tests: list[str]) -> None:
-    """Best validation (and first test) accuracy of each run against ``key``'s value."""
+def plot_key(ax: Any, runs: list[Run], key: str, tests: list[Column], metric: str) -> None:
+    """Best validation (and first test) score of each run against ``key``'s value."""
     values = [r.overrides.get(key) for r in runs]
     numbers = [as_number(v) for v in values]
     if numbers and all(x is not None for x in numbers):
@@ -314,48 +526,52 @@ def plot_key(ax: Any, runs: list[Run], key: str, tests: list[str]) -> None:
         xs = [categories.index(v) for v in values]
         ax.set_xticks(range(len(categories)),
                       labels=[c if c is not None else "(default)" for c in categories])
-    series = [("best val", [r.best["accuracy"] for r in runs])]
-    series += [(f"test {t}", [r.tests.get(t, {}).get("accuracy") for r in runs]) for t in tests]
+    factor = scale(metric)[0]
+    series = [("best val", [r.best["score"] for r in runs])]
+    series += [(f"test {t.label()}", [r.tests.get(t, {}).get("score") for r in runs])
+               for t in tests]
     # Black and red here, so the curves' group colours (C0, C1, ...) mean one thing only.
     for color, (label, ys) in zip(("black", "C3"), series, strict=False):
-        points = [(x, 100 * y) for x, y in zip(xs, ys, strict=True) if y is not None]
+        points = [(x, factor * y) for x, y in zip(xs, ys, strict=True) if y is not None]
         if not points:
             continue
         ax.scatter(*zip(*points, strict=True), s=16, alpha=0.45, color=color)
         at = sorted({x for x, _ in points})
         means, cis = zip(*(mean_ci95([y for x, y in points if x == a]) for a in at), strict=True)
         cis = [0.0 if math.isnan(c) else c for c in cis]
-        # Few seeds give wide t intervals: draw them only within the possible 0-100%.
-        yerr = [[min(c, m) for m, c in zip(means, cis, strict=True)],
-                [min(c, 100 - m) for m, c in zip(means, cis, strict=True)]]
+        # Few seeds give wide t intervals: draw an accuracy's only within the possible 0-100%.
+        low, high = (0.0, 100.0) if metric == "accuracy" else (-math.inf, math.inf)
+        yerr = [[min(c, m - low) for m, c in zip(means, cis, strict=True)],
+                [min(c, high - m) for m, c in zip(means, cis, strict=True)]]
         ax.errorbar(at, means, yerr=yerr, fmt="o-", capsize=4, color=color,
                     label=f"{label} (mean ± 95% CI)")
     ax.set_xlabel(key)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"accuracy against {key}", fontsize="medium")
+    ax.set_ylabel(heading(metric, ""))
+    ax.set_title(f"{metric} against {key}", fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
 
 
-def plot_curves(ax: Any, runs: list[Run], keys: list[str]) -> None:
-    """Validation accuracy against the step, read back from each run's TensorBoard events."""
+def plot_curves(ax: Any, runs: list[Run], keys: list[str], metric: str) -> None:
+    """Validation score against the step, read back from each run's TensorBoard events."""
     from matplotlib.ticker import MaxNLocator
 
     groups = list(group_runs(runs, keys))
     labelled: set[int] = set()
+    factor = scale(metric)[0]
     for run in runs:
         if not run.curve:
             continue
         group = groups.index(tuple(run.overrides.get(k) for k in keys))
         label = ", ".join(f"{k}={v}" for k, v in zip(keys, groups[group], strict=True)) or "runs"
-        steps, accs = zip(*run.curve, strict=True)
-        ax.plot(steps, [100 * a for a in accs], color=f"C{group % 10}",
+        steps, scores = zip(*run.curve, strict=True)
+        ax.plot(steps, [factor * a for a in scores], color=f"C{group % 10}",
                 linestyle="-" if run.status == "done" else "--", marker="." if len(steps) < 30
                 else None, label=None if group in labelled else label)
         labelled.add(group)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("meta-training step")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(heading(metric, "validation"))
     ax.set_title("validation curves (dashed: not finished)", fontsize="medium")
     ax.grid(alpha=0.3)
     if 0 < len(labelled) <= 10:
@@ -373,8 +589,9 @@ def report(cfg: DictConfig) -> dict[str, Any]:
         raise FewshotError(f"no runs under {root}: a run folder holds .hydra/config.yaml, "
                            "written by fewshot train; pass a multirun/<date>/<time> folder")
     runs = [read_run(path) for path in paths]
-    keys = swept_keys([r for r in runs if r.status != "resume"])
-    tests = sorted({t for r in runs for t in r.tests})
+    mark_repeats(runs)
+    keys = swept_keys(tabled(runs))
+    tests = result_columns(runs)
     out = Path(cfg.out).expanduser().resolve() if cfg.out else root
     text = summary(root, runs, keys, tests)
     print(text)

@@ -4,6 +4,7 @@ traceback, and leaves every file that existed before unchanged and loadable."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -325,18 +327,9 @@ def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 def test_an_unwritable_run_folder(cli, tmp_path):
     folder = tmp_path / "locked"
     folder.mkdir()
-    immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-    if not immutable:
-        if os.geteuid() == 0:
-            pytest.skip("chattr is not available and root ignores permission bits")
-        folder.chmod(0o555)
-    try:
+    with unwritable(folder):
         one_sentence(cli("train", *TINY, "train.steps=2", f"hydra.run.dir={folder}"),
                      "cannot write into the run folder", str(folder), "hydra.run.dir")
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
-        folder.chmod(0o755)
     assert not any(folder.iterdir())
 
 
@@ -502,3 +495,78 @@ def test_every_class_under_min_images_is_one_sentence(cli, tmp_path):
     one_sentence(cli("train", *FOLDER, f"dataset.root={root}", "dataset.min_images=4"),
                  "every class in", "fewer than dataset.min_images=4 images (the largest has 3)",
                  "dataset.min_images=3")
+
+
+# ---------------------------------------------------------------- 8. a result is never lost
+
+
+@pytest.mark.parametrize("content", [b'{"best.pt": {"5-way', b'{"best.pt": []}'])
+def test_eval_prints_its_figure_and_keeps_it_beside_a_results_file_it_cannot_merge_into(
+        cli, run, content):
+    """Issue 19.10: a corrupt results.json made eval drop its figure, [] gave a traceback."""
+    (run / "results.json").write_bytes(content)
+    proc = ok(cli("eval", f"ckpt={run / 'best.pt'}"))
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    figure = next(i for i, line in enumerate(lines) if "test accuracy" in line)
+    moved = next(i for i, line in enumerate(lines) if "could not be merged into" in line)
+    assert figure < moved, proc.stdout  # the figure first, whatever happens to the file
+    aside, = run.glob("results.json.corrupt-*")
+    assert aside.name in lines[moved] and aside.read_bytes() == content
+    assert len(eval_result(run, 5, 1, episodes=8)) > 0
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """``folder`` cannot be written within the block: immutable (chattr, which binds root too)
+    or, where chattr is missing, read-only; skips the test where neither holds for root."""
+    immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    if not immutable:
+        if os.geteuid() == 0:
+            pytest.skip("chattr is not available and root ignores permission bits")
+        folder.chmod(0o555)
+    try:
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+def test_eval_that_cannot_write_its_result_has_printed_it_first(cli, run):
+    with unwritable(run):
+        proc = cli("eval", f"ckpt={run / 'best.pt'}")
+    one_sentence(proc, "could not write", "results.json", "the figure above was not saved")
+    assert "5-way 1-shot (3 queries) test accuracy" in proc.stdout
+    assert not (run / "results.json").exists()
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage", b"[]", b'{"best.pt": []}'])
+def test_report_names_a_run_whose_results_cannot_be_read_and_reports_the_rest(
+        cli, trained, tmp_path, content):
+    """Issue 19.10: one corrupt results.json made fewshot report fail for the whole folder."""
+    sweep = tmp_path / "sweep"
+    for n in ("0", "1"):
+        shutil.copytree(trained, sweep / n)
+    config = OmegaConf.load(sweep / "1" / ".hydra" / "config.yaml")
+    config.seed = 1  # another run, not a repeat of the first
+    OmegaConf.save(config, sweep / "1" / ".hydra" / "config.yaml")
+    ok(cli("eval", f"ckpt={sweep / '1' / 'best.pt'}"))
+    (sweep / "0" / "results.json").write_bytes(content)
+    (sweep / "2" / ".hydra").mkdir(parents=True)
+    (sweep / "2" / ".hydra" / "config.yaml").write_bytes(content)  # a run's config, too
+    proc = ok(cli("report", str(sweep)))
+    assert "Traceback" not in proc.stderr and "2 of 2 runs finished" in proc.stdout
+    note, = [line for line in proc.stdout.splitlines() if line.startswith("- 0: ")]
+    assert "results.json" in note and "left out" in note, proc.stdout
+    assert "- 2: its .hydra files cannot be read" in proc.stdout
+    own = eval_result(sweep / "1", 5, 1)["accuracy"]
+    assert "| 2 of 2 | 4 | " in proc.stdout and f"| {100 * own:.2f} |" in proc.stdout
+
+
+def test_query_statistics_a_model_cannot_switch_to_are_one_sentence(cli, run):
+    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.query_statistics=sideways"),
+                 "eval.query_statistics=sideways must be inductive or transductive")
+    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.query_statistics=transductive"),
+                 "eval.query_statistics=transductive", "no per-batch statistics", "drop the key")
+    assert not (run / "results.json").exists()

@@ -17,6 +17,7 @@ from PIL import Image
 from fewshot_cli.build import build_algorithm
 from fewshot_cli.config import conf_dir
 from fewshot_cli.data.images import decode_files
+from fewshot_cli.data.store import ClassStore
 from fewshot_cli.predict import classify
 
 SHAPES = {f"shape{i}": 8 for i in range(6)}  # a training folder: 6 classes of 8 images
@@ -110,14 +111,52 @@ def test_bad_input_is_one_sentence_and_writes_nothing(cli, trained, mine, tmp_pa
     assert not (tmp_path / "predictions.csv").exists()
 
 
-def test_a_fixed_head_needs_its_number_of_classes(cli, mine, tmp_path):
-    data = make_image_folder(tmp_path / "data", SHAPES)
-    ok(cli("train", *TRAIN, "algo=maml", "train.meta_batch=2", f"dataset.root={data}",
-           f"hydra.run.dir={tmp_path / 'maml'}"))
+@pytest.fixture(scope="module")
+def maml(tmp_path_factory) -> Path:
+    """A default MAML checkpoint (algo.batchnorm=task, 2 ways) trained a few steps."""
+    folder = tmp_path_factory.mktemp("maml")
+    data = make_image_folder(folder / "data", SHAPES)
+    ok(run_cli(["train", *TRAIN, "algo=maml", "train.meta_batch=2", "algo.eval_inner_steps=1",
+                f"dataset.root={data}", f"hydra.run.dir={folder / 'run'}"], folder))
+    return folder / "run" / "best.pt"
+
+
+def test_a_fixed_head_needs_its_number_of_classes(cli, maml, mine, tmp_path):
     support, query = mine
-    one_sentence(cli("predict", f"ckpt={tmp_path / 'maml' / 'best.pt'}", f"support={support}",
-                     f"query={query}"), "trained for 2 classes", "holds 3 class folders")
+    one_sentence(cli("predict", f"ckpt={maml}", f"support={support}", f"query={query}"),
+                 "trained for 2 classes", "holds 3 class folders")
     assert not (tmp_path / "predictions.csv").exists()
+
+
+def test_a_maml_answer_does_not_depend_on_the_other_query_files(cli, maml, tmp_path):
+    """Issue 19.2 through the real CLI: with algo.batchnorm=task one image got p=0.8251 alone,
+    0.8678 among nine others, and 0.8251 / 0.8648 / 0.8678 with batch=1/4/64."""
+    support = make_image_folder(tmp_path / "support", {"round": 2, "square": 1}, seed=3)
+    query = make_image_folder(tmp_path / "query", {"q": 10}, seed=4) / "q"
+    files = sorted(query.iterdir())
+
+    def probabilities(query_path: Path, *extra: str) -> dict[str, float]:
+        out = tmp_path / "p.csv"
+        proc = ok(cli("predict", f"ckpt={maml}", f"support={support}", f"query={query_path}",
+                      f"out={out}", *extra))
+        assert "query statistics: inductive" in proc.stdout
+        assert "support set's BatchNorm statistics" in proc.stdout
+        return {Path(r["file"]).name: float(r["probability"]) if r["predicted"] == "round"
+                else float(r["runner_up_probability"]) for r in read_csv(out)}
+
+    together = probabilities(query)
+    assert probabilities(files[3]) == pytest.approx({files[3].name: together[files[3].name]},
+                                                    abs=1e-5)
+    assert probabilities(query, "batch=1") == pytest.approx(together, abs=1e-5)
+    # The same files among others, in another order (names decide the order): the three
+    # brightest and darkest of another image set join them.
+    mixed = tmp_path / "mixed"
+    make_image_folder(mixed, {"other": 3}, seed=9)
+    for f in files[:5]:
+        (mixed / "other" / f"z{f.name}").write_bytes(f.read_bytes())
+    answers = probabilities(mixed / "other")
+    assert {f.name: answers[f"z{f.name}"] for f in files[:5]} == pytest.approx(
+        {f.name: together[f.name] for f in files[:5]}, abs=1e-5)
 
 
 @pytest.mark.parametrize("algo", ["protonet", "matching", "relation", "siamese", "maml",
@@ -137,3 +176,50 @@ def test_every_image_algorithm_classifies_unequal_support(algo, mine):
     probabilities = classify(algo_, support, images, torch.device("cpu"), batch=3)
     assert probabilities.shape == (4, 3)
     torch.testing.assert_close(probabilities.sum(-1), torch.ones(4))
+
+
+# Every image algorithm whose predictions could depend on the query batch: BatchNorm with batch
+# statistics (the MAML family's algo.batchnorm=task, any backbone without running statistics),
+# Matching's full-context embeddings, Relation's pairs, weightgen's generator and fine-tuning.
+MAML_FAMILY = ["algo.eval_inner_steps=1"]  # one inner step is enough to see the statistics
+QUERY_BATCH_CASES = {
+    "maml": ["algo=maml", *MAML_FAMILY], "fomaml": ["algo=fomaml", *MAML_FAMILY],
+    "metasgd": ["algo=metasgd", *MAML_FAMILY], "anil": ["algo=anil", *MAML_FAMILY],
+    "maml, batchnorm=support": ["algo=maml", "algo.batchnorm=support", *MAML_FAMILY],
+    "meta_lstm": ["algo=meta_lstm", "algo.inner_steps=2"],
+    "meta_lstm, batchnorm=task": ["algo=meta_lstm", "algo.inner_steps=2", "algo.batchnorm=task"],
+    "protonet": ["algo=protonet"],
+    "protonet, no running statistics": ["algo=protonet", "backbone.track_running_stats=false"],
+    "matching, full context": ["algo=matching", "algo.fce=true"], "relation": ["algo=relation"],
+    "siamese": ["algo=siamese"],
+    "weightgen, fine-tuned": ["algo=weightgen", "algo.finetune_steps=2"],
+}
+
+
+@pytest.mark.parametrize("case", QUERY_BATCH_CASES)
+def test_a_query_answer_depends_only_on_the_support_set_and_that_query(case):
+    """Permuting, subsetting and re-batching the queries leaves every query's probabilities
+    as they were (issue 19.2: with algo.batchnorm=task one image got 0.8251 alone and 0.8678
+    among nine others)."""
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", [*QUERY_BATCH_CASES[case], "dataset=folder", "dataset.root=unused",
+                                "train.ways=3", "eval.ways=3", "backbone.hidden=8",
+                                "device=cpu"])
+    torch.manual_seed(0)
+    algo = build_algorithm(cfg, {"in_channels": 1, "image_size": 28}).eval()
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (3, 2, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    support = ClassStore(pixels, ["a", "b", "c"], counts=torch.tensor([2, 1, 2]))
+    # Queries of very different brightness, so that batch statistics would move a lot.
+    query = torch.rand(6, 1, 28, 28, generator=generator) * torch.linspace(0.1, 1, 6).view(
+        -1, 1, 1, 1)
+    cpu = torch.device("cpu")
+    alone = torch.cat([classify(algo, support, q[None], cpu) for q in query])
+    order = torch.randperm(6, generator=generator)
+    views = {"all at once": classify(algo, support, query, cpu),
+             "in batches of 4": classify(algo, support, query, cpu, batch=4),
+             "permuted": classify(algo, support, query[order], cpu, batch=5)[order.argsort()]}
+    for name, probabilities in views.items():
+        torch.testing.assert_close(probabilities, alone, atol=2e-5, rtol=0, msg=name)
+    subset = classify(algo, support, query[[4, 1]], cpu)
+    torch.testing.assert_close(subset, alone[[4, 1]], atol=2e-5, rtol=0)

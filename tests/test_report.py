@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import statistics
@@ -15,7 +16,7 @@ from test_cli import TINY, failed, ok
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.errors import FewshotError
-from fewshot_cli.report import report, run_status, t95
+from fewshot_cli.report import Column, Run, report, result_columns, run_status, t95
 
 T95_ONE_DOF = 12.7062  # Student t, two-sided 95%, 1 degree of freedom (two seeds)
 
@@ -49,7 +50,8 @@ def test_report_on_a_sweep_of_two_shots_and_two_seeds(cli, tmp_path):
         runs[ckpt.parent.name] = (shots, state["best"]["accuracy"],
                                   eval_result(ckpt.parent, 5, shots)["accuracy"])
         assert state["step"] == 6
-    assert "| train.shots | finished | steps | best val acc (%) | test best.pt (%) |" in out
+    assert "| train.shots | finished | steps | best val accuracy (%) | test accuracy best.pt (%) " \
+           "| episodes/s |" in out
     for shots in (1, 2):
         val = [v for s, v, _ in runs.values() if s == shots]
         test = [t for s, _, t in runs.values() if s == shots]
@@ -64,8 +66,8 @@ def test_report_on_a_sweep_of_two_shots_and_two_seeds(cli, tmp_path):
     for row in rows:
         shots, val, test = runs[row["run"]]
         assert row["status"] == "done" and row["train.shots"] == str(shots)
-        assert float(row["val_accuracy"]) == pytest.approx(val)
-        assert float(row["test best.pt accuracy"]) == pytest.approx(test)
+        assert row["metric"] == "accuracy" and float(row["val_score"]) == pytest.approx(val)
+        assert float(row["test best.pt score"]) == pytest.approx(test)
         assert float(row["episodes_per_s"]) > 0
 
     # Two panels (accuracy against train.shots, validation curves) at 110 dpi, and the two
@@ -74,6 +76,21 @@ def test_report_on_a_sweep_of_two_shots_and_two_seeds(cli, tmp_path):
     assert png.size == (1056, 418)
     colours = {colour for _, colour in png.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours
+
+    # Issue 19.5: one more eval of one run under another protocol changed that row's test
+    # figure (49.87 ± 6.80 became 41.64 ± 29.52). Now the own column keeps its figures and the
+    # other protocol gets a column of its own.
+    extra = sorted(ckpts)[0]
+    ok(cli("eval", f"ckpt='{extra}'", "eval.queries=2", "eval.episodes=3", "eval.seed=7"))
+    again = ok(cli("report", str(sweep))).stdout
+    shots = runs[extra.parent.name][0]
+    val = [v for s, v, _ in runs.values() if s == shots]
+    test = [t for s, _, t in runs.values() if s == shots]
+    assert f"| {shots} | 2 of 2 | 6 | {expected_cell(val)} | {expected_cell(test)} | " in again
+    other = eval_result(extra.parent, 5, shots, episodes=3)
+    label = f"test accuracy best.pt 5-way {shots}-shot (2 queries), 3 episodes, seed 7, " \
+            "inductive query statistics (%)"
+    assert label in again and f" | {100 * other['accuracy']:.2f} | " in again
 
 
 def test_report_lists_unfinished_runs_and_bad_folders(cli, tmp_path):
@@ -119,3 +136,76 @@ def test_t95_matches_scipy():
     stats = pytest.importorskip("scipy.stats", reason="scipy comes with the [dev] extra")
     for dof in range(1, 300):
         assert t95(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=1e-4), dof
+
+
+RL2 = ["algo=rl2", "dataset=bandits", "backbone.hidden=16", "train.meta_batch=32",
+       "train.val_episodes=20", "eval.episodes=40", "eval.batch=40", "device=cpu"]
+
+
+def test_report_reads_each_runs_metric_and_counts_a_repeated_run_once(cli, tmp_path):
+    """Issues 19.7 and 19.8: an RL² sweep showed total reward x100 under "best val acc (%)"
+    without curves, and identical runs were averaged as seeds (± 0.00)."""
+    sweep = tmp_path / "sweep"
+    ok(cli("train", "-m", *RL2, "train.steps=4", "train.val_every=2", "seed=0,0,1",
+           f"hydra.sweep.dir={sweep}"))
+    best = {n: load_checkpoint(sweep / n / "last.pt")["best"] for n in ("0", "1", "2")}
+    assert best["0"]["metric"] == "total_reward"
+    ok(cli("eval", f"ckpt={sweep / '0' / 'best.pt'}"))
+    test = eval_result(sweep / "0", 5, 1)["total_reward"]
+    out = ok(cli("report", str(sweep))).stdout
+
+    counted = [best["0"]["score"], best["2"]["score"]]  # run 1 repeats run 0: counted once
+    mean = statistics.fmean(counted)
+    ci = T95_ONE_DOF * statistics.stdev(counted) / math.sqrt(2)
+    assert "| runs | finished | steps | best val total_reward | test total_reward best.pt | " \
+           "episodes/s |" in out, out
+    assert f"| all | 2 of 2 (+1 repeated) | 4 | {mean:.2f} ± {ci:.2f} | {test:.2f} | " in out
+    assert "- 1 repeats 0" in out
+    assert not [line for line in out.splitlines() if line.startswith("|") and "%" in line]
+    assert f"best val total_reward {max(counted):.2f} ±" in out
+
+    rows = {row["run"]: row for row in csv.DictReader((sweep / "report.csv").open())}
+    assert rows["0"]["metric"] == "total_reward" and rows["1"]["repeat_of"] == "0"
+    assert float(rows["2"]["val_score"]) == pytest.approx(best["2"]["score"])
+    # The validation curves of val/total_reward: one group, drawn in matplotlib's first colour.
+    png = Image.open(sweep / "report.png").convert("RGB")
+    assert (31, 119, 180) in {colour for _, colour in png.getcolors(maxcolors=1 << 20)}
+
+
+def test_within_group_and_ordinary_tests_of_one_shape_never_share_a_column(cli, tmp_path):
+    """Issue 19.5: Lake's within-alphabet test and the ordinary test of the same shape were one
+    column. Entries as fewshot eval writes them, the within-group one changed by hand (glyphs
+    have no groups to draw from)."""
+    run = tmp_path / "run"
+    ok(cli("train", *TINY, "train.steps=2", "train.val_every=2", f"hydra.run.dir={run}"))
+    ok(cli("eval", f"ckpt={run / 'best.pt'}"))
+    results = json.loads((run / "results.json").read_text())
+    (key, plain), = results["best.pt"].items()
+    within = json.loads(json.dumps(plain))
+    within["protocol"].update(within_group=True, distinct_drawers=True)
+    within["accuracy"] = 0.123
+    lake = key.replace("(5 queries)", "(5 queries), within group, distinct drawers")
+    results["best.pt"][lake] = within
+    # An entry written before protocol records (key and settings only) is read as the run's
+    # own protocol when its settings are the run's.
+    legacy = {k: v for k, v in plain.items() if k not in ("protocol", "query_statistics",
+                                                          "model_query_statistics")}
+    results["last.pt"] = {"5-way 1-shot (5 queries), 20 episodes, seed 2024":
+                          {**legacy, "accuracy": 0.456}}
+    (run / "results.json").write_text(json.dumps(results))
+    out = ok(cli("report", str(tmp_path))).stdout
+    assert "test accuracy best.pt (%) | test accuracy last.pt (%) | test accuracy best.pt " \
+           f"{lake} (%) |" in out, out
+    assert f"| {100 * plain['accuracy']:.2f} | 45.60 | 12.30 |" in out
+
+
+def test_protocols_that_read_alike_get_their_differences_in_the_label(tmp_path):
+    record = {"dataset": "glyphs", "dataset_options": {"image_size": 28}, "episodes": 3}
+    columns = [Column(False, "best.pt", json.dumps(r), "5-way 1-shot, 3 episodes")
+               for r in (record, {**record, "dataset_options": {"image_size": 32}})]
+    runs = [Run(tmp_path / str(i), {}, tests={c: {"score": 0.5, "ci95": None}})
+            for i, c in enumerate(columns)]
+    labels = sorted(c.label() for c in result_columns(runs))
+    assert labels == ["best.pt 5-way 1-shot, 3 episodes [dataset_options.image_size=28]",
+                      "best.pt 5-way 1-shot, 3 episodes [dataset_options.image_size=32]"]
+    assert [c.label() for r in runs for c in r.tests] == labels

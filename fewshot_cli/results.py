@@ -1,0 +1,152 @@
+"""``results.json``: the test results of one run folder, each keyed by its full protocol.
+
+Layout: ``{"best.pt": {"<protocol in words>": entry, ...}, "last.pt": {...}}``. An entry holds
+the score under its metric's name (``"metric": "accuracy", "accuracy": 0.91``), ``ci95``, the
+settings that produced it, and ``protocol``: everything that changes the figure, as a
+structured record (:func:`protocol`) so that readers compare records, never parse the key.
+Entries written before ``protocol`` existed are read by completing their settings with the
+run's own (:func:`entry_protocol`). ``fewshot eval`` merges into the file under a lock, and a
+file it cannot merge into is moved aside, never lost (:func:`merge_result`); ``fewshot report``
+reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fewshot_cli.data.splits import RECORD, read_record
+from fewshot_cli.errors import FewshotError
+from fewshot_cli.files import MovedAside, merge_json
+
+#: the eval.* settings that change a test's figure (eval.batch only changes its speed)
+EVAL_KEYS = ("ways", "shots", "queries", "episodes", "seed", "within_group", "distinct_drawers")
+#: dataset keys that say where the data lives or how it arrives, not what it is
+LOCATION_KEYS = ("_target_", "root", "download")
+#: how a query's score may depend on the other queries tested with it (see evaluate.py)
+QUERY_STATISTICS = ("inductive", "transductive")
+
+
+def dataset_name(config: Mapping[str, Any]) -> str:
+    """The data set option chosen (``glyphs``), or its class name for older configs."""
+    return (config.get("choices") or {}).get("dataset") or \
+        str(config["dataset"].get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def recorded_test_classes(run_dir: Path) -> str | None:
+    """A digest of the test classes and their images' fingerprints that the run recorded in
+    its ``split.json`` (what ``dataset.root`` holds matters too: two folders of images under
+    the same options are different tests); None for a run without a readable record."""
+    try:
+        classes = read_record(Path(run_dir) / RECORD).get("test")
+    except FewshotError:
+        return None
+    if classes is None:
+        return None
+    text = json.dumps(classes, sort_keys=True).encode()
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
+
+
+def protocol(config: Mapping[str, Any], query_statistics: str | None,
+             run_dir: Path | None = None) -> dict[str, Any]:
+    """Everything that changes a test figure of a run with the plain (resolved) ``config``:
+    the data set and its options (where it lives aside), the split and the test classes the
+    run in ``run_dir`` recorded, the ``eval.*`` task settings, and ``query_statistics``
+    ("inductive", "transductive"; None for tasks without queries). The one place to add a new
+    ingredient of a result's identity."""
+    dataset = config["dataset"]
+    return {"dataset": dataset_name(config),
+            "dataset_options": {k: v for k, v in dataset.items() if k not in LOCATION_KEYS},
+            "split": "test",
+            "test_classes": recorded_test_classes(run_dir) if run_dir is not None else None,
+            **{key: config["eval"].get(key) for key in EVAL_KEYS},
+            "query_statistics": query_statistics}
+
+
+def key_words(shape: str, record: Mapping[str, Any]) -> str:
+    """The entry's key in results.json: the protocol in words, e.g. ``5-way 1-shot (15
+    queries), 600 episodes, seed 2024, inductive query statistics``; ``shape`` is the data
+    set's description of the task shape."""
+    statistics = record.get("query_statistics")
+    return f"{shape}, {record['episodes']} episodes, seed {record['seed']}" + \
+        (f", {statistics} query statistics" if statistics else "")
+
+
+def entry_protocol(entry: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry's protocol record; for an entry written before records existed, its own
+    settings completed by ``defaults`` (the protocol of the run it belongs to: such entries
+    were tested on the run's data, with the model's own query statistics)."""
+    stored = entry.get("protocol")
+    if isinstance(stored, Mapping):
+        # Tested before the run recorded its split (a resume records one): the run's classes.
+        unknown = {"test_classes"} if stored.get("test_classes") is None else set()
+        return {**defaults, **{k: v for k, v in stored.items() if k not in unknown}}
+    known = {key: entry[key] for key in (*EVAL_KEYS, "split") if key in entry}
+    return {**defaults, **known}
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "true/false",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _number_or_null(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def layout_problem(data: Any) -> str | None:
+    """Why ``data`` (parsed JSON) is not a results.json that can be read and merged into, or
+    None: an object of checkpoints, each an object of entries, each with a numeric score."""
+    if not isinstance(data, dict):
+        return f"it holds {_json_kind(data)} where an object of checkpoints is expected"
+    for ckpt, entries in data.items():
+        if not isinstance(entries, dict):
+            return f'its "{ckpt}" holds {_json_kind(entries)} where an object of results is ' \
+                   "expected"
+        for key, entry in entries.items():
+            if not isinstance(entry, dict):
+                return f'its result "{key}" of "{ckpt}" is {_json_kind(entry)}, not an object'
+            metric = entry.get("metric", "accuracy")
+            if not isinstance(metric, str) or not _number_or_null(entry.get(metric)) or \
+                    not _number_or_null(entry.get("ci95")) or \
+                    not isinstance(entry.get("protocol", {}), dict):
+                return f'its result "{key}" of "{ckpt}" lacks a numeric score, its ci95 or ' \
+                       "its protocol record"
+    return None
+
+
+def read_results(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """The checkpoints' entries in ``path``; a FewshotError naming the file and what is wrong
+    where it cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise FewshotError(f"{path} cannot be read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise FewshotError(f"{path} is not valid JSON ({err})") from None
+    why = layout_problem(data)
+    if why is not None:
+        raise FewshotError(f"{path} is not a results file: {why}")
+    return data
+
+
+def merge_result(path: Path, ckpt: str, key: str, entry: dict[str, Any]) -> MovedAside | None:
+    """Add ``entry`` under ``ckpt`` and ``key`` to the results file ``path`` under its lock,
+    replacing the entry of the same protocol (whatever its key, older entries included).
+    A file it cannot merge into is moved aside and a fresh one holds ``entry``; the move is
+    returned. Raises OSError where the folder cannot be written."""
+    record = entry["protocol"]
+    own = {**record, "query_statistics": entry.get("model_query_statistics")}
+
+    def update(data: Any) -> dict[str, Any]:
+        results = data or {}
+        kept = {k: e for k, e in results.get(ckpt, {}).items()
+                if k != key and entry_protocol(e, own) != record}
+        results[ckpt] = {**kept, key: entry}
+        return results
+
+    return merge_json(path, update, layout_problem)
