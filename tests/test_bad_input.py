@@ -472,18 +472,23 @@ def test_a_second_ctrl_c_says_which_checkpoints_the_run_folder_holds(tmp_path):
     from fewshot_cli.engine.run_folder import RunFolder
     from fewshot_cli.errors import Interrupted
 
+    def stopped(run: Path, before_the_stop) -> BaseException:  # what leaves the run folder
+        try:
+            with RunFolder(run, None, resuming=False):
+                before_the_stop()
+                raise KeyboardInterrupt
+        except BaseException as err:  # noqa: BLE001 (a bare KeyboardInterrupt is the failure)
+            return err
+
     run = tmp_path / "a run"
-    with pytest.raises(Interrupted) as stopped, RunFolder(run, None, resuming=False):
-        save_checkpoint(run / "best.pt", {"config": {}, "step": 2})
-        save_checkpoint(run / "last.pt", {"config": {}, "step": 4})
-        raise KeyboardInterrupt
-    message = str(stopped.value)
-    assert "last.pt (step 4) and best.pt (step 2)" in message, message
-    assert f"train 'resume={run / 'last.pt'}'" in message and "nothing" not in message
-    with pytest.raises(Interrupted, match="before the first checkpoint was saved"), \
-            RunFolder(tmp_path / "other", None, resuming=False):
-        (tmp_path / "other" / "events.out.tfevents.1").write_bytes(b"")  # it had started
-        raise KeyboardInterrupt
+    err = stopped(run, lambda: (save_checkpoint(run / "best.pt", {"config": {}, "step": 2}),
+                                save_checkpoint(run / "last.pt", {"config": {}, "step": 4})))
+    assert isinstance(err, Interrupted), repr(err)
+    assert "last.pt (step 4) and best.pt (step 2)" in str(err), err
+    assert f"train 'resume={run / 'last.pt'}'" in str(err) and "nothing" not in str(err)
+    other = tmp_path / "other"
+    err = stopped(other, lambda: (other / "events.out.tfevents.1").write_bytes(b""))  # started
+    assert isinstance(err, Interrupted) and "before the first checkpoint was saved" in str(err)
 
 
 def test_an_interruption_names_only_the_files_it_wrote(tmp_path, monkeypatch, capsys):
