@@ -118,12 +118,18 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def quoted(value: str) -> str:
+def quoted(value: str, quote: str = "'") -> str:
     """``value`` as a quoted Hydra override value, which Hydra reads back as exactly ``value``:
-    a quote is escaped, and so is a run of backslashes before a quote or at the end (Hydra's
+    the quote is escaped, and so is a run of backslashes before it or at the end (Hydra's
     rule; other backslashes stand for themselves)."""
-    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
-    return "'" + value.replace("'", "\\'") + "'"
+    value = re.sub(rf"(\\+)(?={quote}|$)", lambda m: m.group(1) * 2, value)
+    return quote + value.replace(quote, "\\" + quote) + quote
+
+
+def hydra_arg(key: str, value: str) -> str:
+    """``key=value`` quoted for Hydra (double quotes) and then for the shell, to print in a
+    message for the user to copy: ``'ckpt="a,b/best.pt"'``."""
+    return shell.arg(key, quoted(value, '"'))
 
 
 def _as_hydra_value(value: str) -> str:
@@ -166,7 +172,7 @@ def quote_paths(args: list[str], command: str, multirun: bool) -> list[str]:
         paths = _sweep_paths(key, value) if multirun and rule.sweep else [value]
         if not multirun and not _exists(value) and len(cuts := _cuts(value)) == 1:
             raise FewshotError(f"{key}={value} names {len(cuts[0])} paths; add -m to run once "
-                               f"per path: fewshot {command} -m {key}={value}")
+                               f"per path: {shell.command(command, '-m', shell.arg(key, value))}")
         out.append(f"{key}=" + ",".join(_as_hydra_value(p) for p in paths))
     return out
 
@@ -195,8 +201,9 @@ def _sweep_paths(key: str, value: str) -> list[str]:
     cuts = _cuts(value)
     if len(cuts) > 1:
         one, two = (" and ".join(cut) for cut in cuts)
+        each = ",".join(quoted(cut, '"') for cut in cuts[0])
         raise FewshotError(f"{key}={value} can be read as the paths {one}, or as {two}; quote "
-                           f"each path: \"{key}=" + ",".join(map(quoted, cuts[0])) + "\"")
+                           f"each path: {shell.arg(key, each)}")
     return cuts[0] if cuts else value.split(",")
 
 
@@ -344,12 +351,12 @@ def condense(text: str, command: str, args: list[str]) -> tuple[str, int]:
         key, value = m.groups()
         return f"{key}={value} holds commas: add -m to run once per value (a sweep), write " \
                f"{key}=[{value}] for a list, or quote it to keep it one string: " \
-               f"\"{key}={quoted(value)}\"", 2
+               f"{hydra_arg(key, value)}", 2
     if "override_grammar" in text:  # the override parser's errors end with this link
         bad = _unreadable(args)
         key, _, value = (bad or "").partition("=")
         quote = f"; to pass one string holding spaces or symbols, quote it: " \
-                f"\"{key}={quoted(value)}\"" if value else ""
+                f"{hydra_arg(key, value)}" if value else ""
         what = f"the override '{bad}'" if bad else "an override"
         return f"cannot read {what}: write key=value, or key=a,b,c with -m for a sweep" \
                f"{quote} ({help_hint})", 2
