@@ -270,7 +270,8 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def path_problem(key: str, value: str, kind: str) -> str | None:
-    """What is wrong with ``key=value`` for a path of ``kind`` (see PathKey), or None."""
+    """What is wrong with ``key=value`` for a path of ``kind`` (see PathKey), in one sentence
+    naming the key and the fix, or None. Looks at the file system only (stat, access)."""
     path = Path(value).expanduser()
     status, shown = _stat(path), arg(key, value)
     if isinstance(status, OSError):
@@ -280,8 +281,9 @@ def path_problem(key: str, value: str, kind: str) -> str | None:
         hint = "" if near == path.absolute().parent else f" (nor does its folder; the " \
             f"nearest that exists is {near})"
         return f"{shown} does not exist{hint}; check the path for a typo"
-    if status is None:
-        return _unwritable(key, value, _nearest_existing(path))
+    if status is None:  # an output to create (a data set root is its reader's business)
+        return _unwritable(key, value, _nearest_existing(path)) if kind.startswith("new_") \
+            else None
     is_folder = path.is_dir()
     if kind == "checkpoint" and is_folder:
         return _checkpoint_folder(key, path)
@@ -294,7 +296,6 @@ def path_problem(key: str, value: str, kind: str) -> str | None:
     if kind.startswith("new_"):
         return _unwritable(key, value, path if is_folder else path.parent)
     return None
-
 
 
 def _checkpoint_folder(key: str, folder: Path) -> str:

@@ -9,7 +9,9 @@ Hydra picks the folder (``hydra.run.dir``); this module makes it safe to share a
   drops the lock when the process dies, so a crash never leaves the folder locked;
 * a new run refuses a folder that already holds checkpoints (that is what ``resume=`` is for);
 * ``.hydra/`` and ``train.log`` are written by the run only once it holds the folder, fatal
-  errors are logged there, and a run that fails before it trains leaves no folder behind.
+  errors are logged there, and a run that fails before it trains leaves no folder behind;
+* a Ctrl-C that stops the run before it could save (the second one) is told what the folder
+  holds: its checkpoints and their steps, and the command that continues from them.
 """
 
 from __future__ import annotations
