@@ -159,6 +159,10 @@ def quote_paths(args: list[str], command: str, multirun: bool) -> list[str]:
     as ambiguous otherwise). Under ``-m`` a comma list is a sweep over several paths: split
     where each piece is a path that exists, else at every comma. A value already quoted, null,
     or written as a sweep function (``glob(...)``) is left as it is.
+
+    Raises:
+        FewshotError: a comma list of existing paths outside a sweep (add -m), or one that can
+            be cut into existing paths in two ways under -m (quote each path).
     """
     keys = PATHS.get(command) or path_keys()
     out = []

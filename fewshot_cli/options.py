@@ -182,7 +182,12 @@ def check_train(cfg: Mapping) -> None:
 
 
 def check_command(command: str, cfg: Mapping) -> None:
-    """Every option of ``command`` that the config holds: types, ranges and paths."""
+    """Check every option of ``command`` that ``cfg`` holds: types, ranges (``RULES``) and
+    paths (``PATHS``). Torch-free; the CLI calls it before any command reads anything.
+
+    Raises:
+        FewshotError: one sentence naming the first bad key, what it must be and an example.
+    """
     check(cfg, RULES.get(command, {}))
     check_paths(command, cfg)
 
