@@ -163,20 +163,23 @@ def check_optimizer(cfg: DictConfig) -> None:
                                f"torch.optim; name one (for example train.{part}._target_="
                                f"{example})")
         _check_types(f"train.{part}", get_class(target), node)
-    dummy = torch.nn.Parameter(torch.zeros(1), requires_grad=True)
+    dummy = torch.nn.Parameter(torch.zeros(1))
     dummy.grad = torch.ones(1)
-    optimizer = _first_step(cfg, "optimizer", lambda: build(cfg.train, "optimizer",
-                                                            "train.optimizer")([dummy]))
-    if cfg.train.scheduler:
-        _first_step(cfg, "scheduler", lambda: build(cfg.train, "scheduler",
-                                                    "train.scheduler")(optimizer))
+    optimizer = _checked(cfg, "optimizer",
+                         lambda: build(cfg.train, "optimizer", "train.optimizer")([dummy]))
+    scheduler = _checked(cfg, "scheduler", lambda: build(cfg.train, "scheduler",
+                                                         "train.scheduler")(optimizer)) \
+        if cfg.train.scheduler else None
+    _checked(cfg, "optimizer", optimizer.step)  # in the trainer's order: optimizer, schedule
+    if scheduler is not None:
+        _checked(cfg, "scheduler", scheduler.step)
 
 
-def _first_step(cfg: DictConfig, part: str, make: Any) -> Any:
-    """``make()`` the optimizer or schedule and step it once; its failure as one sentence."""
+def _checked(cfg: DictConfig, part: str, call: Any) -> Any:
+    """``call()`` (building or stepping the optimizer or schedule); its failure as one sentence
+    naming ``train.<part>``."""
     try:
-        made = make()
-        made.step()
+        return call()
     except FewshotError:
         raise
     except Exception as err:  # noqa: BLE001 (any class of torch.optim, any refusal)
@@ -184,7 +187,6 @@ def _first_step(cfg: DictConfig, part: str, make: Any) -> Any:
                            f"as the trainer does ({type(err).__name__}: {str(err)[:160]}); "
                            f"check the options under train.{part}, or choose another class") \
             from None
-    return made
 
 
 def _check_types(section: str, cls: type, node: Mapping) -> None:
