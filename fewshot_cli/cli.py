@@ -1,6 +1,6 @@
 """``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps: train, eval, predict,
-report (the ``COMMANDS`` table; a new command is one entry there, its ``conf/<command>.yaml``
-and its rules and path keys in options.py).
+data, report (the ``COMMANDS`` table; a new command is one entry there, its
+``conf/<command>.yaml`` and its rules and path keys in options.py).
 
 Every failure a user can cause ends here as one sentence on stderr and a non-zero exit:
 our own errors (FewshotError, raised where the wrong value enters), the system's (a full disk,
@@ -66,6 +66,12 @@ def _predict(cfg: DictConfig) -> None:
     predict(cfg)
 
 
+def _data(cfg: DictConfig) -> None:
+    from fewshot_cli.data_check import check_data
+
+    check_data(cfg, HydraConfig.get().runtime.choices.get("dataset"))
+
+
 def _report(cfg: DictConfig) -> None:
     from fewshot_cli.report import report
 
@@ -90,6 +96,8 @@ COMMANDS: dict[str, Command] = {
                            "results.json"),
     "predict": Command(_predict, "classify your images with a few examples of your classes: "
                                  "predictions.csv"),
+    "data": Command(_data, "check a data set without training: splits, files, duplicates, "
+                           "leaks"),
     "report": Command(_report, "summarise a sweep folder: Markdown table, report.csv, "
                                "report.png", positional="dir"),
 }
@@ -114,6 +122,7 @@ def usage() -> str:
               "  fewshot report multirun/<date>/<time>",
               "  fewshot eval ckpt=outputs/<date>/<time>-protonet-omniglot/best.pt",
               "  fewshot predict ckpt=<run>/best.pt support=my_classes/ query=new_images/",
+              "  fewshot data dataset=folder dataset.root=my_images/",
               "", "`fewshot train --help` shows every key and its current value."]
     return "\n".join(lines)
 
@@ -405,7 +414,8 @@ def _unreadable(args: list[str]) -> str | None:
 # data lives and how (not what) it computes. Anything else would make the checkpoint's weights,
 # optimizer state or random state belong to a config other than the one it records.
 RESUMABLE = ("train.steps", "train.val_every", "train.val_episodes", "train.log_every",
-             "eval.batch", "eval.episodes", "dataset.root", "dataset.download", "device",
+             "eval.batch", "eval.episodes", "dataset.root", "dataset.download",
+             "dataset.allow_duplicates", "device",
              "device.type", "device.precision", "device.memory_format", "algo.batching",
              "algo.task_chunk", "algo.checkpoint_steps")
 
@@ -497,6 +507,14 @@ def _console_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fewshot`` console script."""
+    try:
+        _main(argv)
+    except BrokenPipeError:  # `fewshot --help | head`: the reader left early, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # what a shell reports for a process stopped by SIGPIPE
+
+
+def _main(argv: list[str] | None) -> None:
     shell.remember_program(sys.argv[0])  # for the commands we print to copy (Hydra rewrites argv)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from fewshot_cli.build import build_algorithm, build_dataset
 from fewshot_cli.data.base import FewShotDataset
+from fewshot_cli.data.splits import check_split
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.metrics import mean_ci95, score_tasks
 from fewshot_cli.engine.runtime import (
@@ -73,6 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     e = run.eval
 
     dataset = build_dataset(run)
+    check_split(dataset, ckpt.parent)  # the test classes are the ones the run recorded
     algo = load_model(run, state, ckpt, device, dataset)
     batch = episodes_per_batch(device, e.batch)
     tasks = dataset.sampler("test", e, batch, device, prefix="eval")

@@ -117,6 +117,7 @@ RULES: dict[str, dict[str, Rule]] = {  # every command's rules, by command name
     "train": {**TRAIN_RULES, **OPTIM_RULES, **EVAL_RULES, **DEVICE_RULES},
     "eval": {**_or_null(EVAL_RULES), **DEVICE_RULES},
     "predict": {**PREDICT_RULES, **DEVICE_RULES},
+    "data": {},  # a data set's options are checked by its reader's constructor
     "report": {},
 }
 
@@ -225,6 +226,7 @@ PATHS: dict[str, dict[str, PathKey]] = {  # every command's path keys, by comman
                                              "class"),
                 "query": PathKey("file_or_folder", "an image, or a folder of images"),
                 "out": PathKey("new_file", sweep=False), **HYDRA_FOLDERS},
+    "data": {"dataset.root": PathKey("any"), **HYDRA_FOLDERS},
     "report": {"dir": PathKey("folder", "the folder to summarise, a sweep such as "
                                         "multirun/<date>/<time> (fewshot report DIR)"),
                "out": PathKey("new_folder", sweep=False), **HYDRA_FOLDERS},

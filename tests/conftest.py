@@ -53,9 +53,32 @@ def omniglot_root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Decoded caches of the tests go to one session-wide temporary folder."""
+    """Decoded caches of the tests go to one session-wide temporary folder, never beside the
+    user's data in $FEWSHOT_DATA (FEWSHOT_CACHE, see fewshot_cli.data.store.cache_file)."""
     cache = tmp_path_factory.getbasetemp() / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setenv("FEWSHOT_CACHE", str(cache / "stores"))
+
+
+@pytest.fixture
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache folder of this test alone, for tests that look at the cache files."""
+    monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def zero_a_quarter_of_the_images(path: Path) -> None:
+    """Overwrite a quarter of the image bytes of a saved store in place (a disk error): the
+    largest member of torch's zip file is the image tensor."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(member.header_offset + 26)  # the local header's name and extra field lengths
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        f.seek(member.header_offset + 30 + name_len + extra_len)
+        f.write(bytes(member.file_size // 4))
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, eval_result, run_cli
+from conftest import REPO, eval_result, run_cli, zero_a_quarter_of_the_images
 from omegaconf import OmegaConf
 
 from fewshot_cli.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -352,8 +352,9 @@ def _fake_omniglot(root: Path, short: int | None = None, text_png: bool = False)
                 drawers = short if short and alphabet == "Tagalog" and c == 2 else 20
                 folder = root / name / alphabet / f"character{c:02d}"
                 folder.mkdir(parents=True)
-                for d in range(1, drawers + 1):
-                    Image.new("L", (12, 12), (c * 37 + d) % 256).save(folder / f"{c}_{d:02d}.png")
+                for d in range(1, drawers + 1):  # every image its own grey: no duplicates
+                    grey = alphabets.index(alphabet) * 120 + (c - 1) * 20 + d - 1
+                    Image.new("L", (12, 12), grey).save(folder / f"{c}_{d:02d}.png")
     if text_png:
         (root / "images_background_small2/Tagalog/character03/3_05.png").write_text("hello")
     return root
@@ -648,7 +649,9 @@ def test_command_options_and_missing_folders_are_one_sentence(cli, run, tmp_path
 
 
 def test_every_help_shows_no_missing_value(cli):
-    for command in ("train", "eval", "predict", "report"):
+    from fewshot_cli.cli import COMMANDS
+
+    for command in COMMANDS:
         out = ok(cli(command, "--help")).stdout
         assert "???" not in out and "== Config ==" in out, (command, out)
 
@@ -741,3 +744,61 @@ def test_the_printed_next_step_works_as_printed(cli, tmp_path):
     elsewhere.mkdir()
     ok(subprocess.run(shlex.split(printed), cwd=elsewhere, capture_output=True, text=True))
     assert "best.pt" in json.loads((run / "results.json").read_text())
+
+
+# ---------------------------------------------------------------- 8. the data under a figure
+
+
+FOLDER = ["dataset=folder", "dataset.image_size=16", "backbone.hidden=8", "train.ways=2",
+          "train.queries=2", "eval.queries=2", "train.steps=2", "train.val_every=2",
+          "train.val_episodes=2", "eval.episodes=4", "device=cpu"]
+
+
+def test_a_damaged_cache_is_rebuilt_and_the_figure_stays(cli, tmp_path, own_cache):
+    """Issue 19, case 9: a quarter of the cache zeroed is found by its checksum and rebuilt."""
+    from image_folder import make_image_folder
+
+    root = make_image_folder(tmp_path / "mine", {f"c{i}": 6 for i in range(10)})
+    run = tmp_path / "run"
+    ok(cli("train", *FOLDER, f"dataset.root={root}", f"hydra.run.dir={run}"))
+    first = ok(cli("eval", f"ckpt={run / 'best.pt'}"))
+    figure = eval_result(run, 2, 1)["accuracy"]
+    (cache,) = own_cache.glob("folder-*.pt")
+    zero_a_quarter_of_the_images(cache)
+    again = ok(cli("eval", f"ckpt={run / 'best.pt'}", "eval.seed=2024"))
+    assert "is damaged (" not in first.stdout + first.stderr
+    assert f"the decoded cache {cache} is damaged" in again.stdout + again.stderr
+    assert eval_result(run, 2, 1)["accuracy"] == figure
+    assert "is damaged (" not in ok(cli("eval", f"ckpt={run / 'best.pt'}")).stdout  # sound again
+
+
+def test_a_split_that_leaks_is_refused_before_training(cli, tmp_path):
+    """Issue 19, case 3: train/, val/ and test/ holding the same classes, or one image file in
+    a train and a test class, end in one sentence before anything is trained."""
+    from image_folder import make_image_folder
+
+    root = make_image_folder(tmp_path / "leak", {f"{s}/{c}": 5 for s in ("train", "val", "test")
+                                                 for c in ("cat", "dog", "owl")})
+    run = tmp_path / "run"
+    one_sentence(cli("train", *FOLDER, f"dataset.root={root}", f"hydra.run.dir={run}"),
+                 "3 class(es) are in two splits: cat (train/cat in train, val/cat in val, "
+                 "test/cat in test)", "move or rename")
+    assert not run.exists() or not any(run.iterdir())
+    for split, suffix in (("val", "v"), ("test", "t")):
+        for c in ("cat", "dog", "owl"):
+            (root / split / c).rename(root / split / f"{c}_{suffix}")
+    copied = root / "test" / "owl_t" / "copy.png"
+    shutil.copy(root / "train" / "cat" / "001.png", copied)
+    one_sentence(cli("train", *FOLDER, f"dataset.root={root}", f"hydra.run.dir={run}"),
+                 f"{root / 'train' / 'cat' / '001.png'} (train) = {copied} (test)",
+                 "dataset.allow_duplicates=true")
+    assert not run.exists() or not any(run.iterdir())
+
+
+def test_every_class_under_min_images_is_one_sentence(cli, tmp_path):
+    from image_folder import make_image_folder
+
+    root = make_image_folder(tmp_path / "few", {"a": 3, "b": 3, "c": 2})
+    one_sentence(cli("train", *FOLDER, f"dataset.root={root}", "dataset.min_images=4"),
+                 "every class in", "fewer than dataset.min_images=4 images (the largest has 3)",
+                 "dataset.min_images=3")

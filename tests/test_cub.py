@@ -13,6 +13,7 @@ from image_folder import make_image_folder
 
 from fewshot_cli.data import cub
 from fewshot_cli.data.cub import CUB
+from fewshot_cli.data.splits import record_split
 from fewshot_cli.errors import FewshotError
 
 SPECIES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross",
@@ -38,11 +39,17 @@ def official(monkeypatch, archive: Path) -> None:
     monkeypatch.setattr(cub, "MD5", hashlib.md5(archive.read_bytes()).hexdigest())
 
 
-def test_chen_split_from_an_archive_in_the_root(tmp_path, monkeypatch, archive):
-    official(monkeypatch, archive)
+def archived(tmp_path: Path, archive: Path) -> Path:
+    """A dataset.root holding only the (fake) official archive."""
     root = tmp_path / "cub"
     root.mkdir()
     (root / "CUB_200_2011.tgz").write_bytes(archive.read_bytes())
+    return root
+
+
+def test_chen_split_from_an_archive_in_the_root(tmp_path, monkeypatch, archive):
+    official(monkeypatch, archive)
+    root = archived(tmp_path, archive)
     ds = CUB(str(root), image_size=16, download=False)
     train, val, test = (ds.load(s) for s in ("train", "val", "test"))
     # class i (from 0, in name order): train when i%2==0, val when i%4==1, test when i%4==3
@@ -54,6 +61,19 @@ def test_chen_split_from_an_archive_in_the_root(tmp_path, monkeypatch, archive):
     # extracted once: a later run reads the folder, even with the archive gone
     (root / "CUB_200_2011.tgz").unlink()
     assert CUB(str(root), image_size=16, download=False).load("test").names == test.names
+
+
+def test_a_photo_in_a_train_and_a_test_species_is_refused(tmp_path, monkeypatch, archive):
+    official(monkeypatch, archive)
+    root = archived(tmp_path, archive)
+    CUB(str(root), image_size=16, download=False).load("train")  # extracts the archive
+    images = root / "CUB_200_2011" / "images"
+    first = sorted((images / SPECIES[0]).iterdir())[0]  # class 0: train; class 3: test
+    copied = images / SPECIES[3] / f"copy{first.suffix}"
+    copied.write_bytes(first.read_bytes())
+    with pytest.raises(FewshotError, match=rf"identical copy in another split: {first} \(train\)"
+                                           rf" = {copied} \(test\); .*allow_duplicates=true"):
+        record_split(CUB(str(root), image_size=16, download=False), tmp_path / "run")
 
 
 def test_a_foreign_archive_is_refused(tmp_path, archive):

@@ -17,8 +17,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from fewshot_cli.build import build_algorithm
-from fewshot_cli.data import miniimagenet
+from fewshot_cli.data import images, miniimagenet
 from fewshot_cli.data.miniimagenet import MiniImageNet, encode_jpeg
+from fewshot_cli.data.splits import record_split
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.errors import FewshotError
 
@@ -99,28 +100,29 @@ def test_every_layout_reads_the_same_store(copy, jpegs):
         assert store.images.shape == (CLASSES, IMAGES, 3, SIZE, SIZE)
         assert store.images.dtype == torch.uint8
         assert store.names == [wnid(split, c) for c in range(CLASSES)]
-        # pixel for pixel what PIL decodes from the same JPEG file
+        # pixel for pixel what PIL decodes from the same JPEG file, and the same digest
         first = jpegs[split][store.names[2]][7]
         assert np.array_equal(store.images[2, 7].permute(1, 2, 0).numpy(), decoded(first))
+        assert store.digests[2, 7] == images._digest(Image.open(io.BytesIO(first)).convert("RGB"))
 
 
-def test_second_load_is_memory_mapped_from_the_cache(copy, monkeypatch):
+def test_second_load_is_memory_mapped_from_the_cache(copy, monkeypatch, own_cache):
     _, root = copy
     first = MiniImageNet(str(root)).load("train")
     monkeypatch.setattr(miniimagenet, "decode_files", lambda *a: pytest.fail("decoded again"))
     monkeypatch.setattr(miniimagenet, "read_pickle", lambda *a: pytest.fail("decoded again"))
     again = MiniImageNet(str(root)).load("train")
     assert torch.equal(first.images, again.images) and first.names == again.names
-    assert list((root / ".fewshot-cache").glob("miniimagenet-*.pt"))
+    assert list(own_cache.glob("miniimagenet-*.pt"))
     # an mmap-ed tensor's storage is not resizable: a quick way to see it is not in RAM
     assert not again.images.untyped_storage().resizable()
 
 
-def test_other_image_size_is_resized_and_cached_apart(copy):
+def test_other_image_size_is_resized_and_cached_apart(copy, own_cache):
     _, root = copy
     small = MiniImageNet(str(root), image_size=32).load("val")
     assert small.images.shape == (CLASSES, IMAGES, 3, 32, 32)
-    assert len(list((root / ".fewshot-cache").glob("*.pt"))) == 1
+    assert len(list(own_cache.glob("*.pt"))) == 1
 
 
 def test_nested_csv_images_and_changed_files(tmp_path, jpegs):
@@ -152,13 +154,13 @@ def test_forced_layout_points_at_the_one_present(tmp_path, jpegs):
         MiniImageNet(str(root), layout="csv").load("val")
 
 
-def test_corrupt_jpeg_is_named(tmp_path, jpegs):
+def test_corrupt_jpeg_is_named(tmp_path, jpegs, own_cache):
     root = make_copy(tmp_path / "mini", "folders", jpegs)
     bad = root / "val" / wnid("val", 3) / filename(wnid("val", 3), 4)
     bad.write_bytes(bad.read_bytes()[:300])  # truncated
     with pytest.raises(FewshotError, match=f"cannot decode the miniImageNet image {bad}"):
         MiniImageNet(str(root)).load("val")
-    assert not list((root / ".fewshot-cache").glob("*.pt")), "a cache of a broken split was kept"
+    assert not list(own_cache.glob("*.pt")), "a cache of a broken split was kept"
 
 
 def test_missing_listed_file_and_broken_csv_are_named(tmp_path, jpegs):
@@ -187,6 +189,39 @@ def test_bad_pickles_are_refused(tmp_path, jpegs):
                     f)
     with pytest.raises(FewshotError, match="class_dict pointing outside image_data"):
         MiniImageNet(str(root)).load("test")
+
+
+def test_a_class_in_two_split_files_is_refused(tmp_path, jpegs):
+    root = make_copy(tmp_path / "mini", "csv", jpegs)
+    leaked = wnid("train", 0)
+    with open(root / "test.csv", "a", newline="") as f:  # a train class listed for testing too
+        csv.writer(f).writerow([filename(leaked, 3), leaked])
+    with pytest.raises(FewshotError, match=rf"1 class\(es\) are in two splits: {leaked} "
+                                           rf"\({leaked} in train, {leaked} in test\)"):
+        record_split(MiniImageNet(str(root)), tmp_path / "run")
+
+
+@pytest.mark.parametrize("layout", ["folders", "pickle"])
+def test_an_image_in_two_splits_is_refused_in_every_layout(tmp_path, jpegs, layout):
+    root = make_copy(tmp_path / "mini", layout, jpegs)
+    train, test = wnid("train", 1), wnid("test", 2)
+    if layout == "folders":
+        copied = root / "test" / test / filename(test, 5)
+        copied.write_bytes((root / "train" / train / filename(train, 0)).read_bytes())
+        where = (f"{root / 'train' / train / filename(train, 0)} (train) = {copied} (test)")
+    else:  # the same pixels in both pickles
+        pickles = {s: root / f"mini-imagenet-cache-{s}.pkl" for s in ("train", "test")}
+        data = {s: pickle.loads(p.read_bytes()) for s, p in pickles.items()}
+        source = data["train"]["image_data"][data["train"]["class_dict"][train][0]]
+        data["test"]["image_data"][data["test"]["class_dict"][test][5]] = source
+        pickles["test"].write_bytes(pickle.dumps(data["test"], protocol=4))
+        where = (f"image 1 of class {train} in {pickles['train']} (train) = image 6 of class "
+                 f"{test} in {pickles['test']} (test)")
+    with pytest.raises(FewshotError) as err:
+        record_split(MiniImageNet(str(root)), tmp_path / "run")
+    assert str(err.value).startswith(f"1 image(s) have an identical copy in another split: "
+                                     f"{where}; "), str(err.value)
+    record_split(MiniImageNet(str(root), allow_duplicates=True), tmp_path / "run")
 
 
 def test_bad_config_values_name_the_key():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
+import shutil
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -14,6 +17,7 @@ from PIL import Image
 
 from fewshot_cli.data import images, omniglot
 from fewshot_cli.data.omniglot import Omniglot
+from fewshot_cli.data.splits import record_split
 from fewshot_cli.errors import FewshotError
 
 # source -> alphabet -> characters; Greek and Latin are in both small sets, as in the release
@@ -36,7 +40,7 @@ def png(seed: int, size: int = 12) -> bytes:
 
 
 def members(name: str, drawers: int = DRAWERS) -> dict[str, bytes]:
-    files, seed = {}, hash(name) % 1000 * 10_000
+    files, seed = {}, list(FAKE).index(name) * 10_000  # every image of the release its own
     for alphabet, chars in FAKE[name].items():
         for c in range(1, chars + 1):
             for d in range(1, drawers + 1):
@@ -216,6 +220,81 @@ def test_download_checks_md5(tmp_path, monkeypatch):
                         hashlib.md5(payload).hexdigest())
     store = Omniglot(root, split="minimal", image_size=8, rotations=[0]).load("train")
     assert store.num_classes == 5 and (root / "images_background_small1.zip").exists()
+
+
+# ---- split integrity and the split record
+
+
+def test_rotations_of_a_symmetric_character_are_not_duplicates(tmp_path, caplog):
+    root = make_release(tmp_path / "r", zipped=False, names=("images_background_small1",
+                                                             "images_background_small2"))
+    folder = root / "images_background_small1/Greek/character01"
+    for i, png_path in enumerate(sorted(folder.iterdir())):
+        # concentric square rings, a different set per drawer: the same under every rotation
+        ring = torch.minimum(torch.arange(12)[:, None], torch.arange(12)[None, :])
+        ring = torch.minimum(ring, ring.flip(0).flip(1))
+        ink = ((i + 1) >> ring) & 1
+        Image.fromarray(((1 - ink) * 255).to(torch.uint8).numpy()).convert("1").save(png_path)
+    ds = Omniglot(root, split="minimal", image_size=8, rotations=[0, 90, 180, 270])
+    with caplog.at_level(logging.WARNING):
+        record_split(ds, tmp_path / "run")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert len(split["splits"]["train"]) == 5 * 4 and split["split"] == "minimal"
+    # minimal's val and test are the same characters by design: not a class in two splits
+    assert split["splits"]["val"] == split["splits"]["test"]
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_an_image_copied_into_a_test_alphabet_is_refused(tmp_path, zipped):
+    root = make_release(tmp_path / "r", zipped=False, names=("images_background",
+                                                             "images_evaluation"))
+    train_png = root / "images_background/Alpha/character01/0101_01.png"
+    test_png = root / "images_evaluation/Zeta/character02/0207_07.png"
+    shutil.copy(train_png, test_png)
+    # and a pair within the train split: a warning only
+    same = root / "images_background/Beta/character01/0105_05.png"
+    shutil.copy(root / "images_background/Beta/character01/0104_04.png", same)
+    if zipped:
+        for name in ("images_background", "images_evaluation"):
+            shutil.make_archive(str(root / name), "zip", root, name)
+            shutil.rmtree(root / name)
+    ds = Omniglot(root, split="lake", image_size=8)
+    with pytest.raises(FewshotError) as err:
+        record_split(ds, tmp_path / "run")
+    where = (lambda p: f"{root / p.split('/')[0]}.zip:{p}") if zipped else \
+        (lambda p: str(root / p))
+    assert str(err.value).startswith(
+        f"1 image(s) have an identical copy in another split: "
+        f"{where('images_background/Alpha/character01/0101_01.png')} (train) = "
+        f"{where('images_evaluation/Zeta/character02/0207_07.png')} (test); ")
+    assert not (tmp_path / "run" / "split.json").exists()
+    ok = Omniglot(root, split="lake", image_size=8, allow_duplicates=True)
+    record_split(ok, tmp_path / "run")  # accepted knowingly
+    assert (tmp_path / "run" / "split.json").exists()
+
+
+def test_eval_of_moved_data_names_the_root_and_downloads_nothing(cli, tmp_path):
+    root = make_release(tmp_path / "data" / "omniglot", zipped=True,
+                        names=("images_background_small1", "images_background_small2"))
+    run = tmp_path / "run"
+    args = ["dataset=omniglot", "dataset.split=minimal", "dataset.image_size=16",
+            "backbone.hidden=8", "train.ways=2", "train.queries=2", "eval.queries=2",
+            "train.steps=2", "train.val_every=2", "train.val_episodes=2", "eval.episodes=2",
+            "device=cpu"]
+    proc = cli("train", *args, f"dataset.root={root}", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "data", moved)
+    out = cli("eval", f"ckpt={run / 'best.pt'}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == (
+        f"fewshot: error: the data this run was trained on is not in dataset.root={root} any "
+        "more (nothing was downloaded); evaluate with dataset.root=<the folder that holds it "
+        "now>")
+    assert not (tmp_path / "data").exists()  # the old root was not created to download into
+    again = cli("eval", f"ckpt={run / 'best.pt'}", f"dataset.root={moved / 'omniglot'}")
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 # ---- the real release ($FEWSHOT_DATA/omniglot), decoded once per test session

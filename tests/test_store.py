@@ -1,11 +1,14 @@
-"""The class store: cache round trip, atomic writes, stale caches, rotations, select/concat."""
+"""The class store: cache round trip, atomic writes, stale and damaged caches, where caches go,
+rotations, select/concat."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
 import torch
+from conftest import zero_a_quarter_of_the_images
 
 from fewshot_cli.data import store as store_module
 from fewshot_cli.data.store import ClassStore, cache_file, cached_store
@@ -67,7 +70,8 @@ def test_cached_store_builds_once_and_rebuilds_a_stale_cache(tmp_path):
     assert len(calls) == 3
 
 
-def test_cache_file_depends_on_the_key_and_respects_read_only_data(tmp_path):
+def test_cache_file_depends_on_the_key_and_respects_read_only_data(tmp_path, monkeypatch):
+    monkeypatch.delenv(store_module.CACHE_ENV)  # the tests' own cache folder (conftest)
     data = tmp_path / "data"
     data.mkdir()
     a = cache_file(data, {"reader": "x", "image_size": 28})
@@ -104,3 +108,62 @@ def test_select_and_concat():
     both = ClassStore.concat([s, make_store(2, images=6)])
     assert both.images.shape[:2] == (5, 6) and both.counts.tolist() == [4, 4, 4, 6, 6]
     assert both.min_images == 4
+
+
+def test_a_damaged_cache_is_rebuilt_with_one_log_line(tmp_path, caplog):
+    path, calls = tmp_path / "s.pt", []
+
+    def build() -> ClassStore:
+        calls.append(1)
+        return make_store(3, images=40, size=20)
+
+    first = cached_store(path, build)
+    kept = first.images.clone()
+    del first
+    zero_a_quarter_of_the_images(path)
+    with pytest.raises(store_module.DamagedCache):
+        ClassStore.load(path)
+    with caplog.at_level(logging.WARNING):
+        again = cached_store(path, build)
+    assert len(calls) == 2 and torch.equal(again.images, kept)
+    damaged = [r for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(damaged) == 1 and str(path) in damaged[0].getMessage()
+    assert ClassStore.load(path).names == ["c0", "c1", "c2"]  # the rebuilt cache is sound
+
+
+def test_an_old_cache_version_is_rebuilt(tmp_path):
+    """Version 1 caches decoded transparency as black: they must not be read."""
+    path = tmp_path / "s.pt"
+    old = make_store()
+    torch.save({"version": 1, "images": torch.zeros_like(old.images), "names": old.names,
+                "counts": old.counts}, path)
+    assert same(cached_store(path, lambda: old), old)
+
+
+def test_caches_go_to_fewshot_cache_when_set(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv(store_module.CACHE_ENV, str(tmp_path / "elsewhere"))
+    where = cache_file(data, {"reader": "x"})
+    assert where.parent == tmp_path / "elsewhere" and where.name.startswith("x-")
+    assert not (data / ".fewshot-cache").exists()
+
+
+def test_digests_and_origins_follow_select_concat_and_rotation():
+    s = make_store(3, images=4)
+    s.digests = torch.arange(1, 13).view(3, 4)
+    s.origin = torch.arange(48, dtype=torch.int32).view(3, 4, 4)
+    picked = s.select(["c2", "c0"])
+    assert picked.digests.tolist() == [[9, 10, 11, 12], [1, 2, 3, 4]]
+    short = ClassStore(torch.zeros(1, 2, 1, 5, 5, dtype=torch.uint8), ["d"],
+                       digests=torch.tensor([[7, 8]]),
+                       origin=torch.ones(1, 2, 4, dtype=torch.int32))
+    both = ClassStore.concat([picked, short])
+    assert both.digests[2].tolist() == [7, 8, 0, 0] and both.origin[2, 3].tolist() == [0] * 4
+    assert ClassStore.concat([picked, make_store(1, images=4)]).digests is None  # one lacks them
+    turned = s.rotated([0, 90])
+    # a rotated class is the same source files: same digests (see fewshot_cli.data.splits)
+    assert torch.equal(turned.digests, s.digests.repeat(2, 1))
+    assert torch.equal(turned.origin[3:], s.origin)
+    path_names = [store_module.unrotated(n) for n in turned.names]
+    assert path_names == ["c0", "c1", "c2"] * 2 and store_module.unrotated("a/rot9") == "a/rot9"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fewshot_cli.data.sampler import EpisodeSampler
-from fewshot_cli.data.store import ClassStore
+from fewshot_cli.data.store import ClassStore, unrotated
 from fewshot_cli.episode import IMAGE_TASKS
 
 SPLITS = ("train", "val", "test")
@@ -36,9 +36,36 @@ class FewShotDataset:
     def load(self, split: str) -> ClassStore:
         raise NotImplementedError
 
-    def record(self, run_dir: Path) -> None:
-        """Write what the run needs to know about the data into its folder (the folder reader
-        writes the split it chose); nothing by default."""
+    # ---- what the data checks (fewshot_cli.data.splits) ask of an image data set
+
+    #: where the data lives (``dataset.root``), for readers of files
+    root: Path | None = None
+    #: accept image files with identical content in two splits (``dataset.allow_duplicates``)
+    allow_duplicates: bool = False
+    #: pairs of splits that hold the same classes by design (Omniglot's ``minimal`` split)
+    shared_splits: frozenset[tuple[str, str]] = frozenset()
+
+    def identity(self, name: str) -> str:
+        """What makes two class names the same class (a class must not be in two splits): the
+        name without what a layout adds to it (a split folder, a rotation, a source zip)."""
+        return unrotated(name)
+
+    def image_path(self, split: str, name: str, index: int) -> str:
+        """How a user finds image ``index`` (from 0) of class ``name`` of ``split``: its file,
+        ideally."""
+        return f"image {index + 1} of class {name}"
+
+    def left_out(self) -> dict[str, int]:
+        """Classes left out for having fewer than ``dataset.min_images`` images -> count."""
+        return {}
+
+    def present(self) -> bool:
+        """Whether the data is where the config says, without downloading anything."""
+        return True
+
+    def details(self) -> dict[str, Any]:
+        """The settings that decide the split, for the run's split.json (the root, the rule)."""
+        return {}
 
     def sampler(self, split: str, shape: Mapping[str, Any], meta_batch: int,
                 device: torch.device, seed: int = 0, prefix: str = "train",

@@ -47,9 +47,14 @@ class CUB(Folder):
     """CUB-200-2011 birds, Chen et al.'s 100/50/50 class split, colour images."""
 
     def __init__(self, root: str, image_size: int = 84, channels: int | None = 3,
-                 min_images: int = 1, download: bool = True) -> None:
-        super().__init__(root, image_size=image_size, channels=channels, min_images=min_images)
+                 min_images: int = 1, download: bool = True,
+                 allow_duplicates: bool = False) -> None:
+        super().__init__(root, image_size=image_size, channels=channels, min_images=min_images,
+                         allow_duplicates=allow_duplicates)
         self.download = bool(download)
+
+    def present(self) -> bool:
+        return (self.root / FOLDER / "images").is_dir() or (self.root / ARCHIVE).is_file()
 
     def images_root(self) -> Path:
         """``root/CUB_200_2011/images``, extracted (and downloaded) first when missing."""
@@ -64,7 +69,8 @@ class CUB(Folder):
             download_checked(URL, archive, MD5, _fetch, "CUB-200-2011", WHERE)
         elif md5_of(archive) != MD5:
             raise FewshotError(f"{archive} is not the official archive (its md5 is not {MD5}); "
-                               f"delete it and {WHERE}, or set dataset.download=true")
+                               f"delete it, then {WHERE} or set dataset.download=true to have "
+                               "it fetched")
         log.info("extracting %s into %s once", archive, self.root)
         scratch = Path(tempfile.mkdtemp(prefix=".cub-", dir=self.root))
         try:

@@ -14,16 +14,17 @@ fractions, so adding a class moves at most the classes next to the cuts. Classes
 ``dataset.min_images`` images are left out (one warning says how many). Images are squashed to
 ``dataset.image_size`` squared; ``dataset.channels`` is 1 or 3, by default 1 when every image is
 grey, else 3. The whole folder is decoded once and cached; the split used is written into the
-run folder as ``split.json``.
+run folder as ``split.json`` (see :mod:`fewshot_cli.data.splits`). A class folder of the same
+name under two of train/, val/ and test/ is one class in two splits, which is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,6 @@ from fewshot_cli.data.base import SPLITS, FewShotDataset
 from fewshot_cli.data.images import RESAMPLE, decode_files, fingerprint, list_images
 from fewshot_cli.data.store import ClassStore, cache_file, cached_store
 from fewshot_cli.errors import FewshotError
-from fewshot_cli.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class Folder(FewShotDataset):
 
     def __init__(self, root: str, image_size: int = 84, channels: int | None = None,
                  split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
-                 classes: Mapping | None = None, min_images: int = 5, seed: int = 0) -> None:
+                 classes: Mapping | None = None, min_images: int = 5, seed: int = 0,
+                 allow_duplicates: bool = False) -> None:
         if root is None:
             raise FewshotError(f"dataset.root is not set; point it at your images ({LAYOUT})")
         for key, value in (("image_size", image_size), ("min_images", min_images)):
@@ -108,6 +109,7 @@ class Folder(FewShotDataset):
         self.root = Path(os.path.expanduser(str(root)))
         self.image_size, self.channels, self.min_images = image_size, channels, min_images
         self.fractions, self.seed = fractions, int(seed)
+        self.allow_duplicates = bool(allow_duplicates)
         self.classes = self._check_classes(classes) if classes is not None else None
         self._store: ClassStore | None = None
 
@@ -160,6 +162,11 @@ class Folder(FewShotDataset):
             raise FewshotError(f"no images found in {root}; dataset=folder reads {LAYOUT} (any "
                                "format PIL opens)")
         small = {n: len(f) for n, f in files.items() if len(f) < self.min_images}
+        if len(small) == len(files):
+            most = max(small.values())
+            raise FewshotError(f"every class in {root} has fewer than dataset.min_images="
+                               f"{self.min_images} images (the largest has {most}); add images "
+                               f"or set dataset.min_images={most}")
         if small:
             shown = ", ".join(f"{n} ({k})" for n, k in list(small.items())[:5])
             log.warning("left out %d of %d classes with fewer than dataset.min_images=%d images: "
@@ -217,8 +224,8 @@ class Folder(FewShotDataset):
 
             store = cached_store(cache_file(root, key), build)
             top_only = all(g.rsplit("/", 1)[-1] == "." for g in groups.values())
-            self._store = ClassStore(store.images, store.names, store.counts,
-                                     None if top_only else [groups[n] for n in store.names])
+            self._store = replace(store, groups=None if top_only else
+                                  [groups[n] for n in store.names])
         return self._store
 
     def input_spec(self) -> dict[str, Any]:
@@ -233,14 +240,26 @@ class Folder(FewShotDataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return self.store().select(self.splits[split])
 
-    def record(self, run_dir: Path) -> None:
-        """Write the split used into ``run_dir/split.json``."""
-        _, _, small = self.listing
-        store = self.store()
+    # ---- what the data checks ask (see FewShotDataset)
+
+    def identity(self, name: str) -> str:
+        """The class name without its split folder: train/x and test/x are one class."""
+        return name.split("/", 1)[1] if self.split_folders else name
+
+    def image_path(self, split: str, name: str, index: int) -> str:
+        return str(self.listing[0][name][index])
+
+    def left_out(self) -> dict[str, int]:
+        return self.listing[2]
+
+    def present(self) -> bool:
+        return self.root.is_dir()
+
+    def details(self) -> dict[str, Any]:
+        """The root and the rule that split it (split.json)."""
         how = "folders" if self.split_folders else (
             "dataset.classes" if self.classes is not None else "dataset.split_fractions")
-        report = {"root": str(self.root), "split_by": how, "seed": self.seed,
-                  "split_fractions": self.fractions, "min_images": self.min_images,
-                  "left_out": small, "channels": store.channels, "image_size": self.image_size,
-                  **{s: self.splits[s] for s in SPLITS}}
-        atomic_write_text(json.dumps(report, indent=2) + "\n", Path(run_dir) / "split.json")
+        channels = self._store.channels if self._store is not None else self.channels
+        return {"root": str(self.root), "split_by": how, "seed": self.seed,
+                "split_fractions": self.fractions, "min_images": self.min_images,
+                "channels": channels, "image_size": self.image_size}

@@ -2,9 +2,12 @@
 decode them in parallel at one size into a ClassStore, and name the file that cannot be read.
 
 A reader (Omniglot, miniImageNet, a user's folder) keeps only its layout and split rules: it
-lists ``class name -> image files`` and calls :func:`decode_files`; every image is decoded once,
-squashed to ``size`` x ``size`` with a Lanczos filter, and packed into ``uint8 [classes,
-max_images, C, size, size]`` (short classes padded, ``counts`` marking the padding).
+lists ``class name -> image files`` and calls :func:`decode_files`; every image is decoded once
+as an image viewer shows it (:func:`as_seen`: transparency over a white page, deep grey scaled
+to 8 bits), squashed to ``size`` x ``size`` with a Lanczos filter, and packed into ``uint8
+[classes, max_images, C, size, size]`` (short classes padded, ``counts`` marking the padding),
+with a content digest and the origin (mode, size, flags) of every file for the data checks.
+``fewshot predict`` decodes a user's images through the same function.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import io
 import multiprocessing
 import os
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from itertools import repeat
 from pathlib import Path
@@ -78,34 +83,114 @@ def fingerprint(files: Mapping[str, Sequence[Path]], missing: str,
     return h.hexdigest()
 
 
-def _decode(paths: list[str], size: int, mode: str, archive: str | None, what: str,
-            fix: str) -> bytes:
-    """``mode`` pixels of each image at ``size`` x ``size``, channel-major, concatenated.
+# Source modes of decoded images, by code (stored in caches: append only).
+PIL_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+             "LAB", "HSV", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+OTHER_MODE = len(PIL_MODES)
+COMPOSITED, RESCALED, FAILED = 1, 2, 4  # flags of an image's origin
+ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+DEEP_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
-    A pool worker's job: ``paths`` are files, or members of the zip ``archive``.
+
+def mode_name(code: int) -> str:
+    """The PIL mode of an origin's mode code (``?`` for a mode fewshot does not list)."""
+    return PIL_MODES[code] if 0 <= code < len(PIL_MODES) else "?"
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image as 8-bit ``L`` (``LA`` when a grey value is marked
+    transparent), as a viewer shows it: integers span 0..65535 (16-bit PNG and TIFF; ``I`` is
+    how older Pillow opened them), floats 0..1 when no value exceeds 1, else 0..255."""
+    import numpy as np
+
+    values = np.asarray(img)
+    if img.mode == "F":
+        finite = values[np.isfinite(values)]
+        scale = 255.0 if finite.size and float(finite.max()) <= 1.0 else 1.0
+    else:
+        scale = 1 / 257  # 65535 -> 255
+    grey = Image.fromarray(np.clip(np.rint(np.nan_to_num(values * scale)), 0, 255)
+                           .astype(np.uint8))
+    key = img.info.get("transparency")
+    if isinstance(key, (int, float)) and not isinstance(key, bool):
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (grey, alpha))
+    return grey
+
+
+def as_seen(img: Image.Image, mode: str) -> tuple[Image.Image, int]:
+    """``img`` in ``mode`` (``L`` or ``RGB``) as an image viewer shows it, and its flags.
+
+    Transparency (an alpha band, a palette's or PNG's transparent colour) is composited over a
+    white page (COMPOSITED when any pixel is not opaque); 16-bit, 32-bit and float grey are
+    scaled to 8 bits (RESCALED); every other mode (1, P, CMYK, YCbCr, LAB, HSV...) is converted
+    by PIL. Raises what PIL raises for a mode it cannot convert.
     """
-    out = bytearray()
+    flags = 0
+    if img.mode in DEEP_MODES:
+        img, flags = _eight_bit(img), RESCALED
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # applies a palette's tRNS and L/RGB transparent colours
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            flags |= COMPOSITED
+            page = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgba = Image.alpha_composite(page, rgba)
+        img = rgba.convert("RGB")
+    if img.mode != mode:
+        try:
+            img = img.convert(mode)
+        except ValueError:  # LAB converts to RGB only
+            img = img.convert("RGB").convert(mode)
+    return img, flags
+
+
+def _digest(img: Image.Image) -> int:
+    """A 64-bit content hash of an image's pixels and size (signed, as a torch.long holds it)."""
+    h = hashlib.blake2b(f"{img.mode}:{img.size}".encode(), digest_size=8)
+    h.update(img.tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def _decode(paths: list[str], size: int, mode: str, archive: str | None, what: str,
+            fix: str, collect: bool = False) -> tuple[bytes, list[tuple[int, ...]], list[str]]:
+    """``mode`` pixels of each image at ``size`` x ``size``, channel-major, concatenated; each
+    image's origin ``(digest, mode code, width, height, flags)``; and, when ``collect``, the
+    sentences of files that could not be decoded (left blank) instead of raising at the first.
+
+    A pool worker's job: ``paths`` are files, or members of the zip ``archive``. The digest is
+    of the source pixels as seen, before resizing, so equal images in two files are found.
+    """
+    out, origins, failures = bytearray(), [], []
     opened = zipfile.ZipFile(archive) if archive else None
+    blank = bytes(size * size * MODES[mode])
     try:
         for path in paths:
             try:
                 source = io.BytesIO(opened.read(path)) if opened else path
                 with Image.open(source) as img:
+                    code = PIL_MODES.index(img.mode) if img.mode in PIL_MODES else OTHER_MODE
+                    width, height = img.size
                     img.draft(mode, (size, size))  # JPEG: decode at a reduced scale >= size
-                    img = img.convert(mode)
+                    img, flags = as_seen(img, mode)
+                    digest = _digest(img)
                     if img.size != (size, size):
                         img = img.resize((size, size), Image.Resampling.LANCZOS)
-                    for band in img.split():  # [C, H, W] order, as the store keeps it
-                        out += band.tobytes()
+                    pixels = b"".join(band.tobytes() for band in img.split())  # [C, H, W]
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
                 where = f"{archive}:{path}" if archive else path
                 # PIL's own words name an in-memory buffer (<_io.BytesIO ...>), not the file
                 why = "not an image" if isinstance(e, UnidentifiedImageError) else e
-                raise FewshotError(f"cannot decode the {what} {where} ({why}); {fix}") from None
+                sentence = f"cannot decode the {what} {where} ({why}); {fix}"
+                if not collect:
+                    raise FewshotError(sentence) from None
+                failures.append(sentence)
+                pixels, digest, code, width, height, flags = blank, 0, OTHER_MODE, 0, 0, FAILED
+            out += pixels
+            origins.append((digest, code, width, height, flags))
     finally:
         if opened:
             opened.close()
-    return bytes(out)
+    return bytes(out), origins, failures
 
 
 def _workers() -> int:
@@ -115,19 +200,77 @@ def _workers() -> int:
 def empty_store(counts: torch.Tensor, channels: int, size: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A zeroed ``[classes, max_count, C, S, S]`` tensor and each image's row in its flat view."""
-    width = int(counts.max())
+    width = int(counts.max()) if len(counts) else 0
     images = torch.zeros(len(counts), width, channels, size, size, dtype=torch.uint8)
     slot = torch.arange(width).expand(len(counts), width) < counts.unsqueeze(1)
     return images, slot.flatten().nonzero().squeeze(1)
 
 
-def _fill(flat: torch.Tensor, rows: torch.Tensor, parts: Iterable[bytes]) -> None:
-    """Copy decoded chunks, in order, into their rows as they arrive (no second full copy)."""
-    start = 0
-    for part in parts:
+def _fill(flat: torch.Tensor, rows: torch.Tensor,
+          parts: Iterable[tuple[bytes, list[tuple[int, ...]], list[str]]]
+          ) -> tuple[list[tuple[int, ...]], list[str]]:
+    """Copy decoded chunks, in order, into their rows as they arrive (no second full copy);
+    returns every image's origin and the sentences of the files that failed."""
+    start, origins, failures = 0, [], []
+    for part, origin, failed in parts:
         block = torch.frombuffer(bytearray(part), dtype=torch.uint8).view(-1, flat.shape[1])
         flat[rows[start : start + len(block)]] = block
         start += len(block)
+        origins += origin
+        failures += failed
+    return origins, failures
+
+
+_collected: ContextVar[list[str] | None] = ContextVar("collected", default=None)
+
+
+@contextmanager
+def collecting_failures() -> Iterator[list[str]]:
+    """Inside this block, :func:`decode_files` does not raise at a file it cannot decode: it
+    adds the sentence to the yielded list, leaves the image blank and marks the store partial
+    (never cached). ``fewshot data`` lists every bad file this way."""
+    failures: list[str] = []
+    token = _collected.set(failures)
+    try:
+        yield failures
+    finally:
+        _collected.reset(token)
+
+
+def origin_tensors(counts: torch.Tensor, origins: Sequence[tuple[int, ...]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ``(digest, mode code, width, height, flags)`` tuples, in class order, as the
+    store's ``digests`` (long ``[classes, max_count]``) and ``origin`` (int32 ``[classes,
+    max_count, 4]``: mode code, width, height, flags); zeros in the padding."""
+    width = int(counts.max()) if len(counts) else 0
+    digests = torch.zeros(len(counts) * width, dtype=torch.long)
+    origin = torch.zeros(len(counts) * width, 4, dtype=torch.int32)
+    _, rows = empty_store(counts, 0, 0)
+    if origins:
+        table = torch.tensor(origins, dtype=torch.long)
+        digests[rows], origin[rows] = table[:, 0], table[:, 1:].to(torch.int32)
+    return digests.view(len(counts), width), origin.view(len(counts), width, 4)
+
+
+def array_digest(pixels: torch.Tensor) -> int:
+    """The digest :func:`_digest` gives the same image decoded by PIL, of uint8 pixels
+    ``[H, W, C]`` (C = 1 or 3) already in memory: equal pixels, equal digests, whatever the
+    reader (a miniImageNet pickle, generated glyphs) or the file format."""
+    height, width, channels = pixels.shape
+    h = hashlib.blake2b(f"{'L' if channels == 1 else 'RGB'}:{(width, height)}".encode(),
+                        digest_size=8)
+    h.update(pixels.contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def pixel_digests(images: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Content digests (long ``[classes, max_count]``, 0 in the padding) of images already
+    decoded, ``uint8 [classes, max_count, C, H, W]`` (generated, or read from an array)."""
+    digests = torch.zeros(images.shape[:2], dtype=torch.long)
+    for c, n in enumerate(counts.tolist()):  # once per image, when the cache is built
+        for i in range(n):
+            digests[c, i] = array_digest(images[c, i].permute(1, 2, 0))
+    return digests
 
 
 def decode_files(files: Mapping[str, Sequence[Path | str]], size: int, mode: str = "RGB", *,
@@ -135,9 +278,13 @@ def decode_files(files: Mapping[str, Sequence[Path | str]], size: int, mode: str
                  fix: str = "delete or replace it") -> ClassStore:
     """Decode every listed image at ``size`` px into a ClassStore (in parallel when many).
 
+    Images are seen as a viewer shows them (:func:`as_seen`: transparency over white, deep
+    grey scaled to 8 bits) and squashed to ``size`` x ``size`` with a Lanczos filter. The store
+    keeps each image's content digest and origin (mode, size, flags) for the data checks.
     ``mode``: ``L`` (1 channel), ``RGB`` (3), or ``auto``: RGB, kept as 1 channel when every
     image turns out grey. ``archive``: the files are members of this zip. A file that cannot
-    be decoded raises a FewshotError "cannot decode the {what} {file} (...); {fix}".
+    be decoded raises a FewshotError "cannot decode the {what} {file} (...); {fix}" (unless
+    inside :func:`collecting_failures`).
     """
     decode_mode = "RGB" if mode == "auto" else mode
     if decode_mode not in MODES:
@@ -150,23 +297,28 @@ def decode_files(files: Mapping[str, Sequence[Path | str]], size: int, mode: str
     flat = images.view(-1, channels * size * size)
     workers = min(_workers(), 8)
     step = -(-len(paths) // (workers * 8)) if workers > 1 and len(paths) >= PARALLEL_FROM else \
-        len(paths)
+        max(len(paths), 1)
     chunks = [paths[i : i + step] for i in range(0, len(paths), step)]
     archive_path = str(archive) if archive else None
-    job = (repeat(size), repeat(decode_mode), repeat(archive_path), repeat(what), repeat(fix))
+    collected = _collected.get()
+    job = (repeat(size), repeat(decode_mode), repeat(archive_path), repeat(what), repeat(fix),
+           repeat(collected is not None))
     if len(chunks) > 1:
         # fork: workers need only PIL and start instantly (DataLoader's default on Linux too)
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
         pool = ProcessPoolExecutor(workers, mp_context=ctx)
         try:
-            _fill(flat, rows, pool.map(_decode, chunks, *job))
+            origins, failures = _fill(flat, rows, pool.map(_decode, chunks, *job))
         finally:  # on a bad file, do not wait for the remaining chunks
             pool.shutdown(wait=True, cancel_futures=True)
     else:
-        _fill(flat, rows, (_decode(c, size, decode_mode, archive_path, what, fix)
-                           for c in chunks))
+        origins, failures = _fill(flat, rows, map(_decode, chunks, *job))
     if mode == "auto" and bool((images[:, :, 0] == images[:, :, 1]).all()) and \
             bool((images[:, :, 1] == images[:, :, 2]).all()):
         images = images[:, :, :1].contiguous()  # every image grey: one channel is enough
-    return ClassStore(images, names, counts)
+    digests, origin = origin_tensors(counts, origins)
+    if failures and collected is not None:
+        collected += failures
+    return ClassStore(images, names, counts, digests=digests, origin=origin,
+                      partial=bool(failures))

@@ -25,6 +25,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,9 @@ from PIL import Image
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
 from fewshot_cli.data.images import (
+    PIL_MODES,
     RESAMPLE,
+    array_digest,
     decode_files,
     empty_store,
     fingerprint,
@@ -130,13 +133,18 @@ def read_pickle(path: Path, size: int) -> ClassStore:
         raise FewshotError(f"{path} has a class_dict pointing outside image_data; {fix}")
     counts = torch.tensor([len(i) for i in index], dtype=torch.long)
     images, _ = empty_store(counts, 3, size)
+    digests = torch.zeros(images.shape[:2], dtype=torch.long)
     for c, rows in enumerate(index):  # a loop over classes, each one batched op
+        # digests of the source pixels, as a JPEG layout of the same images would give
+        digests[c, : len(rows)] = torch.tensor([array_digest(source[r]) for r in rows.tolist()])
         chunk = source[rows].permute(0, 3, 1, 2)
         if chunk.shape[-1] != size or chunk.shape[-2] != size:
             chunk = F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
                                   antialias=True).round_().clamp_(0, 255).to(torch.uint8)
         images[c, : len(rows)] = chunk
-    return ClassStore(images, [str(n) for n in names], counts)
+    origin = torch.tensor([PIL_MODES.index("RGB"), array.shape[2], array.shape[1], 0],
+                          dtype=torch.int32).expand(*images.shape[:2], 4).clone()
+    return ClassStore(images, [str(n) for n in names], counts, digests=digests, origin=origin)
 
 
 # ---------------------------------------------------------------- the data set
@@ -148,7 +156,7 @@ class MiniImageNet(FewShotDataset):
     channels = 3
 
     def __init__(self, root: str, image_size: int = 84, layout: str = "auto",
-                 augment: Mapping | None = None) -> None:
+                 augment: Mapping | None = None, allow_duplicates: bool = False) -> None:
         # ``augment``: the deprecated dataset.augment.* keys, read by data.augment.legacy_augment
         if layout != "auto" and layout not in LAYOUTS:
             raise FewshotError(f"dataset.layout={layout} is unknown; choose auto, "
@@ -158,7 +166,10 @@ class MiniImageNet(FewShotDataset):
                                "(84 in the papers)")
         self.root = Path(os.path.expanduser(str(root)))
         self.image_size, self.layout = image_size, layout
+        self.allow_duplicates = bool(allow_duplicates)
         self._stores: dict[str, ClassStore] = {}
+        # (split, class) -> its image files, or the pickle holding them
+        self._files: dict[tuple[str, str], list[Path] | Path] = {}
 
     def load(self, split: str) -> ClassStore:
         """The classes of ``split`` (train/val/test), decoded once and memory-mapped after."""
@@ -194,6 +205,23 @@ class MiniImageNet(FewShotDataset):
                                f"{self.layout} is set)")
         raise FewshotError(missing_message(self.root, split))
 
+    # ---- what the data checks ask (see FewShotDataset)
+
+    def image_path(self, split: str, name: str, index: int) -> str:
+        found = self._files.get((split, name))
+        if isinstance(found, list):
+            return str(found[index])
+        return f"image {index + 1} of class {name}" + (f" in {found}" if found else "")
+
+    def present(self) -> bool:
+        try:
+            return all(self.locate(s) for s in SPLITS)
+        except FewshotError:
+            return False
+
+    def details(self) -> dict[str, Any]:
+        return {"root": str(self.root), "layout": self.layout, "image_size": self.image_size}
+
     def _read(self, split: str) -> ClassStore:
         layout, path = self.locate(split)
         key = {"reader": "miniimagenet", "split": split, "layout": layout,
@@ -207,6 +235,7 @@ class MiniImageNet(FewShotDataset):
                 list_class_folders(path, EXTENSIONS)
             if not files:
                 raise FewshotError(f"{path} lists no images; {missing_message(self.root, split)}")
+            self._files.update({(split, n): paths for n, paths in files.items()})
             key["fingerprint"] = fingerprint(files, "the miniImageNet image {path} (class {cls}) "
                                              "is missing; restore it or rebuild the data set "
                                              "with scripts/prepare_miniimagenet.py")
@@ -218,7 +247,10 @@ class MiniImageNet(FewShotDataset):
                      "cache", split, layout, self.image_size)
             return build()
 
-        return cached_store(cache_file(self.root, key), logged_build)
+        store = cached_store(cache_file(self.root, key), logged_build)
+        if layout == "pickle":  # its images have no files: messages name the pickle
+            self._files.update(dict.fromkeys(((split, n) for n in store.names), path))
+        return store
 
 
 def encode_jpeg(image: torch.Tensor, quality: int = 95) -> bytes:

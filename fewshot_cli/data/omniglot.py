@@ -28,7 +28,9 @@ Splits (``dataset.split``):
 * ``custom`` — ``dataset.alphabets: {train: [...], val: [...], test: [...]}``, alphabet names
   looked up in the sources present (the full sets first, then small1, small2).
 
-Training rotations (``dataset.rotations``) make each rotation of a train character a class.
+Training rotations (``dataset.rotations``) make each rotation of a train character a class; the
+duplicate checks hash the source images before rotation, so a symmetric character's rotations
+are not duplicates of each other.
 Every class carries its alphabet as its group and every image its drawer (``<charindex>_<drawer>
 .png``), for Lake et al.'s within-alphabet protocol (``eval.within_group``,
 ``eval.distinct_drawers``).
@@ -43,15 +45,16 @@ import shutil
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
 from fewshot_cli.data.download import download_checked
 from fewshot_cli.data.images import RESAMPLE, decode_files, fingerprint
-from fewshot_cli.data.store import ClassStore, cache_file, cached_store
+from fewshot_cli.data.store import ClassStore, cache_file, cached_store, unrotated
 from fewshot_cli.errors import FewshotError
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,11 @@ URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}.zip"
 FULL = ("images_background", "images_evaluation")
 VINYALS_VAL = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
 VINYALS_TEST = 423  # the last characters of images_evaluation in sorted order
-FIX = "set dataset.root=<folder with the release> or use dataset=glyphs"
+# A fix that works in every command (train, resume, eval, data)...
+FIX = "set dataset.root=<the folder that holds the release>"
+# ...and one for data missing altogether, which fewshot eval and a resume report before any
+# download (fewshot_cli.data.splits), so it is seen only by fewshot train and fewshot data.
+OFFLINE = f"{FIX} or use dataset=glyphs"
 
 
 def _alphabet(name: str) -> str:
@@ -157,8 +164,7 @@ def with_groups(store: ClassStore, source: Source) -> ClassStore:
     for c, name in enumerate(store.names):  # a loop over classes at load time, not per episode
         found = [_drawer(r) for r in source.files.get(name, ())]
         drawers[c, : len(found)] = torch.tensor(found, dtype=torch.long)
-    return ClassStore(store.images, store.names, store.counts,
-                      [_alphabet(n) for n in store.names], drawers)
+    return replace(store, groups=[_alphabet(n) for n in store.names], drawers=drawers)
 
 
 def _fetch(url: str, dest: Path) -> None:
@@ -170,7 +176,7 @@ def _fetch(url: str, dest: Path) -> None:
 def download(root: Path, name: str) -> Path:
     """Fetch the official ``<name>.zip`` into ``root``, check its md5, and move it in place."""
     return download_checked(URL.format(name=name), root / f"{name}.zip", MD5[name], _fetch,
-                            f"Omniglot's {name}", FIX)
+                            f"Omniglot's {name}", OFFLINE)
 
 
 class Omniglot(FewShotDataset):
@@ -178,7 +184,7 @@ class Omniglot(FewShotDataset):
 
     def __init__(self, root: str, split: str = "vinyals", alphabets: dict | None = None,
                  image_size: int = 28, rotations: list[int] | tuple[int, ...] = (0,),
-                 download: bool = True) -> None:
+                 download: bool = True, allow_duplicates: bool = False) -> None:
         self.rules: dict[str, Callable[[str], list[str]]] = {
             "vinyals": self._vinyals, "lake": self._lake, "minimal": self._minimal,
             "lake_minimal": self._lake_minimal, "custom": self._custom,
@@ -192,6 +198,9 @@ class Omniglot(FewShotDataset):
         self.split, self.image_size, self.download = split, image_size, bool(download)
         self.rotations = [int(r) for r in rotations]
         self.alphabets = self._check_alphabets(alphabets) if split == "custom" else None
+        self.allow_duplicates = bool(allow_duplicates)
+        # minimal: val and test are the same characters by design
+        self.shared_splits = frozenset({("val", "test")}) if split == "minimal" else frozenset()
         self._sources: dict[str, Source] = {}
         self._stores: dict[str, ClassStore] = {}
 
@@ -233,7 +242,7 @@ class Omniglot(FewShotDataset):
         if self._present(name) is None:
             if not self.download:
                 raise FewshotError(f"Omniglot's {name} (folder or .zip) is not in {self.root} "
-                                   f"and dataset.download=false; {FIX}")
+                                   f"and dataset.download=false; {OFFLINE}")
             download(self.root, name)
         return self._present(name)
 
@@ -255,6 +264,32 @@ class Omniglot(FewShotDataset):
             store = cached_store(cache_file(self.root, key), build)
             self._stores[name] = with_groups(store, source)
         return self._stores[name]
+
+    # ---- what the data checks ask (see FewShotDataset)
+
+    def identity(self, name: str) -> str:
+        """``<Alphabet>/<character>``: the small sets hold characters of images_background."""
+        return unrotated(name).split("/", 1)[1]
+
+    def image_path(self, split: str, name: str, index: int) -> str:
+        base = unrotated(name)
+        source = self._sources[base.split("/", 1)[0]]
+        return source.where(source.files[base][index])
+
+    def present(self) -> bool:
+        """Every source the split reads is in dataset.root (a folder or a zip)."""
+        needed = {"vinyals": FULL, "lake": FULL,
+                  "minimal": ("images_background_small1", "images_background_small2"),
+                  "lake_minimal": ("images_background_small1", "images_background_small2",
+                                   "images_evaluation")}.get(self.split)
+        there = lambda n: (self.root / n).is_dir() or (self.root / f"{n}.zip").is_file()
+        if needed is None:  # custom: the alphabets may come from any source
+            return any(there(n) for n in MD5)
+        return all(there(n) for n in needed)
+
+    def details(self) -> dict[str, Any]:
+        return {"root": str(self.root), "split": self.split, "alphabets": self.alphabets,
+                "rotations": self.rotations, "image_size": self.image_size}
 
     # ---- split rules: split -> class names
 

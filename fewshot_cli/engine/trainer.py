@@ -17,6 +17,7 @@ from fewshot_cli.build import (
     build_dataset,
     build_optimizer,
 )
+from fewshot_cli.data.splits import record_split
 from fewshot_cli.engine.checkpoint import save_checkpoint
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.metrics import mean_ci95, score_tasks
@@ -39,10 +40,11 @@ class MetaTrainer:
         self.dataset = build_dataset(cfg)
         self.inputs = dict(self.dataset.input_spec())  # kept in checkpoints for predict
         self.algo = self.procs.prepare(build_algorithm(cfg, self.inputs, device))
+        # a leaking split is refused, the split written once, a resumed run checked against it
+        record_split(self.dataset, run_dir, write=self.procs.main,
+                     resuming=bool(cfg.get("resume")))
         self.train_tasks = self.dataset.sampler("train", t, t.meta_batch, device, seed=cfg.seed,
                                                 augment=build_augment(cfg))
-        if self.procs.main:
-            self.dataset.record(run_dir)
         self.val_tasks = self.dataset.sampler("val", e, episodes_per_batch(device, e.batch),
                                               device, prefix="eval")
         self.optimizer, self.scheduler = build_optimizer(cfg, self.algo)
