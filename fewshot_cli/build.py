@@ -6,8 +6,9 @@ turned into one sentence naming the config section (an option the class does not
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot_cli.algorithms.base import MetaAlgorithm
-from fewshot_cli.config import group_targets
+from fewshot_cli.config import group_targets, is_torch_optim_class
 from fewshot_cli.data.augment import IDENTITY, legacy_augment
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.store import ClassStore
@@ -122,7 +123,100 @@ def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
 def build_optimizer(cfg: DictConfig, algo: MetaAlgorithm
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """The meta-optimizer over all of the algorithm's parameters, and its schedule (or None)."""
-    optimizer = build(cfg.train, "optimizer", "train.optimizer")(algo.parameters())
+    return _optimizer_and_schedule(cfg, algo.parameters())
+
+
+def _optimizer_and_schedule(cfg: DictConfig, params: Iterable[torch.Tensor]
+                            ) -> tuple[torch.optim.Optimizer,
+                                       torch.optim.lr_scheduler.LRScheduler | None]:
+    optimizer = build(cfg.train, "optimizer", "train.optimizer")(params)
     scheduler = build(cfg.train, "scheduler", "train.scheduler")(optimizer) \
         if cfg.train.scheduler else None
     return optimizer, scheduler
+
+
+# What a section's class must be: checkpoints may name these classes too (config.py).
+OPTIM_BASES = {"optimizer": ("an optimizer", torch.optim.Optimizer, "torch.optim.SGD"),
+               "scheduler": ("a learning-rate schedule", torch.optim.lr_scheduler.LRScheduler,
+                             "torch.optim.lr_scheduler.CosineAnnealingLR")}
+SIMPLE_TYPES = {"int": (int, "a whole number"), "float": ((int, float), "a number"),
+                "bool": (bool, "true or false"), "str": (str, "a string")}
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Build ``train.optimizer`` and ``train.scheduler`` on a dummy parameter and step each once,
+    before any data is read: a class outside torch.optim, an option its class does not take, a
+    value of the wrong type or one the class refuses is one sentence naming the key, not a
+    traceback minutes into training.
+
+    Raises:
+        FewshotError: naming ``train.optimizer.*`` or ``train.scheduler.*`` and the fix.
+    """
+    for part, (words, base, example) in OPTIM_BASES.items():
+        node = cfg.train.get(part)
+        if node is None:
+            continue
+        target = node.get("_target_")
+        if not (isinstance(target, str) and is_torch_optim_class(target)
+                and issubclass(get_class(target), base)):
+            raise FewshotError(f"train.{part}._target_={target} is not {words} class of "
+                               f"torch.optim; name one (for example train.{part}._target_="
+                               f"{example})")
+        _check_types(f"train.{part}", get_class(target), node)
+    dummy = torch.nn.Parameter(torch.zeros(1))
+    dummy.grad = torch.ones(1)
+    optimizer = _checked(cfg, "optimizer",
+                         lambda: build(cfg.train, "optimizer", "train.optimizer")([dummy]))
+    scheduler = _checked(cfg, "scheduler", lambda: build(cfg.train, "scheduler",
+                                                         "train.scheduler")(optimizer)) \
+        if cfg.train.scheduler else None
+    _checked(cfg, "optimizer", optimizer.step)  # in the trainer's order: optimizer, schedule
+    if scheduler is not None:
+        _checked(cfg, "scheduler", scheduler.step)
+
+
+def _checked(cfg: DictConfig, part: str, call: Any) -> Any:
+    """``call()`` (building or stepping the optimizer or schedule); its failure as one sentence
+    naming ``train.<part>``."""
+    try:
+        return call()
+    except FewshotError:
+        raise
+    except Exception as err:  # noqa: BLE001 (any class of torch.optim, any refusal)
+        raise FewshotError(f"train.{part}={_choice(cfg.train, part)} cannot be built or stepped "
+                           f"as the trainer does ({type(err).__name__}: {str(err)[:160]}); "
+                           f"check the options under train.{part}, or choose another class") \
+            from None
+
+
+def _check_types(section: str, cls: type, node: Mapping) -> None:
+    """Each option given to ``cls`` is one it takes, of the type of its annotation (or, where
+    that is not a plain type, of its default)."""
+    params = inspect.signature(cls).parameters
+    for key, value in node.items():
+        if key.startswith("_") or (key not in params and any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())):
+            continue
+        if key not in params:
+            takes = ", ".join(p for p in list(params)[1:] if not p.startswith("_"))
+            raise FewshotError(f"{section}.{key} is not an option of {cls.__name__}; remove "
+                               f"it (it takes {takes})")
+        kind = _plain_type(params[key])
+        types, words = SIMPLE_TYPES.get(kind, (object, ""))
+        if not isinstance(value, types) or (isinstance(value, bool) and kind != "bool"):
+            default = params[key].default
+            example = "" if default is inspect.Parameter.empty or default is None else \
+                f"; its default is {default}"
+            raise FewshotError(f"{section}.{key}={value} must be {words} ({cls.__name__} takes "
+                               f"{key}: {kind}{example})")
+
+
+def _plain_type(param: inspect.Parameter) -> str | None:
+    """``int``, ``float``, ``bool`` or ``str`` for a parameter that takes only that, else None."""
+    annotation = str(param.annotation).removeprefix("<class '").removesuffix("'>")
+    if annotation in SIMPLE_TYPES:
+        return annotation
+    default = param.default
+    if isinstance(default, bool):
+        return "bool"
+    return "float" if isinstance(default, (int, float)) else None

@@ -1,5 +1,6 @@
 """``fewshot <command> [overrides]``: a thin dispatcher onto Hydra apps: train, eval, predict,
-data, report.
+data, report (the ``COMMANDS`` table; a new command is one entry there, its
+``conf/<command>.yaml`` and its rules and path keys in options.py).
 
 Every failure a user can cause ends here as one sentence on stderr and a non-zero exit:
 our own errors (FewshotError, raised where the wrong value enters), the system's (a full disk,
@@ -15,6 +16,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,10 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fewshot_cli import shell
 from fewshot_cli.config import conf_dir, group_option
 from fewshot_cli.errors import FewshotError, Interrupted
+from fewshot_cli.options import PATHS, check_command, path_keys, path_problem
 
 GROUPS = ("algo", "backbone", "dataset", "augment", "device", "experiment", "hparams_search")
 _failures: list[str] = []  # runs of a sweep that failed (the sweep goes on without them)
@@ -33,22 +37,15 @@ HELD: HeldStderr | None = None  # Hydra's stderr until the task starts (see main
 
 
 def _train(cfg: DictConfig) -> float:
-    from fewshot_cli.engine.run_folder import discard_if_empty
-    from fewshot_cli.options import check_train
+    from fewshot_cli.build import check_optimizer  # after the torch-free checks (Guarded)
+    from fewshot_cli.train import sweeper_hook, train
 
     hydra_cfg = HydraConfig.get()
-    out = Path(hydra_cfg.runtime.output_dir)
-    try:
-        check_train(cfg)  # before torch is imported: a typo costs a fraction of a second
-        from fewshot_cli.train import sweeper_hook, train
-
-        with open_dict(cfg):  # the group options chosen: names for hparams, results and errors
-            cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
-        hook = sweeper_hook(hydra_cfg.sweeper) if hydra_cfg.mode == RunMode.MULTIRUN else None
-        return train(cfg, out, _hydra_files(cfg), on_validation=hook)
-    except BaseException:
-        discard_if_empty(out)  # the folder Hydra made for a run that never began
-        raise
+    check_optimizer(cfg)
+    with open_dict(cfg):  # the group options chosen: names for hparams, results and errors
+        cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
+    hook = sweeper_hook(hydra_cfg.sweeper) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return train(cfg, Path(hydra_cfg.runtime.output_dir), _hydra_files(cfg), on_validation=hook)
 
 
 def _hydra_files(cfg: DictConfig) -> dict[str, Any]:
@@ -88,24 +85,38 @@ def _reproduce(cfg: DictConfig) -> None:
     reproduce(cfg, train_new=_train, resume_run=resume)
 
 
-COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str]] = {
-    "train": (_train, "meta-train an algorithm; writes TensorBoard events, last.pt and best.pt"),
-    "eval": (_eval, "test a checkpoint on fixed episodes: accuracy ± 95% CI, results.json"),
-    "predict": (_predict, "classify your images with a few examples of your classes: "
-                          "predictions.csv"),
-    "data": (_data, "check a data set without training: splits, files, duplicates, leaks"),
-    "report": (_report, "summarise a sweep folder: Markdown table, report.csv, report.png"),
-    "reproduce": (_reproduce, "train a paper preset and test it at the paper's shapes: paper "
-                              "against ours, reproduction.json"),
+@dataclass(frozen=True)
+class Command:
+    """A command of ``fewshot``: its task (run by Hydra on ``conf/<name>.yaml`` composed with
+    the overrides, after options.check_command), its line in ``fewshot --help``, and the key
+    that a bare first argument sets (``fewshot report DIR`` is ``dir=DIR``)."""
+
+    task: Callable[[DictConfig], Any]
+    help: str
+    positional: str | None = None
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(_train, "meta-train an algorithm; writes TensorBoard events, last.pt and "
+                             "best.pt"),
+    "eval": Command(_eval, "test a checkpoint on fixed episodes: accuracy ± 95% CI, "
+                           "results.json"),
+    "predict": Command(_predict, "classify your images with a few examples of your classes: "
+                                 "predictions.csv"),
+    "data": Command(_data, "check a data set without training: splits, files, duplicates, "
+                           "leaks"),
+    "report": Command(_report, "summarise a sweep folder: Markdown table, report.csv, "
+                               "report.png", positional="dir"),
+    "reproduce": Command(_reproduce, "train a paper preset and test it at the paper's shapes: "
+                                     "paper against ours, reproduction.json"),
 }
-POSITIONAL = {"report": "dir"}
 
 
 def usage() -> str:
     """The top-level help: commands, config groups and their options."""
     lines = ["usage: fewshot <command> [key=value ...] [-m for a sweep] [--help]", "",
              "commands:"]
-    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<9} {command.help}" for name, command in COMMANDS.items()]
     lines += ["", "config groups (choose with group=option):"]
     for group in GROUPS:
         options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
@@ -125,29 +136,97 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def quoted(value: str) -> str:
-    """``value`` as a Hydra override value: quoted, so commas, spaces or '=' stay in a path."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def quoted(value: str, quote: str = "'") -> str:
+    """``value`` as a quoted Hydra override value, which Hydra reads back as exactly ``value``:
+    the quote is escaped, and so is a run of backslashes before it or at the end (Hydra's
+    rule; other backslashes stand for themselves)."""
+    value = re.sub(rf"(\\+)(?={quote}|$)", lambda m: m.group(1) * 2, value)
+    return quote + value.replace(quote, "\\" + quote) + quote
 
 
-# Keys that take a path. Hydra's override grammar rejects a value holding ( ) [ ] { } = ~ & # !
-# ; or a quote unless it is quoted, and Omniglot's folders are named "Old_Church_Slavonic_
-# (Cyrillic)": such a path is quoted for the user (a comma still means a sweep: a,b,c).
-PATH_KEYS = {"ckpt", "support", "query", "out", "resume", "dir", "dataset.root",
-             "hydra.run.dir", "hydra.sweep.dir"}
-NEEDS_QUOTES = set("()[]{}=~&#!;\\'\"")
+def hydra_arg(key: str, value: str) -> str:
+    """``key=value`` quoted for Hydra (double quotes) and then for the shell, to print in a
+    message for the user to copy: ``'ckpt="a,b/best.pt"'``."""
+    return shell.arg(key, quoted(value, '"'))
 
 
-def quote_paths(args: list[str]) -> list[str]:
-    """``args`` with the values of path keys quoted where Hydra's grammar needs it."""
+def _as_hydra_value(value: str) -> str:
+    """``value`` as it must be written for Hydra to read it back as this one string: as is
+    where that already works (``runs/a.pt``), else quoted (commas, spaces, ``=``, parentheses,
+    quotes, non-ASCII letters, and names such as ``true`` or ``1e3`` Hydra reads as values)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_override(f"key={value}")
+        if not parsed.is_sweep_override() and parsed.value() == value:
+            return value
+    except Exception:  # noqa: BLE001 (any grammar error: quote it)
+        pass
+    return quoted(value)
+
+
+# Hydra's sweep functions: a value written as one of these is a sweep the user wrote on purpose.
+SWEEP_FUNCTIONS = re.compile(r"^(choice|range|interval|glob|sort|shuffle|tag)\(")
+
+
+def quote_paths(args: list[str], command: str, multirun: bool) -> list[str]:
+    """``args`` with the value of every path key of ``command`` (options.PATHS) written so that
+    Hydra reads it as the path the user typed, whatever it holds.
+
+    Outside a sweep a path key holds one path, so a comma is part of it (Hydra would refuse it
+    as ambiguous otherwise). Under ``-m`` a comma list is a sweep over several paths: split
+    where each piece is a path that exists, else at every comma. A value already quoted, null,
+    or written as a sweep function (``glob(...)``) is left as it is.
+
+    Raises:
+        FewshotError: a comma list of existing paths outside a sweep (add -m), or one that can
+            be cut into existing paths in two ways under -m (quote each path).
+    """
+    keys = PATHS.get(command) or path_keys()
     out = []
     for arg in args:
         key, eq, value = arg.partition("=")
-        if eq and key.lstrip("+") in PATH_KEYS and value and value[0] not in "'\"" and \
-                "," not in value and NEEDS_QUOTES & set(value):
-            arg = f"{key}={quoted(value)}"
-        out.append(arg)
+        rule = keys.get(key.lstrip("+~"))
+        if not eq or rule is None or value in ("", "null") or value[0] in "'\"" or \
+                SWEEP_FUNCTIONS.match(value):
+            out.append(arg)
+            continue
+        paths = _sweep_paths(key, value) if multirun and rule.sweep else [value]
+        if not multirun and not _exists(value) and len(cuts := _cuts(value)) == 1:
+            raise FewshotError(f"{key}={value} names {len(cuts[0])} paths; add -m to run once "
+                               f"per path: {shell.command(command, '-m', shell.arg(key, value))}")
+        out.append(f"{key}=" + ",".join(_as_hydra_value(p) for p in paths))
     return out
+
+
+def _exists(path: str) -> bool:
+    return os.path.lexists(os.path.expanduser(path))
+
+
+def _cuts(value: str) -> list[list[str]]:
+    """Up to two ways to cut a comma list into two or more paths that all exist."""
+    parts = value.split(",")
+    ways: list[list[list[str]]] = [[] for _ in parts] + [[[]]]  # ways[i]: cuts of parts[i:]
+    for i in range(len(parts) - 1, -1, -1):
+        for j in range(i + 1, len(parts) + 1):
+            head = ",".join(parts[i:j])
+            if _exists(head):
+                ways[i] += [[head, *rest] for rest in ways[j]][:2 - len(ways[i])]
+    return [way for way in ways[0] if len(way) > 1]
+
+
+def _sweep_paths(key: str, value: str) -> list[str]:
+    """The paths of a sweep's comma list: the whole value where it is one path that exists,
+    else the one way to cut it into paths that all exist, else the pieces between commas."""
+    if _exists(value) or "," not in value:
+        return [value]
+    cuts = _cuts(value)
+    if len(cuts) > 1:
+        one, two = (" and ".join(cut) for cut in cuts)
+        each = ",".join(quoted(cut, '"') for cut in cuts[0])
+        raise FewshotError(f"{key}={value} can be read as the paths {one}, or as {two}; quote "
+                           f"each path: {shell.arg(key, each)}")
+    return cuts[0] if cuts else value.split(",")
 
 
 def _fail(message: str, code: int) -> None:
@@ -159,7 +238,7 @@ def _fail(message: str, code: int) -> None:
 
 def one_sentence(err: BaseException) -> tuple[str, int] | None:
     """The message and exit status for an error a user can cause, or None for a bug."""
-    from fewshot_cli.files import os_error_in
+    from fewshot_cli.files import advice, os_error_in
 
     cause: BaseException | None = err
     while cause is not None and not isinstance(cause, FewshotError):
@@ -169,11 +248,23 @@ def one_sentence(err: BaseException) -> tuple[str, int] | None:
     system = os_error_in(err)
     if system is not None:
         where = f" {system.filename}" if system.filename else ""
-        return f"could not use{where}: {system.strerror}; free some space or check its " \
-               "permissions, then try again", 1
+        return f"could not use{where}: {system.strerror}; {advice(system)}", 1
     if isinstance(err, MemoryError):
         return "out of memory; lower train.meta_batch, eval.batch or the image size", 1
     return None
+
+
+def interrupted() -> str:
+    """What a Ctrl-C that stopped a command leaves behind: the files it wrote in full (each
+    atomically, so none is half-written), or nothing. A training run says more itself (its
+    checkpoints and their steps, see RunFolder)."""
+    from fewshot_cli.files import written
+
+    kept = [str(p) for p in dict.fromkeys(written()) if p.exists()]
+    if not kept:
+        return "interrupted; nothing was written"
+    more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+    return f"interrupted; written in full before the stop: {', '.join(kept[:3])}{more}"
 
 
 class SweepRunFailed(CompactHydraException):
@@ -181,41 +272,59 @@ class SweepRunFailed(CompactHydraException):
     (Optuna counts it against ``hydra.sweeper.max_failure_rate``), then prints this one line."""
 
 
-class Guarded:
-    """Runs a command's task; our errors become one sentence and a non-zero exit. In a sweep a
-    failed run prints its sentence and the sweep goes on without it (see SweepRunFailed).
+def guarded(run: Callable[[], Any], command: str, cfg: DictConfig | None = None) -> Any:
+    """``run()``, with our errors as one sentence and a non-zero exit. In a sweep a failed run
+    prints its sentence and the sweep goes on without it (see SweepRunFailed)."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        _fail(interrupted(), 130)
+    except Exception as err:
+        known = one_sentence(err)
+        if known is None:
+            raise
+        message, code = known
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            from fewshot_cli.engine.run_folder import record_failed_run
 
-    A top-level class holding a top-level function, so that launchers that run the task in
-    other processes (joblib, submitit) can pickle it; what Hydra printed before the task is
-    held in the module's ``HELD`` of the process that composed the config.
+            print(f"fewshot: error: {message}", file=sys.stderr)
+            _failures.append(message)
+            if command == "train" and cfg is not None:
+                record_failed_run(Path(HydraConfig.get().runtime.output_dir),
+                                  _hydra_files(cfg), message)
+            raise SweepRunFailed(f"fewshot: error: a run of the sweep failed: {message}") \
+                from None
+        _fail(message, code)
+
+
+class Guarded:
+    """Runs a command's task under :func:`guarded`: first every option is checked
+    (options.check_command, torch-free, before anything is read), then the task; a run that
+    fails leaves no empty folder behind.
+
+    A top-level class naming its command, so that launchers that run the task in other
+    processes (joblib, submitit) can pickle it; what Hydra printed before the task is held in
+    the module's ``HELD`` of the process that composed the config.
     """
 
-    def __init__(self, task: Callable[[DictConfig], Any]) -> None:
-        self.task = task
+    def __init__(self, command: str) -> None:
+        self.command = command
 
     def __call__(self, cfg: DictConfig) -> Any:
         if HELD is not None:
             HELD.release()
-        try:
-            return self.task(cfg)
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
-        except Exception as err:
-            known = one_sentence(err)
-            if known is None:
-                raise
-            message, code = known
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-                from fewshot_cli.engine.run_folder import record_failed_run
+        return guarded(lambda: self._checked_task(cfg), self.command, cfg)
 
-                print(f"fewshot: error: {message}", file=sys.stderr)
-                _failures.append(message)
-                if self.task is _train:
-                    record_failed_run(Path(HydraConfig.get().runtime.output_dir),
-                                      _hydra_files(cfg), message)
-                raise SweepRunFailed(f"fewshot: error: a run of the sweep failed: {message}") \
-                    from None
-            _fail(message, code)
+    def _checked_task(self, cfg: DictConfig) -> Any:
+        from fewshot_cli.engine.run_folder import discard_if_empty
+
+        try:
+            check_command(self.command, cfg)
+            return COMMANDS[self.command].task(cfg)
+        except BaseException:
+            if HydraConfig.initialized():  # the folder Hydra made for a run that never began
+                discard_if_empty(Path(HydraConfig.get().runtime.output_dir))
+            raise
 
 
 class HeldStderr:
@@ -243,29 +352,69 @@ class HeldStderr:
         return self.buffer.getvalue()
 
 
-def condense(text: str, command: str) -> str:
-    """One sentence for what Hydra printed when composing the config failed."""
+RESOLVER_ERROR = re.compile(r"FewshotError raised while resolving interpolation: (.+)")
+
+
+def condense(text: str, command: str, args: list[str]) -> tuple[str, int]:
+    """One sentence and an exit status for what Hydra printed when composing the config or
+    making the run's folder failed (``args``: the overrides given)."""
     help_hint = f"see fewshot {command} --help"
     if m := re.search(r"Could not find '([\w/]+)/([^']+)'\s+Available options in '[^']+':"
                       r"((?:\n\t\S+)+)", text):
         group, option, options = m.group(1), m.group(2), m.group(3).split()
-        return f"{group}={option} is not an option; choose one of: {', '.join(options)}"
+        return f"{group}={option} is not an option; choose one of: {', '.join(options)}", 2
     if m := re.search(r"Could not override '([^']+)'", text):
         key = m.group(1)
         return f"{key} is not a key of this config ({help_hint}); to add a new key write " \
-               f"+{key}=..."
+               f"+{key}=...", 2
     if m := re.search(r"Could not (?:append to|delete from) config\. '?([^'\s.]+(?:\.\S+)?)", text):
-        return f"{m.group(1).rstrip('.')}: cannot add or delete this key ({help_hint})"
+        return f"{m.group(1).rstrip('.')}: cannot add or delete this key ({help_hint})", 2
+    if m := re.search(r"Ambiguous value for argument '([^'=]+)=([^']*)'", text):
+        key, value = m.groups()
+        return f"{key}={value} holds commas: add -m to run once per value (a sweep), write " \
+               f"{key}=[{value}] for a list, or quote it to keep it one string: " \
+               f"{hydra_arg(key, value)}", 2
     if "override_grammar" in text:  # the override parser's errors end with this link
-        m = re.search(r"Error parsing override '([^']*)'", text)
-        what = f"the override '{m.group(1)}'" if m else "an override"
-        return f"cannot read {what}: write key=value, or key=a,b,c with -m for a sweep " \
-               f"({help_hint})"
+        bad = _unreadable(args)
+        key, _, value = (bad or "").partition("=")
+        quote = f"; to pass one string holding spaces or symbols, quote it: " \
+                f"{hydra_arg(key, value)}" if value else ""
+        what = f"the override '{bad}'" if bad else "an override"
+        return f"cannot read {what}: write key=value, or key=a,b,c with -m for a sweep" \
+               f"{quote} ({help_hint})", 2
+    if m := RESOLVER_ERROR.search(text):
+        return m.group(1).strip(), 1
+    if m := re.search(r"\[Errno (\d+)\] ([^:\n]+): '([^'\n]*)'", text):
+        from fewshot_cli.files import advice
+
+        key = "hydra.sweep.dir" if _sweeping(args) else "hydra.run.dir"
+        return f"cannot make the run folder {m.group(3)} ({key}): {m.group(2)}; " \
+               f"{advice(OSError(int(m.group(1)), m.group(2)))}", 1
     if m := re.search(r"Error merging override (\S+)\n(.+)", text):
-        return f"{m.group(1)}: {m.group(2).strip()}"
+        return f"{m.group(1)}: {m.group(2).strip()}", 2
     lines = [line.strip() for line in text.splitlines() if line.strip() and
              "HYDRA_FULL_ERROR" not in line and not line.startswith(("Traceback", "File "))]
-    return (lines[-1] if lines else "the config could not be composed") + f" ({help_hint})"
+    return (lines[-1] if lines else "the config could not be composed") + f" ({help_hint})", 2
+
+
+def _sweeping(args: list[str]) -> bool:
+    """Whether these overrides start a sweep: ``-m``, or an Optuna search space (which sets
+    Hydra's mode itself)."""
+    return bool({"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(args)) or any(
+        a.startswith("hparams_search=") and a != "hparams_search=null" for a in args)
+
+
+def _unreadable(args: list[str]) -> str | None:
+    """The first of ``args`` that Hydra's override grammar cannot read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in args:
+        try:
+            parser.parse_override(arg)
+        except Exception:  # noqa: BLE001 (the grammar's errors have several types)
+            return arg
+    return None
 
 
 # ---------------------------------------------------------------- resuming a run
@@ -289,15 +438,18 @@ def resume(args: list[str]) -> float:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    from fewshot_cli.engine.checkpoint import load_checkpoint
-    from fewshot_cli.train import train
-
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except OverrideParseException as err:
         raise FewshotError(f"cannot read the overrides {' '.join(args)} ({err}); write "
                            "key=value") from None
     path = Path(str(next(o.value() for o in overrides if o.key_or_group == "resume")))
+    if problem := path_problem("resume", str(path), "checkpoint"):
+        raise FewshotError(problem)
+    from fewshot_cli.build import check_optimizer  # torch from here on
+    from fewshot_cli.engine.checkpoint import load_checkpoint
+    from fewshot_cli.train import train
+
     state = load_checkpoint(path)
     cfg = OmegaConf.create(state["config"])
     for o in overrides:
@@ -316,8 +468,10 @@ def resume(args: list[str]) -> float:
                                f"{key}")
         else:
             OmegaConf.update(cfg, key, o.value(), merge=False)
-    _check_latest(path, state)
     cfg.resume = str(path)
+    check_command("train", cfg)
+    check_optimizer(cfg)
+    _check_latest(path, state)
     logging.getLogger(__name__).info("resuming %s at step %d%s", path, state["step"],
                                      f" with {' '.join(args[1:])}" if len(args) > 1 else "")
     return train(cfg, path.expanduser().resolve().parent, state=state)
@@ -340,7 +494,8 @@ def _check_latest(path: Path, state: dict[str, Any]) -> None:
         newer = load_checkpoint(last)["step"]
         if newer > state["step"]:
             raise FewshotError(f"{path} is at step {state['step']} but {last} is at step "
-                               f"{newer}, and resuming would overwrite it; resume={last}")
+                               f"{newer}, and resuming would overwrite it; continue from it: "
+                               f"{shell.command('train', shell.arg('resume', last))}")
 
 
 def _resuming(args: list[str]) -> bool:
@@ -361,39 +516,68 @@ def _console_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fewshot`` console script."""
+    try:
+        _main(argv)
+    except BrokenPipeError:  # `fewshot --help | head`: the reader left early, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # what a shell reports for a process stopped by SIGPIPE
+
+
+def _main(argv: list[str] | None) -> None:
+    shell.remember_program(sys.argv[0])  # for the commands we print to copy (Hydra rewrites argv)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
-    command, rest = argv[0], quote_paths(argv[1:])
-    if command not in COMMANDS:
-        _fail(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)} "
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        _fail(f"unknown command '{name}'; choose one of: {', '.join(COMMANDS)} "
               "(see fewshot --help)", 2)
+    multirun = bool({"-m", "--multirun"} & set(rest))
+    positional = COMMANDS[name].positional
+    if positional and rest and not rest[0].startswith("-") and (
+            _exists(rest[0]) or "=" not in rest[0]):  # a sweep's run folders may hold '='
+        rest = [f"{positional}={rest[0]}", *rest[1:]]
+    try:
+        rest = quote_paths(rest, name, multirun)
+    except FewshotError as err:
+        _fail(str(err), 2)
     global HELD
     held = HELD = HeldStderr()
-    if command == "train" and _resuming(rest) and not {"-h", "--help"} & set(rest):
-        if {"-m", "--multirun"} & set(rest):
+    if name == "train" and _resuming(rest) and not {"-h", "--help"} & set(rest):
+        if multirun:
             _fail("resume= continues one run; it cannot be part of a sweep (-m)", 2)
         _console_logging()
-        Guarded(lambda _: resume(rest))(OmegaConf.create())
+        guarded(lambda: resume(rest), "train")
         return
-    from fewshot_cli.engine.run_folder import claim_new_dir
+    _run_hydra(name, rest, held)
+
+
+def _run_hydra(name: str, rest: list[str], held: HeldStderr) -> None:
+    """Compose ``conf/<name>.yaml`` with the overrides ``rest`` and run the command's task (or
+    sweep over it); Hydra's own failures before the task become one sentence."""
+    from fewshot_cli.engine.run_folder import claim_new_dir, scratch_dir
 
     OmegaConf.register_new_resolver("fewshot.new_dir", claim_new_dir, use_cache=True,
                                     replace=True)
-    task, _ = COMMANDS[command]
-    if command in POSITIONAL and rest and (Path(rest[0]).exists() or (
-            "=" not in rest[0] and not rest[0].startswith("-"))):  # sweep folders hold '='
-        rest = [f"{POSITIONAL[command]}={quoted(rest[0])}", *rest[1:]]
-    sys.argv = [f"fewshot {command}", *rest]
-    app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")
+    OmegaConf.register_new_resolver("fewshot.scratch_dir", scratch_dir, use_cache=True,
+                                    replace=True)
+    sys.argv = [f"fewshot {name}", *rest]
+    app = hydra.main(config_path=str(conf_dir()), config_name=name, version_base="1.3")
     try:
         with held:
-            app(Guarded(task))()
+            app(Guarded(name))()
     except SystemExit as done:
         if done.code not in (0, None) and not held.released:
-            _fail(condense(held.text(), command), 2)
+            _fail(*condense(held.text(), name, rest))
         raise
+    except Exception as err:  # Hydra re-raises what it cannot shorten (a resolver's error)
+        ours = RESOLVER_ERROR.search(str(err))  # OmegaConf keeps only our error's text
+        known = None if held.released else (ours.group(1), 1) if ours else one_sentence(err)
+        if known is None:
+            sys.stderr.write("" if held.released else held.text())
+            raise
+        _fail(*known)
     if not held.released:
         sys.stderr.write(held.text())
     if _failures:

@@ -85,7 +85,7 @@ def _items(node: Any) -> Iterator[tuple[Any, Any]]:
             yield from _items(value)
 
 
-def _is_torch_optim_class(target: str) -> bool:
+def is_torch_optim_class(target: str) -> bool:
     """``torch.optim.X`` optimizers and ``torch.optim.lr_scheduler.X`` schedules, nothing else."""
     module, _, name = target.rpartition(".")
     if module not in ("torch.optim", "torch.optim.lr_scheduler") or name.startswith("_"):
@@ -107,7 +107,7 @@ def check_stored_config(config: Any, source: Path) -> None:
     allowed = own_targets()
     for key, value in _items(config):
         if key == "_target_" and not (isinstance(value, str) and (
-                value in allowed or _is_torch_optim_class(value))):
+                value in allowed or is_torch_optim_class(value))):
             raise FewshotError(f"{source} was refused: its config names {str(value)[:80]!r} to "
                                "build, which is not one of fewshot's builders; only load "
                                "checkpoints written by fewshot train")

@@ -30,20 +30,36 @@ def _umask_mode() -> int:
 
 def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """``write`` into a temporary file beside ``path``, flushed to disk, then renamed over it:
-    a reader (or a crash, or a full disk) sees the old file or the new one, never half."""
+    a reader (or a crash, or a full disk) sees the old file or the new one, never half.
+
+    An OSError names ``path``, not the temporary file the user never asked for.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
+    _written.append(path)
+
+
+_written: list[Path] = []  # every file this process wrote in full, in order
+
+
+def written() -> list[Path]:
+    """The files this process has written in full so far (what an interruption leaves)."""
+    return list(_written)
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:
@@ -63,8 +79,34 @@ def atomic_write_text(text: str, path: Path) -> None:
     atomic_write_bytes(text.encode("utf-8"), path)
 
 
-FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+# What to do about each system error, in words that fit any file or folder it names.
+ADVICE = {
+    errno.ENOSPC: "free some space there or choose another folder",
+    errno.EDQUOT: "free some of your disk quota or choose another folder",
+    errno.EFBIG: "the file system cannot hold a file this large; choose a folder on another disk",
+    errno.EACCES: "check its permissions (or its folder's) or choose another place",
+    errno.EPERM: "check its permissions (or its folder's) or choose another place",
+    errno.EROFS: "it is on a read-only file system; choose a place on a writable disk",
+    errno.ELOOP: "a symbolic link on that path points back into the path (a loop); fix or "
+                 "remove the link, or give a path without it",
+    errno.ENOENT: "a folder on that path does not exist; check the path for a typo",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; check the path",
+    errno.EISDIR: "it is a folder; name a file (inside it, or elsewhere) instead",
+    errno.ENAMETOOLONG: "the name is longer than the file system allows; choose a shorter path",
+    errno.EEXIST: "a file of that name is in the way; move it, or choose another path",
+    errno.ENOTEMPTY: "the folder is not empty; choose another one",
+    errno.EIO: "the disk reported a read or write error; check the disk and try again",
+    errno.EMFILE: "too many files are open; raise the limit (ulimit -n) or close other programs",
+    errno.ENFILE: "too many files are open on this machine; close other programs and try again",
+    errno.EBUSY: "it is in use by another program; try again when it is free",
+    errno.ESTALE: "the network file system lost track of it; try again or remount",
+}
+
+
+def advice(err: OSError | None) -> str:
+    """The fix for a system error, by its errno (a generic one for the rest)."""
+    fix = ADVICE.get(err.errno) if err is not None else None
+    return fix or "check the path, the disk and its permissions, then try again"
 
 
 def os_error_in(err: BaseException) -> OSError | None:
@@ -81,13 +123,7 @@ def write_failure(path: Path, err: BaseException, consequence: str) -> FewshotEr
     """One sentence for a failed write of ``path``: the system's reason, what it left, the fix."""
     cause = os_error_in(err)
     reason = cause.strerror if cause is not None and cause.strerror else "the write failed"
-    if cause is not None and cause.errno in FULL:
-        fix = "free some space there or choose another folder"
-    elif cause is not None and cause.errno in DENIED:
-        fix = "make the folder writable or choose another one"
-    else:
-        fix = "check the disk and try again"
-    return FewshotError(f"could not write {path}: {reason}; {consequence}; {fix}")
+    return FewshotError(f"could not write {path}: {reason}; {consequence}; {advice(cause)}")
 
 
 @contextlib.contextmanager

@@ -1,20 +1,26 @@
-"""The options every command shares, checked in one place before anything is built or read.
+"""The options of every command, checked in one place before anything is built or read.
 
 Hydra composes the config but keeps whatever type a value was typed as (``train.ways=abc`` is
 the string "abc"); these rules turn such a value into one sentence naming the key, what it
-must be and an example, before any data is decoded. Options of one algorithm, backbone or data
-set are checked by its constructor, also before any data is read. Torch-free, so a typo costs
-no torch start-up.
+must be and an example, before any data is decoded. ``RULES`` holds each command's rules and
+``PATHS`` each command's path keys (what the path must be, whether the command needs it); a new
+command adds its entry to both. Options of one algorithm, backbone or data set are checked by
+its constructor, the optimizer and schedule by ``build.check_optimizer``, also before any data
+is read. Torch-free, so a typo costs no torch start-up.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from fewshot_cli.errors import FewshotError
+from fewshot_cli.files import advice
+from fewshot_cli.shell import arg
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,14 @@ def _int(low: int, example: int, words: str | None = None) -> Rule:
                 str(example))
 
 
-POSITIVE_FLOAT = Rule("float", lambda v: v > 0 and math.isfinite(v), "a positive number",
-                      "0.001")
+def _number(low: float, strict: bool, example: str) -> Rule:
+    words = f"a {'positive' if strict and low == 0 else 'non-negative'} number" if low == 0 \
+        else f"a number of at least {low}"
+    return Rule("float", lambda v: (v > low if strict else v >= low) and math.isfinite(v), words,
+                example)
+
+
+POSITIVE_FLOAT = _number(0, True, "0.001")
 EPISODE = {"ways": _int(2, 5), "shots": _int(1, 1), "queries": _int(1, 15)}
 
 TRAIN_RULES: dict[str, Rule] = {
@@ -48,6 +60,32 @@ TRAIN_RULES: dict[str, Rule] = {
     "train.lr": POSITIVE_FLOAT,
     "train.grad_clip": Rule("float_or_null", lambda v: v > 0 and math.isfinite(v),
                             "a positive number or null", "10"),
+}
+# The optimizer's and the schedule's options by name, whichever torch.optim class takes them
+# (build.check_optimizer then checks that the class takes them, and steps it once).
+OPTIM_OPTIONS: dict[str, Rule] = {
+    "lr": POSITIVE_FLOAT,
+    "momentum": _number(0, False, "0.9"),
+    "dampening": _number(0, False, "0"),
+    "weight_decay": _number(0, False, "0.0005"),
+    "eps": _number(0, True, "1e-08"),
+    # not finite: gamma=inf is how the tests make a run diverge on purpose
+    "gamma": Rule("float", lambda v: v > 0, "a positive number", "0.5"),
+    "step_size": _int(1, 2000),
+    "T_max": _int(1, 5000),
+    "eta_min": _number(0, False, "0"),
+    "milestones": Rule("int_list", lambda v: all(m >= 1 for m in v),
+                       "a list of whole numbers of at least 1", "[2000,4000]"),
+}
+OPTIM_RULES: dict[str, Rule] = {
+    "train.optimizer._target_": Rule("choice", lambda v: v.startswith("torch.optim.") and
+                                     not v.startswith("torch.optim.lr_scheduler."),
+                                     "an optimizer class of torch.optim", "torch.optim.SGD"),
+    "train.scheduler._target_": Rule("choice", lambda v: v.startswith("torch.optim.lr_scheduler."),
+                                     "a schedule class of torch.optim.lr_scheduler",
+                                     "torch.optim.lr_scheduler.CosineAnnealingLR"),
+    **{f"train.{part}.{name}": rule for part in ("optimizer", "scheduler")
+       for name, rule in OPTIM_OPTIONS.items()},
 }
 EVAL_RULES: dict[str, Rule] = {
     **{f"eval.{k}": r for k, r in EPISODE.items()},
@@ -69,10 +107,34 @@ DEVICE_RULES: dict[str, Rule] = {
 }
 
 
+PREDICT_RULES: dict[str, Rule] = {"batch": _int(1, 64)}
+
+
+def _or_null(rules: Mapping[str, Rule]) -> dict[str, Rule]:
+    """The same rules, with null allowed: ``fewshot eval`` keeps the stored value for null."""
+    return {key: replace(rule, kind=f"{rule.kind}|null", words=f"{rule.words}, or null")
+            for key, rule in rules.items()}
+
+
+RULES: dict[str, dict[str, Rule]] = {  # every command's rules, by command name
+    "train": {**TRAIN_RULES, **OPTIM_RULES, **EVAL_RULES, **DEVICE_RULES},
+    "eval": {**_or_null(EVAL_RULES), **DEVICE_RULES},
+    "predict": {**PREDICT_RULES, **DEVICE_RULES},
+    "data": {},  # a data set's options are checked by its reader's constructor
+    "report": {},
+}
+RULES["reproduce"] = RULES["train"]  # a preset's training run, then its tests
+
+
 def _typed(rule: Rule, value: Any) -> bool:
     """Whether ``value`` has the type ``rule`` needs (bools are not numbers here)."""
+    if rule.kind.endswith("|null"):
+        return value is None or _typed(replace(rule, kind=rule.kind[:-5]), value)
     if isinstance(value, bool):
         return False
+    if rule.kind == "int_list":
+        return _is_list(value) and all(isinstance(v, int) and not isinstance(v, bool)
+                                       for v in value)
     if rule.kind == "int":
         return isinstance(value, int)
     if rule.kind == "float":
@@ -87,9 +149,15 @@ def _typed(rule: Rule, value: Any) -> bool:
 def _passes(rule: Rule, value: Any) -> bool:
     if not _typed(rule, value):
         return False
-    if value is None or value == "auto" and rule.kind == "int_or_auto":
+    if value is None or value == "auto" and rule.kind.startswith("int_or_auto"):
         return True
     return rule.test is None or rule.test(value)
+
+
+def _is_list(value: Any) -> bool:
+    """A list or tuple, or OmegaConf's ListConfig (a Sequence that is not a str)."""
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and \
+        hasattr(value, "__getitem__") and not isinstance(value, Mapping)
 
 
 def lookup(cfg: Mapping, key: str) -> tuple[bool, Any]:
@@ -107,11 +175,160 @@ def check(cfg: Mapping, rules: Mapping[str, Rule]) -> None:
     for key, rule in rules.items():
         found, value = lookup(cfg, key)
         if found and not _passes(rule, value):
-            shown = "null" if value is None else value
+            shown = "null" if value is None else \
+                f"[{','.join(map(str, value))}]" if _is_list(value) else value
             raise FewshotError(f"{key}={shown} must be {rule.words} (for example "
                                f"{key}={rule.example})")
 
 
 def check_train(cfg: Mapping) -> None:
-    """The shared options of ``fewshot train``."""
-    check(cfg, {**TRAIN_RULES, **EVAL_RULES, **DEVICE_RULES})
+    """The options of ``fewshot train`` (the optimizer's and schedule's included)."""
+    check(cfg, RULES["train"])
+
+
+def check_command(command: str, cfg: Mapping) -> None:
+    """Check every option of ``command`` that ``cfg`` holds: types, ranges (``RULES``) and
+    paths (``PATHS``). Torch-free; the CLI calls it before any command reads anything.
+
+    Raises:
+        FewshotError: one sentence naming the first bad key, what it must be and an example.
+    """
+    check(cfg, RULES.get(command, {}))
+    check_paths(command, cfg)
+
+
+# ---------------------------------------------------------------- path keys
+
+
+@dataclass(frozen=True)
+class PathKey:
+    """A key that takes a path: what the path must be, and whether the command needs it.
+
+    ``kind``: ``checkpoint`` (a best.pt or last.pt), ``file``, ``folder``, ``file_or_folder``
+    (an input that must exist), ``new_file``/``new_folder`` (an output: not the other kind, in a
+    writable place), ``any`` (a data set's root: its reader checks it). ``needed``: the words for
+    a command that cannot run without it (None: optional). ``sweep``: under ``-m``, a comma list
+    is a sweep over several paths (never for output folders and ``resume``).
+    """
+
+    kind: str
+    needed: str | None = None
+    sweep: bool = True
+
+
+CHECKPOINT = "the best.pt or last.pt of a run (fewshot train prints it when it ends)"
+HYDRA_FOLDERS = {"hydra.run.dir": PathKey("new_folder", sweep=False),
+                 "hydra.sweep.dir": PathKey("new_folder", sweep=False)}
+PATHS: dict[str, dict[str, PathKey]] = {  # every command's path keys, by command name
+    "train": {"resume": PathKey("checkpoint", sweep=False), "init_from": PathKey("checkpoint"),
+              "dataset.root": PathKey("any"), **HYDRA_FOLDERS,
+              "hydra.launcher.submitit_folder": PathKey("new_folder", sweep=False)},
+    "eval": {"ckpt": PathKey("checkpoint", CHECKPOINT), "dataset.root": PathKey("any"),
+             **HYDRA_FOLDERS},
+    "predict": {"ckpt": PathKey("checkpoint", CHECKPOINT),
+                "support": PathKey("folder", "a folder holding one sub-folder of images per "
+                                             "class"),
+                "query": PathKey("file_or_folder", "an image, or a folder of images"),
+                "out": PathKey("new_file", sweep=False), **HYDRA_FOLDERS},
+    "data": {"dataset.root": PathKey("any"), **HYDRA_FOLDERS},
+    "report": {"dir": PathKey("folder", "the folder to summarise, a sweep such as "
+                                        "multirun/<date>/<time> (fewshot report DIR)"),
+               "out": PathKey("new_folder", sweep=False), **HYDRA_FOLDERS},
+}
+PATHS["reproduce"] = PATHS["train"]
+
+
+def path_keys() -> dict[str, PathKey]:
+    """Every path key of every command (the first command's rule where two share a key)."""
+    keys: dict[str, PathKey] = {}
+    for table in PATHS.values():
+        for key, rule in table.items():
+            keys.setdefault(key, rule)
+    return keys
+
+
+def check_paths(command: str, cfg: Mapping) -> None:
+    """Raise a FewshotError for the first path key of ``command`` that is missing while needed,
+    or names the wrong kind of thing (a folder for a file...), a broken or unwritable place."""
+    for key, rule in PATHS.get(command, {}).items():
+        found, value = lookup(cfg, key)
+        if not found:
+            continue
+        if value is None or value == "":
+            if rule.needed:
+                raise FewshotError(f"fewshot {command} needs {key}=PATH: {rule.needed}")
+            continue
+        problem = path_problem(key, str(value), rule.kind)
+        if problem:
+            raise FewshotError(problem)
+
+
+def _stat(path: Path) -> os.stat_result | OSError | None:
+    """The path's status, None when it does not exist, or the OSError that stopped the look."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return err
+
+
+def _nearest_existing(path: Path) -> Path:
+    """The closest folder above ``path`` that exists (the current folder at worst)."""
+    for parent in path.absolute().parents:
+        if parent.is_dir():
+            return parent
+    return Path.cwd()
+
+
+def path_problem(key: str, value: str, kind: str) -> str | None:
+    """What is wrong with ``key=value`` for a path of ``kind`` (see PathKey), in one sentence
+    naming the key and the fix, or None. Looks at the file system only (stat, access)."""
+    path = Path(value).expanduser()
+    status, shown = _stat(path), arg(key, value)
+    if isinstance(status, OSError):
+        return f"{shown} cannot be used: {status.strerror}; {advice(status)}"
+    if status is None and kind in ("checkpoint", "file", "folder", "file_or_folder"):
+        near = _nearest_existing(path)
+        hint = "" if near == path.absolute().parent else f" (nor does its folder; the " \
+            f"nearest that exists is {near})"
+        return f"{shown} does not exist{hint}; check the path for a typo"
+    if status is None:  # an output to create (a data set root is its reader's business)
+        return _unwritable(key, value, _nearest_existing(path)) if kind.startswith("new_") \
+            else None
+    is_folder = path.is_dir()
+    if kind == "checkpoint" and is_folder:
+        return _checkpoint_folder(key, path)
+    if kind in ("file", "new_file") and is_folder:
+        return f"{shown} is a folder; give the path of a file" + (
+            " (inside it, or elsewhere)" if kind == "new_file" else "")
+    if kind in ("folder", "new_folder") and not is_folder:
+        return f"{shown} is a file, not a folder; give a folder" + (
+            " (a new path is created)" if kind == "new_folder" else "")
+    if kind.startswith("new_"):
+        return _unwritable(key, value, path if is_folder else path.parent)
+    return None
+
+
+def _checkpoint_folder(key: str, folder: Path) -> str:
+    """The sentence for a folder given where a checkpoint file is expected."""
+    names = ("last.pt", "best.pt") if key == "resume" else ("best.pt", "last.pt")
+    inside = [arg(key, folder / name) for name in names if (folder / name).is_file()]
+    if inside:
+        return f"{arg(key, folder)} is a folder, not a checkpoint; name the checkpoint in it: " + \
+            " or ".join(inside)
+    return f"{arg(key, folder)} is a folder holding no best.pt or last.pt; give the path of a " \
+        "checkpoint file written by fewshot train"
+
+
+def _unwritable(key: str, value: str, folder: Path) -> str | None:
+    """The sentence when the output ``key=value`` cannot be created in ``folder``, or None."""
+    if os.access(folder, os.W_OK):
+        return None
+    try:  # the reason in the system's words: a read-only mount, or permissions
+        reason = "it is read-only" if os.statvfs(folder).f_flag & os.ST_RDONLY else \
+            "you may not write there"
+    except OSError:
+        reason = "you may not write there"
+    return f"{arg(key, value)} cannot be written: {reason} ({folder}); give {key} a path in a " \
+        "writable folder"

@@ -29,6 +29,7 @@ from fewshot_cli.engine.runtime import StopRequest, pad_host_heap, resolve_devic
 from fewshot_cli.engine.trainer import MetaTrainer
 from fewshot_cli.errors import Interrupted
 from fewshot_cli.options import check_train
+from fewshot_cli.shell import arg, command
 
 log = logging.getLogger(__name__)
 HPARAM_SECTIONS = ("train", "algo", "backbone", "dataset", "device", "augment")
@@ -106,9 +107,9 @@ def meta_train(trainer: MetaTrainer, on_validation: ValidationHook | None = None
     if writer is not None:
         writer.close()
     best = trainer.best
-    log.info("%s: best val %s %s at step %d; evaluate with: fewshot eval ckpt=%s",
+    log.info("%s: best val %s %s at step %d; evaluate with: %s",
              "stopped" if stopped else "done", metric, _shown(metric, best["score"], best["ci95"]),
-             best["step"], run_dir / "best.pt")
+             best["step"], command("eval", arg("ckpt", run_dir / "best.pt")))
     return best["score"]
 
 
@@ -137,7 +138,7 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
                 path = trainer.save("last.pt")
                 procs.barrier()  # no rank exits (and lets torchrun stop rank 0) mid-save
                 raise Interrupted(f"interrupted at step {step}: saved {path}; continue with "
-                                  f"fewshot train resume={path}")
+                                  f"{command('train', arg('resume', path))}")
             metrics = trainer.train_step(step, stop.requested)
             bar.update(1)
             done = step + 1

@@ -439,7 +439,289 @@ def test_bench_maml_dependencies_are_installed():
     __import__("psutil")
 
 
-# ---------------------------------------------------------------- 7. the data under a figure
+# ---------------------------------------------------------------- 7. issue 19, the CLI half
+
+
+def test_a_second_ctrl_c_says_which_checkpoints_the_run_folder_holds(tmp_path):
+    """Ctrl-C twice (the second stops the run before it can save): the folder's checkpoints and
+    their steps, read from the files, and the command that continues; never "nothing"."""
+    from fewshot_cli.engine.run_folder import RunFolder
+    from fewshot_cli.errors import Interrupted
+
+    def stopped(run: Path, before_the_stop) -> BaseException:  # what leaves the run folder
+        try:
+            with RunFolder(run, None, resuming=False):
+                before_the_stop()
+                raise KeyboardInterrupt
+        except BaseException as err:  # noqa: BLE001 (a bare KeyboardInterrupt is the failure)
+            return err
+
+    run = tmp_path / "a run"
+    err = stopped(run, lambda: (save_checkpoint(run / "best.pt", {"config": {}, "step": 2}),
+                                save_checkpoint(run / "last.pt", {"config": {}, "step": 4})))
+    assert isinstance(err, Interrupted), repr(err)
+    assert "last.pt (step 4) and best.pt (step 2)" in str(err), err
+    assert f"train 'resume={run / 'last.pt'}'" in str(err) and "nothing" not in str(err)
+    other = tmp_path / "other"
+    err = stopped(other, lambda: (other / "events.out.tfevents.1").write_bytes(b""))  # started
+    assert isinstance(err, Interrupted) and "before the first checkpoint was saved" in str(err)
+
+
+def test_an_interruption_names_only_the_files_it_wrote(tmp_path, monkeypatch, capsys):
+    """Outside a run folder (eval, predict, report, data decoding) the message lists what
+    this process wrote in full, or says nothing was written when that is true."""
+    from fewshot_cli import cli, files
+
+    monkeypatch.setattr(files, "_written", [])
+
+    def stopped_after(*paths: Path) -> str:
+        def task() -> None:
+            for path in paths:
+                files.atomic_write_text("{}", path)
+            raise KeyboardInterrupt
+        with pytest.raises(SystemExit) as done:
+            cli.guarded(task, "eval")
+        assert done.value.code == 130
+        return capsys.readouterr().err
+
+    assert "interrupted; nothing was written" in stopped_after()
+    err = stopped_after(tmp_path / "results.json")
+    assert str(tmp_path / "results.json") in err and "nothing" not in err
+
+
+def test_two_ctrl_c_while_validating_tell_the_truth(tmp_path):
+    """The real command: the second Ctrl-C lands in validation (or, by timing, the first
+    stops the run at a step): whatever the sentence says the folder holds, it holds."""
+    import re
+    import signal
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot_cli", "train", *TINY,
+                             "train.steps=100000", "train.val_every=2", "train.val_episodes=400",
+                             f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    message = one_sentence(subprocess.CompletedProcess([], proc.returncode, "", err), code=130)
+    assert "nothing was written" not in message
+    claims = re.findall(r"(last|best)\.pt \(step (\d+)\)", message) or [
+        ("last", re.search(r"interrupted at step (\d+): saved", message).group(1))]
+    for name, step in claims:
+        assert load_checkpoint(run / f"{name}.pt")["step"] == int(step), message
+    assert f"resume={run / 'last.pt'}" in message
+
+
+# Values Hydra's grammar would split, refuse or turn into numbers, booleans or other strings.
+ODD_PATHS = ["c,d/best.pt", "a=b/x", "my runs/best.pt", "it's/x", 'say "hi"/x', "(1)/x",
+             "[a]/x", "{a}/x", "a~b", "é ü 漢/x", "back\\slash/x", "end\\", "true", "1e3", " lead",
+             "x#y;z!&"]
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_every_path_key_reaches_the_command_as_typed(multirun, tmp_path, monkeypatch):
+    """Each path key of each command (options.PATHS) gets the path the user typed, whatever it
+    holds; under -m too, where a path that exists is one path (its comma is no sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fewshot_cli.cli import quote_paths
+    from fewshot_cli.options import PATHS
+
+    monkeypatch.chdir(tmp_path)
+    parser = OverridesParser.create()
+    for value in ODD_PATHS:
+        if multirun and "," in value:
+            (tmp_path / value).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / value).write_text("")
+        for command, keys in PATHS.items():
+            for key in keys:
+                [arg] = quote_paths([f"{key}={value}"], command, multirun)
+                override = parser.parse_override(arg)
+                assert not override.is_sweep_override(), (key, value, arg)
+                assert override.value() == value, (key, value, arg)
+
+
+def test_a_sweep_over_paths_with_commas_cuts_where_paths_exist(tmp_path, monkeypatch):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fewshot_cli.cli import quote_paths
+    from fewshot_cli.errors import FewshotError
+
+    def swept(arg: str) -> list[str]:
+        """The value each run of the sweep gets, as Hydra's sweeper hands them out."""
+        [quoted] = quote_paths([arg], "eval", multirun=True)
+        parser = OverridesParser.create()
+        return [parser.parse_override(f"ckpt={one}").value()
+                for one in parser.parse_override(quoted).sweep_string_iterator()]
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("c,d/best.pt", "c,d/last.pt", "x", "x,y", "y,z", "z"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert swept("ckpt=c,d/best.pt,c,d/last.pt") == ["c,d/best.pt", "c,d/last.pt"]
+    assert swept("ckpt=a.pt,b.pt") == ["a.pt", "b.pt"]  # nothing exists: Hydra's own reading
+    with pytest.raises(FewshotError, match="can be read as the paths.*quote each path"):
+        quote_paths(["ckpt=x,y,z"], "eval", multirun=True)  # x + y,z or x,y + z
+    with pytest.raises(FewshotError, match="names 2 paths; add -m"):
+        quote_paths(["ckpt=c,d/best.pt,c,d/last.pt"], "eval", multirun=False)
+
+
+def test_commas_and_symbols_in_paths_through_the_real_commands(cli, run, tmp_path):
+    """eval, eval -m over two such folders, resume and dataset.root, with odd folder names."""
+    odd = [tmp_path / "c,d (1)=x é", tmp_path / "it's, a=b"]
+    for folder in odd:
+        shutil.copytree(run, folder)
+    ok(cli("eval", f"ckpt={odd[0] / 'best.pt'}", "eval.episodes=2"))
+    ok(cli("eval", "-m", f"ckpt={odd[0] / 'last.pt'},{odd[1] / 'last.pt'}", "eval.episodes=2"))
+    for folder in odd:
+        assert "last.pt" in json.loads((folder / "results.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", *(f.name for f in odd)])
+    ok(cli("train", f"resume={odd[1] / 'last.pt'}", "train.steps=5"))
+    assert load_checkpoint(odd[1] / "last.pt")["step"] == 5
+    err = one_sentence(cli("train", "dataset=omniglot", "dataset.download=false",
+                           f"dataset.root={odd[0] / 'no data'}"))
+    assert str(odd[0] / "no data") in err and "cannot read" not in err
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.scheduler.gamma=abc", ["train.scheduler.gamma=abc", "positive number"]),
+    ("train.scheduler.step_size=0", ["train.scheduler.step_size=0", "at least 1"]),
+    ("train.optimizer._target_=builtins.open", ["train.optimizer._target_=builtins.open",
+                                                "optimizer class of torch.optim"]),
+    ("train.scheduler._target_=torch.optim.SGD", ["train.scheduler._target_", "schedule"]),
+    ("train.optimizer._target_=torch.optim.lr_scheduler.StepLR", ["train.optimizer._target_"]),
+    ("+train.optimizer.nesterov=true", ["train.optimizer.nesterov is not an option of Adam",
+                                        "amsgrad"]),
+    ("+train.scheduler.T_max=9", ["train.scheduler.T_max is not an option of StepLR"]),
+    ("+train.optimizer.amsgrad=maybe", ["train.optimizer.amsgrad=maybe", "true or false"]),
+    ("+train.optimizer.betas=[1.5,0.9]", ["train.optimizer=Adam", "beta", "train.optimizer"]),
+    ("train.optimizer._target_=torch.optim.LBFGS", ["train.optimizer=LBFGS", "closure"]),
+    ("~train.scheduler.step_size", ["train.scheduler=StepLR", "step_size"]),
+])
+def test_optimizer_and_schedule_mistakes_stop_before_any_image_is_read(cli, tmp_path, own_cache,
+                                                                       override, words):
+    from image_folder import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", {f"c{i}": 6 for i in range(6)})
+    one_sentence(cli("train", "dataset=folder", f"dataset.root={data}", "dataset.image_size=28",
+                     "backbone.hidden=8", "train.ways=2", "train.queries=2", "eval.queries=2",
+                     "device=cpu", override), *words)
+    assert not own_cache.exists() or not any(own_cache.iterdir()), "images were decoded first"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_command_options_and_missing_folders_are_one_sentence(cli, run, tmp_path):
+    for batch in ("0", "-3", "abc"):
+        one_sentence(cli("predict", f"ckpt={run / 'best.pt'}", f"support={run}",
+                         f"query={run}", f"batch={batch}"), f"batch={batch}", "at least 1")
+    one_sentence(cli("report"), "fewshot report needs dir=PATH", "multirun/<date>/<time>")
+    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.ways=abc"), "eval.ways=abc")
+
+
+def test_every_help_shows_no_missing_value(cli):
+    from fewshot_cli.cli import COMMANDS
+
+    for command in COMMANDS:
+        out = ok(cli(command, "--help")).stdout
+        assert "???" not in out and "== Config ==" in out, (command, out)
+
+
+def _read_only(folder: Path) -> Path:
+    """``folder`` mounted read-only (a tmpfs), or skip where mounting is not allowed."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    return folder
+
+
+def test_a_read_only_place_is_named_before_anything_runs(cli, run, tmp_path):
+    ro = _read_only(tmp_path / "ro")
+    try:
+        one_sentence(cli("train", *TINY, "train.steps=2", cwd=ro), "cannot make the run folder",
+                     str(ro), "read-only", "hydra.run.dir=PATH")
+        one_sentence(cli("train", "-m", *TINY, "train.steps=2", cwd=ro),
+                     "cannot make the run folder", "hydra.sweep.dir=PATH")
+        one_sentence(cli("train", *TINY, "train.steps=2", f"hydra.run.dir={ro / 'run'}"),
+                     f"{ro / 'run'} (hydra.run.dir)", "read-only file system",
+                     "writable disk")
+        one_sentence(cli("predict", f"ckpt={run / 'best.pt'}", f"support={run}", f"query={run}",
+                         cwd=ro), "out=predictions.csv cannot be written", "read-only")
+        ok(cli("eval", "-m", f"ckpt={run / 'best.pt'}", "eval.episodes=2", cwd=ro))
+        one_sentence(cli("report", str(ro)), f"out={ro}", "read-only")
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+def test_system_errors_get_their_own_advice():
+    """Each errno is told its own fix: only a full disk is told to free space."""
+    import errno
+
+    from fewshot_cli.cli import one_sentence as sentence
+    from fewshot_cli.files import write_failure
+
+    fixes = {}
+    for code in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
+                 errno.EEXIST, errno.EROFS, errno.EACCES, errno.ENOSPC):
+        err = OSError(code, os.strerror(code), "/x/y")
+        message, status = sentence(err)
+        assert status == 1 and "/x/y" in message and os.strerror(code) in message
+        assert ("free some space" in message) == (code == errno.ENOSPC), message
+        assert str(write_failure(Path("/x/y"), err, "kept")).endswith(message.split("; ", 1)[1])
+        fixes[code] = message.split("; ", 1)[1]
+    assert len(set(fixes.values())) == len(fixes)
+    assert "symbolic link" in fixes[errno.ELOOP] and "shorter" in fixes[errno.ENAMETOOLONG]
+
+
+def test_paths_of_the_wrong_kind_say_what_they_are(cli, run, tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    a_file = tmp_path / "a file"
+    a_file.write_text("")
+    cases = [
+        (["eval", f"ckpt={run}"], ["is a folder, not a checkpoint", f"ckpt={run / 'best.pt'}",
+                                   f"ckpt={run / 'last.pt'}"]),
+        (["train", f"resume={run}"], ["is a folder", f"resume={run / 'last.pt'}"]),
+        (["eval", f"ckpt={loop / 'best.pt'}"], ["ckpt=", "symbolic link", "loop"]),
+        (["eval", f"ckpt={tmp_path / ('x' * 300)}.pt"], ["ckpt=", "shorter path"]),
+        (["eval", f"ckpt={tmp_path / 'gone' / 'best.pt'}"], ["does not exist", "nor does"]),
+        (["predict", f"ckpt={run / 'best.pt'}", f"support={a_file}", f"query={run}"],
+         ["support=", "is a file, not a folder"]),
+        (["predict", f"ckpt={run / 'best.pt'}", f"support={run}", f"query={tmp_path / 'no'}"],
+         ["query=", "does not exist"]),
+        (["predict", f"ckpt={run / 'best.pt'}", f"support={run}", f"query={run}",
+          f"out={run}"], ["out=", "is a folder"]),
+        (["report", str(a_file)], ["dir=", "is a file, not a folder"]),
+        (["train", *TINY, f"hydra.run.dir={a_file}"], ["hydra.run.dir", "File exists",
+                                                        "in the way"]),
+        (["train", *TINY, f"hydra.run.dir={a_file / 'run'}"], ["hydra.run.dir", "not a folder"]),
+        (["train", *TINY, f"hydra.run.dir={loop / 'run'}"], ["hydra.run.dir", "symbolic link"]),
+    ]
+    for args, words in cases:
+        err = one_sentence(cli(*args), *words)
+        assert "free some space" not in err and "Error:" not in err, err
+
+
+def test_the_printed_next_step_works_as_printed(cli, tmp_path):
+    """`fewshot train` ends with the eval command to run: pasted into a shell as printed (the
+    run folder's name holds a space, a quote and a comma), it runs."""
+    import shlex
+
+    run = tmp_path / "Bob's run, 2"
+    out = ok(cli("train", *TINY, "train.steps=2", "train.val_every=2", f"hydra.run.dir={run}"))
+    printed = out.stdout.split("evaluate with: ")[1].splitlines()[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ok(subprocess.run(shlex.split(printed), cwd=elsewhere, capture_output=True, text=True))
+    assert "best.pt" in json.loads((run / "results.json").read_text())
+
+
+# ---------------------------------------------------------------- 8. the data under a figure
 
 
 FOLDER = ["dataset=folder", "dataset.image_size=16", "backbone.hidden=8", "train.ways=2",

@@ -75,6 +75,7 @@ def test_eval_is_deterministic_and_multirun_evaluates_several(cli, tmp_path):
     assert first == second
     ok(cli("eval", "-m", f"ckpt={run / 'best.pt'},{run / 'last.pt'}"))
     assert set(json.loads((run / "results.json").read_text())) == {"best.pt", "last.pt"}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"], "eval -m left folders behind"
 
 
 def test_multirun_sweeps_every_combination(cli, tmp_path):

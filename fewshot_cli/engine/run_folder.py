@@ -9,7 +9,9 @@ Hydra picks the folder (``hydra.run.dir``); this module makes it safe to share a
   drops the lock when the process dies, so a crash never leaves the folder locked;
 * a new run refuses a folder that already holds checkpoints (that is what ``resume=`` is for);
 * ``.hydra/`` and ``train.log`` are written by the run only once it holds the folder, fatal
-  errors are logged there, and a run that fails before it trains leaves no folder behind.
+  errors are logged there, and a run that fails before it trains leaves no folder behind;
+* a Ctrl-C that stops the run before it could save (the second one) is told what the folder
+  holds: its checkpoints and their steps, and the command that continues from them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from fewshot_cli.errors import FewshotError, Interrupted
-from fewshot_cli.files import atomic_write_text
+from fewshot_cli.files import advice, atomic_write_text
+from fewshot_cli.shell import arg, command
 
 log = logging.getLogger("fewshot")
 
@@ -42,24 +45,59 @@ def claim_new_dir(base: str) -> str:
     A Hydra resolver (``${fewshot.new_dir:...}`` in conf/train.yaml): ``mkdir`` either creates
     a folder or fails, so two processes can never both claim one. Hydra resolves the run folder
     more than once per job, hence the memo.
+
+    Raises:
+        FewshotError: the folder cannot be made (a read-only current folder, a file in the way).
     """
     if base in _claimed:
         return _claimed[base]
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 claims, then tells the others
-        _claimed[base] = tempfile.mkdtemp(prefix="fewshot-rank-")
-        atexit.register(shutil.rmtree, _claimed[base], ignore_errors=True)
+        _claimed[base] = scratch_dir("fewshot-rank-")
         return _claimed[base]
-    Path(base).parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        candidate = base if n == 1 else f"{base}-{n}"
-        try:
-            os.mkdir(candidate)
-        except FileExistsError:
-            n += 1
-            continue
-        _claimed[base] = candidate
-        return candidate
+    n, candidate = 1, base
+    try:
+        Path(base).parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            candidate = base if n == 1 else f"{base}-{n}"
+            try:
+                os.mkdir(candidate)
+                break
+            except FileExistsError:
+                n += 1
+    except OSError as err:
+        raise FewshotError(f"cannot make the run folder {candidate} in the current folder "
+                           f"{Path.cwd()} ({err.strerror}): {advice(err)}; or run from another "
+                           "folder, or name the run folder with hydra.run.dir=PATH "
+                           "(hydra.sweep.dir=PATH for a sweep)") from None
+    _claimed[base] = candidate
+    return candidate
+
+
+def scratch_dir(prefix: str = "fewshot-") -> str:
+    """A new temporary folder, removed when this process ends: for Hydra's bookkeeping where a
+    command writes its results elsewhere (``fewshot eval -m`` writes beside each checkpoint;
+    a Hydra resolver, ``${fewshot.scratch_dir:}``), and for the ranks of a torchrun job that
+    do not write."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def checkpoints_held(folder: Path) -> str:
+    """``last.pt (step 40) and best.pt (step 30)``: the checkpoints in ``folder`` with their
+    steps (read lazily: only the step, not the weights), or "" when there are none."""
+    import torch  # only when a run stops: the run folder itself is torch-free
+
+    held = []
+    for name in ("last.pt", "best.pt"):
+        if (folder / name).is_file():
+            try:
+                step = torch.load(folder / name, map_location="cpu", weights_only=True,
+                                  mmap=True)["step"]
+                held.append(f"{name} (step {step})")
+            except Exception:  # noqa: BLE001 (whatever makes it unreadable, say so)
+                held.append(f"{name} (unreadable)")
+    return " and ".join(held)
 
 
 def has_started(folder: Path) -> bool:
@@ -112,8 +150,8 @@ class RunFolder:
     def _claim(self) -> None:
         if not self.resuming and any((self.path / n).exists() for n in ("last.pt", "best.pt")):
             raise FewshotError(f"{self.path} already holds a run's checkpoints; continue it with "
-                               f"fewshot train resume={self.path / 'last.pt'}, or give this run "
-                               "its own hydra.run.dir")
+                               f"{command('train', arg('resume', self.path / 'last.pt'))}, or "
+                               "give this run its own hydra.run.dir")
         try:
             for name, config in (self.hydra_files or {}).items():
                 atomic_write_text(OmegaConf.to_yaml(config), self.path / ".hydra" / name)
@@ -139,6 +177,18 @@ class RunFolder:
         self._release()
         if err is not None and self.fresh and not has_started(self.path):
             self._remove()  # a folder this run created and never trained in
+        if isinstance(err, KeyboardInterrupt) and self.path.exists():
+            raise Interrupted(self._interrupted()) from None  # a second Ctrl-C: say what is kept
+
+    def _interrupted(self) -> str:
+        """What the folder holds after a Ctrl-C that stopped the run before it could save."""
+        held = checkpoints_held(self.path)
+        if not held:
+            return (f"interrupted before the first checkpoint was saved; {self.path} holds no "
+                    "checkpoint; start the run again")
+        latest = self.path / ("last.pt" if (self.path / "last.pt").is_file() else "best.pt")
+        return (f"interrupted before saving; {self.path} holds {held} from before; continue "
+                f"with {command('train', arg('resume', latest))}")
 
     def _log(self, message: str, exc_info: Any = None) -> None:
         self._handler.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 0, message,
@@ -171,7 +221,11 @@ def prune_empty_parents(path: Path) -> None:
 
 def discard_if_empty(path: Path) -> None:
     """Remove ``path`` (the folder Hydra made for a run that failed before it began) if it is
-    empty, and its empty parents up to the working directory."""
+    empty, and its empty parents up to the working directory; never the working directory
+    itself or a folder above it (a command that runs in ``.``)."""
+    cwd = Path.cwd().resolve()
+    if Path(path).resolve() == cwd or Path(path).resolve() in cwd.parents:
+        return
     try:
         Path(path).rmdir()
     except OSError:
