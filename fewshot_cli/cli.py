@@ -14,7 +14,9 @@ import io
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,7 +232,13 @@ def _sweep_paths(key: str, value: str) -> list[str]:
 
 
 def _fail(message: str, code: int) -> None:
-    """Print the one sentence (under torchrun, rank 0 alone speaks) and exit with ``code``."""
+    """Print the one sentence (under torchrun, rank 0 alone speaks) and exit with ``code``.
+
+    From here on Ctrl-C is ignored: the sentence already says what the folder holds, and a
+    late second Ctrl-C while Python unwinds would otherwise end the process by SIGINT (exit
+    status -2) instead of ``code``."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ.get("RANK", "0") == "0":
         print(f"fewshot: error: {message}", file=sys.stderr)
     sys.exit(code)
