@@ -109,8 +109,9 @@ def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
     check_task_kinds(cfg)
     if isinstance(inputs, ClassStore):
         inputs = {"in_channels": inputs.channels, "image_size": inputs.image_size}
-    backbone = build(cfg, "backbone", **inputs)
-    algo = build(cfg, "algo", backbone=backbone, ways=cfg.train.ways)
+    # Plain dicts and lists, not DictConfig/ListConfig, reach the networks and algorithms.
+    backbone = build(cfg, "backbone", _convert_="all", **inputs)
+    algo = build(cfg, "algo", backbone=backbone, ways=cfg.train.ways, _convert_="all")
     t, e = cfg.train, cfg.eval
     algo.check_tasks(TaskShape(t.ways, t.shots, t.queries, t.meta_batch),
                      TaskShape(e.ways, e.shots, e.queries))
