@@ -22,7 +22,7 @@ from fewshot_cli.data.augment import IDENTITY, legacy_augment
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.runtime import memory_format_for
-from fewshot_cli.episode import IMAGE_TASKS
+from fewshot_cli.episode import IMAGE_TASKS, TaskShape
 from fewshot_cli.errors import FewshotError
 
 
@@ -110,9 +110,12 @@ def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
     check_task_kinds(cfg)
     if isinstance(inputs, ClassStore):
         inputs = {"in_channels": inputs.channels, "image_size": inputs.image_size}
-    backbone = build(cfg, "backbone", **inputs)
-    algo = build(cfg, "algo", backbone=backbone, ways=cfg.train.ways)
-    algo.check_tasks(cfg.train, cfg.eval)
+    # Plain dicts and lists, not DictConfig/ListConfig, reach the networks and algorithms.
+    backbone = build(cfg, "backbone", _convert_="all", **inputs)
+    algo = build(cfg, "algo", backbone=backbone, ways=cfg.train.ways, _convert_="all")
+    t, e = cfg.train, cfg.eval
+    algo.check_tasks(TaskShape(t.ways, t.shots, t.queries, t.meta_batch),
+                     TaskShape(e.ways, e.shots, e.queries))
     if device is None:
         return algo
     layout = memory_format_for(device, cfg.device.get("memory_format", "auto"),

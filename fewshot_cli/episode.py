@@ -1,5 +1,6 @@
 """The currencies of data, algorithms and engine: ``Episode`` (a meta-batch of few-shot image
-tasks) and ``BanditTrials`` (a meta-batch of multi-armed bandit tasks).
+tasks), ``BanditTrials`` (a meta-batch of multi-armed bandit tasks), ``TaskShape`` (the shape
+of the tasks a model meets) and ``Backbone`` (what algorithms may ask of a network).
 
 Ground floor: imports nothing of fewshot, so algorithms, engine and data all import it downward.
 """
@@ -7,6 +8,7 @@ Ground floor: imports nothing of fewshot, so algorithms, engine and data all imp
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -14,6 +16,44 @@ import torch
 #: paired with an algorithm and a backbone of its own kind
 IMAGE_TASKS = "few-shot image classification"
 BANDIT_TASKS = "multi-armed bandit"
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What the image algorithms may ask of a backbone, a plain ``nn.Module`` that maps images
+    ``[M, C, H, W]`` to features ``[M, out_features]`` or to feature maps ``[M, *feature_map]``.
+
+    ``task_kind``: :data:`IMAGE_TASKS`. ``out_features``: values per image in the output (a
+    map's flattened size). ``feature_map``: ``(C, h, w)``, the map the output is or flattens;
+    None where pooling or a dense layer removed it (Relation Networks need one). ``set_step``:
+    the meta-training step, told before the step's forward passes; layers whose behaviour
+    follows training (DropBlock's ramp) change their state there, never inside ``forward``,
+    which the inner loop runs under ``torch.func`` transforms (see
+    ``fewshot_cli.algorithms.inner_loop``). Every backbone of ``conf/backbone`` states it.
+    """
+
+    task_kind: str
+    out_features: int
+    feature_map: tuple[int, int, int] | None
+
+    def set_step(self, step: int) -> None:
+        """The current meta-training step."""
+        ...
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``[M, C, H, W]`` images to ``[M, out_features]`` or ``[M, *feature_map]``."""
+        ...
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    """The tasks a model is trained or tested on: ``ways`` classes of ``shots`` support and
+    ``queries`` query images each, ``meta_batch`` tasks at a time (``train.*``, ``eval.*``)."""
+
+    ways: int
+    shots: int
+    queries: int
+    meta_batch: int = 1
 
 
 @dataclass

@@ -19,7 +19,7 @@ from fewshot_cli.algorithms.maml import MAML
 from fewshot_cli.backbones.conv4 import Conv4
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
-from fewshot_cli.episode import Episode
+from fewshot_cli.episode import IMAGE_TASKS, Episode
 from fewshot_cli.errors import FewshotError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,12 +34,17 @@ VARIANTS = {
 class PlainConv(nn.Module):
     """A backbone without BatchNorm: conv-ReLU-pool twice, flattened."""
 
+    task_kind, feature_map = IMAGE_TASKS, None  # the Backbone protocol
+
     def __init__(self, in_channels: int = 1, image_size: int = 16, hidden: int = 8) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(),
                                  nn.MaxPool2d(2), nn.Conv2d(hidden, hidden, 3, padding=1),
                                  nn.Tanh(), nn.MaxPool2d(2), nn.Flatten())
         self.out_features = hidden * (image_size // 4) ** 2
+
+    def set_step(self, step: int) -> None:
+        pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -64,7 +69,7 @@ def reference_loss(algo: MAML, ep: Episode, steps: int, first_order: bool,
                    msl: list[float] | None = None) -> torch.Tensor:
     """Per-task MAML written with plain autograd: torch.autograd.grad(create_graph=True)."""
     params = {n: p for n, p in algo.named_parameters() if not n.startswith("inner_lrs")}
-    fast_names = [n for n in params if algo.adapt == "all" or n.startswith("head.")]
+    fast_names = [n for n in params if not algo.head_only or n.startswith("head.")]
 
     def forward(p: dict, x: torch.Tensor) -> torch.Tensor:
         body = {n[9:]: v for n, v in p.items() if n.startswith("backbone.")}

@@ -21,7 +21,7 @@ from fewshot_cli.build import build_algorithm
 from fewshot_cli.cli import conf_dir
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
-from fewshot_cli.episode import Episode
+from fewshot_cli.episode import IMAGE_TASKS, Episode
 from fewshot_cli.errors import FewshotError
 
 CONF = conf_dir()
@@ -94,10 +94,15 @@ def test_prediction_ignores_support_order_within_a_class(name):
 class Identity(nn.Module):
     """Images as their own (flattened) features: makes attention and distances checkable."""
 
+    task_kind, feature_map = IMAGE_TASKS, None  # the Backbone protocol
+
     def __init__(self, size: int = 4) -> None:
         super().__init__()
         self.out_features = size * size
         self.scale = nn.Parameter(torch.ones(()))
+
+    def set_step(self, step: int) -> None:
+        pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * x.flatten(1)

@@ -38,6 +38,9 @@ TRAIN_SHAPES = {
     "weightgen_omniglot_5w1s": (60, 1), "weightgen_omniglot_20w1s": (60, 1),
     **{f"siamese_{d}_{s}": (16, 1) for d in ("omniglot", "miniimagenet")
        for s in ("5w1s", "5w5s", "20w1s", "20w5s")},
+    # Reptile (Nichol et al. 2018, the authors' commands): 10 (miniImageNet 15) training shots.
+    **{f"reptile_omniglot_{w}w{s}s": (w, 10) for w in (5, 20) for s in (1, 5)},
+    **{f"reptile_miniimagenet_5w{s}s": (5, 15) for s in (1, 5)},
 }
 FIGURE_KEYS = {"value", "ci95", "read", "verified"}
 

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_paper_network_at_84px_has_640_features_and_12_4m_weights():
     net = ResNet12(in_channels=3, image_size=84)
-    assert net.out_features == 640 and net.feature_shape == (640, 5, 5)
+    assert net.out_features == 640 and net.feature_map is None  # averaged: no map left
+    assert ResNet12(in_channels=3, image_size=84, avg_pool=False).feature_map == (640, 5, 5)
     # Tian et al. 2020 report 12.4M parameters for this ResNet-12
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 12.4
     assert net(torch.rand(2, 3, 84, 84)).shape == (2, 640)
@@ -56,15 +57,18 @@ def test_dropblock_drops_squares_at_the_rate_in_training_only():
     assert drop(x) is x
 
 
-def test_dropblock_anneals_and_the_network_evaluates_deterministically():
-    drop = DropBlock(0.2, block_size=5, anneal_steps=4)
+def test_dropblock_anneals_with_the_step_it_is_told_and_evaluates_deterministically():
+    net = ResNet12(image_size=20, widths=[4, 4, 4, 4], keep_prob=0.8, anneal_steps=4)
+    drop = net.blocks[3].drop
     x = torch.ones(2, 1, 5, 5)
     rates = []
-    for _ in range(6):
+    for step in range(6):
+        net.set_step(step)  # what the trainer tells the algorithm before each meta-step
         rates.append(drop.rate())
         drop(x)
+        drop(x)  # forward passes do not move the ramp: the inner loop runs them transformed
     assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.2])
-    assert int(drop.state_dict()["steps"]) == 6  # saved with the checkpoint: resume continues
+    assert int(drop.state_dict()["steps"]) == 5  # saved with the checkpoint: resume continues
     net = ResNet12(image_size=20, widths=[4, 4, 4, 4], keep_prob=0.9).eval()
     images = torch.rand(2, 3, 20, 20)
     assert torch.equal(net(images), net(images))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_cli.episode import IMAGE_TASKS, Episode
+from fewshot_cli.episode import IMAGE_TASKS, Backbone, Episode, TaskShape
 from fewshot_cli.errors import FewshotError
 
 
@@ -35,12 +35,13 @@ class MetaAlgorithm(nn.Module):
     #: the kind of task it learns; ``build_algorithm`` refuses a data set of another kind
     task_kind: str = IMAGE_TASKS
 
-    def check_tasks(self, train: dict[str, Any], eval: dict[str, Any]) -> None:
+    def check_tasks(self, train: TaskShape, eval: TaskShape) -> None:
         """Raise a FewshotError when the ``train.*``/``eval.*`` task shapes cannot work with
         this model; called before any data is decoded."""
 
     def set_step(self, step: int) -> None:
-        """The current meta-training step, for algorithms with schedules (MAML++ annealing)."""
+        """The current meta-training step, before its forward passes: for schedules (MAML++
+        annealing, DropBlock's ramp), advanced outside any transformed function."""
 
     def meta_loss(self, tasks: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The meta-training loss of one meta-batch and its metrics (detached, 0-dim)."""
@@ -64,16 +65,23 @@ class FewShotAlgorithm(MetaAlgorithm):
     #: and prediction must use ``train.ways`` classes.
     fixed_ways: bool = False
 
-    def __init__(self, backbone: nn.Module, ways: int) -> None:
+    def __init__(self, backbone: Backbone, ways: int) -> None:
         super().__init__()
+        if not isinstance(backbone, Backbone):
+            raise FewshotError(f"backbone {type(backbone).__name__} does not state what the "
+                               "algorithms ask of a backbone; give it task_kind, out_features, "
+                               "feature_map and set_step (see fewshot_cli.episode.Backbone)")
         self.backbone = backbone
         self.ways = ways
 
-    def check_tasks(self, train: dict[str, Any], eval: dict[str, Any]) -> None:
-        if self.fixed_ways and eval["ways"] != self.ways:
-            raise FewshotError(f"eval.ways={eval['ways']} differs from train.ways={self.ways}, but "
+    def check_tasks(self, train: TaskShape, eval: TaskShape) -> None:
+        if self.fixed_ways and eval.ways != self.ways:
+            raise FewshotError(f"eval.ways={eval.ways} differs from train.ways={self.ways}, but "
                                f"this algorithm's head has {self.ways} outputs; set eval.ways="
-                               f"{self.ways} (or train a model with train.ways={eval['ways']})")
+                               f"{self.ways} (or train a model with train.ways={eval.ways})")
+
+    def set_step(self, step: int) -> None:
+        self.backbone.set_step(step)
 
     def predict(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
                 ways: int) -> torch.Tensor:
@@ -106,7 +114,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == labels).float().mean(dim=-1)
 
 
-def embed_episode(backbone: nn.Module, support: torch.Tensor, query: torch.Tensor
+def embed_episode(backbone: Backbone, support: torch.Tensor, query: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat support ``[B, M, D]`` and query ``[B, N*Q, D]`` features from one backbone pass."""
     b, m = support.shape[:2]

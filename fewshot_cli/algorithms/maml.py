@@ -1,4 +1,4 @@
-"""The MAML family on the shared inner loop (``inner_loop.py``), batched over tasks.
+"""The MAML family on the shared inner loop (``algorithms/inner_loop/``), batched over tasks.
 
 One class covers MAML (Finn et al. 2017, second order by default), first-order MAML, Meta-SGD
 (Li et al. 2017, a learned inner learning rate per parameter) and ANIL (Raghu et al. 2020, adapt
@@ -25,10 +25,9 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from torch import nn
 
 from fewshot_cli.algorithms.inner_loop import SGD, InnerLoopLearner, UpdateRule
-from fewshot_cli.episode import Episode
+from fewshot_cli.episode import Backbone, Episode
 from fewshot_cli.errors import FewshotError
 
 
@@ -45,9 +44,7 @@ class MAML(InnerLoopLearner):
     each inner step in the backward pass (long inner loops).
     """
 
-    rule_name = "inner_lrs"  # the SGD rule's learned rates keep their checkpoint names
-
-    def __init__(self, backbone: nn.Module, ways: int, inner_lr: float = 0.4,
+    def __init__(self, backbone: Backbone, ways: int, inner_lr: float = 0.4,
                  inner_steps: int = 1, eval_inner_steps: int = 3, first_order: bool = False,
                  adapt: str = "all", learn_inner_lr: bool = False,
                  inner_lr_range: tuple[float, float] | None = None, per_step_lr: bool = False,
@@ -61,16 +58,24 @@ class MAML(InnerLoopLearner):
         # Learned inner rates are nn.Parameters of the rule, so the meta-optimizer sees them.
         rule = update_rule or partial(SGD, lr=inner_lr, per_weight=learn_inner_lr,
                                       per_step=per_step_lr, lr_range=inner_lr_range)
-        super().__init__(backbone, ways, rule, inner_steps, eval_inner_steps, adapt, batchnorm,
+        super().__init__(backbone, ways, inner_steps, eval_inner_steps, adapt, batchnorm,
                          batching, checkpoint_steps, task_chunk)
+        # The attribute is the rule's state-dict prefix: checkpoints keep "inner_lrs.*".
+        self.inner_lrs = rule(self.fast_shapes(), inner_steps)
         self.inner_lr = inner_lr
         self.first_order, self.first_order_until = first_order, first_order_until
         self.multi_step_loss, self.msl_anneal_steps = multi_step_loss, msl_anneal_steps
         self.per_step_lr, self.learn_inner_lr = per_step_lr, learn_inner_lr
         self.step = 0
 
+    @property
+    def rule(self) -> UpdateRule:
+        """SGD with the fixed or learned rates (or the rule ``update_rule`` built)."""
+        return self.inner_lrs
+
     def set_step(self, step: int) -> None:
         """The current meta-training step, for the MAML++ annealing schedules."""
+        super().set_step(step)
         self.step = step
 
     def _msl_weights(self) -> list[float]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm, embed_episode
+from fewshot_cli.episode import Backbone
 from fewshot_cli.errors import FewshotError
 
 
@@ -58,7 +59,7 @@ class MatchingNet(FewShotAlgorithm):
     LSTM over the support, f: attention LSTM with ``fce_steps`` reads), batched over tasks.
     """
 
-    def __init__(self, backbone: nn.Module, ways: int, fce: bool = False, fce_steps: int = 5,
+    def __init__(self, backbone: Backbone, ways: int, fce: bool = False, fce_steps: int = 5,
                  scale: float = 1.0) -> None:
         super().__init__(backbone, ways)
         if fce_steps < 1:

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from torch import nn
 
 from fewshot_cli.algorithms.inner_loop import InnerLoopLearner, LSTMRule, UpdateRule
-from fewshot_cli.episode import Episode
+from fewshot_cli.episode import Backbone, Episode
 from fewshot_cli.errors import FewshotError
 
 
@@ -36,9 +35,7 @@ class MetaLSTM(InnerLoopLearner):
     ``update_rule`` replaces the LSTM rule (a partial taking the weights' shapes and steps).
     """
 
-    rule_name = "meta_learner"
-
-    def __init__(self, backbone: nn.Module, ways: int, inner_steps: int = 12, hidden: int = 20,
+    def __init__(self, backbone: Backbone, ways: int, inner_steps: int = 12, hidden: int = 20,
                  preprocess_p: float = 10.0, forget_bias: tuple[float, float] = (4.0, 5.0),
                  input_bias: tuple[float, float] = (-5.0, -4.0), batchnorm: str = "support",
                  batching: str = "auto",
@@ -51,8 +48,14 @@ class MetaLSTM(InnerLoopLearner):
         rule = update_rule or partial(LSTMRule, hidden=hidden, p=preprocess_p,
                                       forget_bias=tuple(forget_bias),
                                       input_bias=tuple(input_bias))
-        super().__init__(backbone, ways, rule, inner_steps, inner_steps, "all", batchnorm,
-                         batching, checkpoint_steps, task_chunk)
+        super().__init__(backbone, ways, inner_steps, inner_steps, "all", batchnorm, batching,
+                         checkpoint_steps, task_chunk)
+        self.meta_learner = rule(self.fast_shapes(), inner_steps)  # "meta_learner.*" weights
+
+    @property
+    def rule(self) -> UpdateRule:
+        """The meta-learner LSTM (or the rule ``update_rule`` built)."""
+        return self.meta_learner
 
     def loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean query cross-entropy after ``inner_steps`` meta-learner updates on each task."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.algorithms.base import FewShotAlgorithm, embed_episode
+from fewshot_cli.episode import Backbone
 from fewshot_cli.errors import FewshotError
 
 
@@ -19,7 +20,7 @@ def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch
 class ProtoNet(FewShotAlgorithm):
     """Classifies a query by the (negative squared Euclidean) distance to each class mean."""
 
-    def __init__(self, backbone: nn.Module, ways: int, distance: str = "sqeuclidean") -> None:
+    def __init__(self, backbone: Backbone, ways: int, distance: str = "sqeuclidean") -> None:
         super().__init__(backbone, ways)
         if distance not in ("sqeuclidean", "cosine"):
             raise FewshotError(f"algo.distance={distance} is unknown; choose sqeuclidean or cosine")
@@ -27,10 +28,7 @@ class ProtoNet(FewShotAlgorithm):
 
     def predict(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
                 ways: int) -> torch.Tensor:
-        b, m = support.shape[:2]
-        images = torch.cat([support, query], dim=1).flatten(0, 1)  # one pass: [B*(M+Q), C, H, W]
-        features = self.backbone(images).unflatten(0, (b, -1))
-        support_f, query_f = features[:, :m], features[:, m:]
+        support_f, query_f = embed_episode(self.backbone, support, query)  # one pass
         protos = prototypes(support_f, support_y, ways)
         if self.distance == "cosine":
             return nn.functional.normalize(query_f, dim=-1) @ nn.functional.normalize(

@@ -8,7 +8,7 @@ from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
 from fewshot_cli.backbones.conv4 import conv_block
-from fewshot_cli.episode import Episode
+from fewshot_cli.episode import Backbone, Episode
 from fewshot_cli.errors import FewshotError
 
 
@@ -36,14 +36,14 @@ class RelationNet(FewShotAlgorithm):
     ``backbone=conv4_relation``). With K shots a class's map is the sum of its support maps.
     """
 
-    def __init__(self, backbone: nn.Module, ways: int, channels: int = 64,
+    def __init__(self, backbone: Backbone, ways: int, channels: int = 64,
                  hidden: int = 8) -> None:
         super().__init__(backbone, ways)
-        shape = tuple(getattr(backbone, "feature_shape", ()))
-        if len(shape) != 3 or min(shape[1:]) < 4:
+        shape = backbone.feature_map
+        if shape is None or min(shape[1:]) < 4:
             raise FewshotError(
                 f"algo=relation needs backbone feature maps of at least 4x4, but this backbone "
-                f"gives {shape or 'flat features'}; use backbone=conv4_relation")
+                f"gives {shape or 'pooled features'}; use backbone=conv4_relation")
         self.map_shape = shape
         self.relation = RelationModule(shape, channels, hidden)
 

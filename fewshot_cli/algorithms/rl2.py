@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_cli.algorithms.base import MetaAlgorithm
-from fewshot_cli.episode import BANDIT_TASKS, BanditTrials
+from fewshot_cli.episode import BANDIT_TASKS, BanditTrials, TaskShape
 
 log = logging.getLogger(__name__)
 #: below this many trials per meta-step, A2C's gradient (and the advantages normalised over the
@@ -61,11 +61,11 @@ class RL2(MetaAlgorithm):
         self.discount, self.gae_lambda = discount, gae_lambda
         self.value_coef, self.entropy_coef = value_coef, entropy_coef
 
-    def check_tasks(self, train: dict[str, Any], eval: dict[str, Any]) -> None:
-        if train["meta_batch"] < FEW_TRIALS:
+    def check_tasks(self, train: TaskShape, eval: TaskShape) -> None:
+        if train.meta_batch < FEW_TRIALS:
             log.warning("train.meta_batch=%d: A2C learns from the trials of one meta-batch at "
                         "a time and needs many; the presets use 128 (fewshot train "
-                        "experiment=rl2_bandits_k5_n10)", train["meta_batch"])
+                        "experiment=rl2_bandits_k5_n10)", train.meta_batch)
 
     def play(self, tasks: BanditTrials) -> dict[str, torch.Tensor]:
         """One trial of every task: per pull ``[B, n]`` rewards, log-probabilities of the

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
-from fewshot_cli.episode import Episode
+from fewshot_cli.episode import Backbone, Episode
 
 
 class SiameseNet(FewShotAlgorithm):
@@ -17,7 +17,7 @@ class SiameseNet(FewShotAlgorithm):
     episode; a query is classified by its most similar support image (one-shot N-way).
     """
 
-    def __init__(self, backbone: nn.Module, ways: int, distortions: bool = False,
+    def __init__(self, backbone: Backbone, ways: int, distortions: bool = False,
                  distortion_prob: float = 0.5) -> None:
         # distortions / distortion_prob: deprecated keys, now augment=affine (applied by the
         # sampler); build.build_augment maps them there with a warning

@@ -22,6 +22,7 @@ from torch import nn
 from fewshot_cli.algorithms.base import FewShotAlgorithm, embed_episode
 from fewshot_cli.algorithms.inner_loop import SGD, Params, adapt, batching_mode, check_batching
 from fewshot_cli.algorithms.protonet import prototypes
+from fewshot_cli.episode import Backbone
 from fewshot_cli.errors import FewshotError
 
 
@@ -111,7 +112,7 @@ class WeightGen(FewShotAlgorithm):
     ways at test time: the generator makes one weight vector per class of the episode.
     """
 
-    def __init__(self, backbone: nn.Module, ways: int, generator: str = "attention",
+    def __init__(self, backbone: Backbone, ways: int, generator: str = "attention",
                  generators: dict[str, Callable[..., WeightGenerator]] | None = None,
                  scale: float = 10.0, finetune_steps: int = 0, finetune_lr: float = 0.1,
                  batching: str = "auto") -> None:
@@ -123,9 +124,6 @@ class WeightGen(FewShotAlgorithm):
         if finetune_steps < 0:
             raise FewshotError(f"algo.finetune_steps={finetune_steps} must be 0 (none) or more")
         check_batching(batching)
-        if not hasattr(backbone, "out_features"):
-            raise FewshotError("the backbone has no out_features; weightgen needs a backbone "
-                               "that flattens its features (set backbone.flatten=true)")
         self.generator = generators[generator](backbone.out_features)
         self.scale = nn.Parameter(torch.tensor(float(scale)))
         self.finetune_steps, self.batching = finetune_steps, batching

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import FewshotError
 
 
@@ -26,8 +27,11 @@ class Conv4(nn.Module):
 
     ``pooled_blocks`` counts the blocks that end in max-pooling (4 in the papers; the Relation
     Network encoder pools only the first 2). ``flatten=False`` keeps the feature map
-    ``[M, out_channels, h, w]``; otherwise the output is ``[M, out_features]``.
+    ``[M, out_channels, h, w]``; otherwise the output is ``[M, out_features]``. States the
+    :class:`~fewshot_cli.episode.Backbone` protocol.
     """
+
+    task_kind = IMAGE_TASKS
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
                  out_channels: int | None = None, pooled_blocks: int = 4, padding: int = 1,
@@ -47,8 +51,11 @@ class Conv4(nn.Module):
         self.flatten = flatten
         with torch.no_grad():
             shape = self.encoder(torch.zeros(2, in_channels, image_size, image_size)).shape
-        self.feature_shape = tuple(shape[1:])
-        self.out_features = int(torch.tensor(self.feature_shape).prod())
+        self.feature_map = tuple(shape[1:])  # the output is this map, or flattens it
+        self.out_features = int(torch.tensor(self.feature_map).prod())
+
+    def set_step(self, step: int) -> None:
+        """Nothing in Conv4 follows the training step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, C, H, W]`` images to ``[M, out_features]`` (or feature maps)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import FewshotError
 
 KERNELS = (10, 7, 4, 4)
@@ -15,7 +16,11 @@ class Koch(nn.Module):
 
     The paper's net is ``widths=[64, 128, 128, 256]``, ``fc=4096`` on 105x105 images; narrower
     widths keep the same shape of network for CPU runs. Needs images of at least 65 pixels.
+    States the :class:`~fewshot_cli.episode.Backbone` protocol: its dense layer leaves no map.
     """
+
+    task_kind = IMAGE_TASKS
+    feature_map = None
 
     def __init__(self, in_channels: int = 1, image_size: int = 105,
                  widths: tuple[int, ...] = (64, 128, 128, 256), fc: int = 4096,
@@ -54,6 +59,9 @@ class Koch(nn.Module):
                 std = 1e-2 if isinstance(m, nn.Conv2d) else 0.2
                 nn.init.normal_(m.weight, 0.0, std)
                 nn.init.normal_(m.bias, 0.5, 1e-2)
+
+    def set_step(self, step: int) -> None:
+        """Nothing in the twin follows the training step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, C, H, W]`` images to ``[M, fc]`` codes in (0, 1)."""

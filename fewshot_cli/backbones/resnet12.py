@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import FewshotError
 
 
@@ -19,14 +20,20 @@ class DropBlock(nn.Module):
     """Zeroes random ``block_size`` squares of each feature map while training, then rescales.
 
     ``drop_prob`` is the fraction of units dropped; with ``anneal_steps`` it ramps up linearly
-    from 0 over that many training forward passes (Lee et al. ramp over 40000), counted in a
-    buffer so that a resumed run continues the ramp.
+    from 0 over that many meta-training steps (Lee et al. ramp over 40000 batches), told by
+    :meth:`set_step` and kept in a buffer (saved with a checkpoint). The step is told outside
+    ``forward``: the inner loop runs ``forward`` under ``torch.func``, where a layer may draw
+    random numbers but not change a tensor it keeps.
     """
 
     def __init__(self, drop_prob: float, block_size: int, anneal_steps: int = 0) -> None:
         super().__init__()
         self.drop_prob, self.block_size, self.anneal_steps = drop_prob, block_size, anneal_steps
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def set_step(self, step: int) -> None:
+        """The current meta-training step, for the ramp."""
+        self.steps.fill_(step)
 
     def rate(self) -> float:
         """The drop probability at the current training step."""
@@ -39,7 +46,6 @@ class DropBlock(nn.Module):
         if not self.training or self.drop_prob <= 0:
             return x
         rate = self.rate()
-        self.steps += 1
         if rate <= 0:
             return x
         m, c, h, w = x.shape
@@ -80,7 +86,13 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet12(nn.Module):
-    """ResNet-12 embedding: ``[M, C, S, S]`` images to ``[M, out_features]`` (640 by default)."""
+    """ResNet-12 embedding: ``[M, C, S, S]`` images to ``[M, out_features]`` (640 by default).
+
+    States the :class:`~fewshot_cli.episode.Backbone` protocol; ``avg_pool=False`` flattens the
+    last map (``feature_map``), global average pooling leaves none.
+    """
+
+    task_kind = IMAGE_TASKS
 
     def __init__(self, in_channels: int = 3, image_size: int = 84,
                  widths: list[int] | tuple[int, ...] = (64, 160, 320, 640),
@@ -117,8 +129,14 @@ class ResNet12(nn.Module):
         side = image_size
         for _ in range(4):
             side //= 2
-        self.feature_shape = (widths[-1], side, side)
+        self.feature_map = None if avg_pool else (widths[-1], side, side)
         self.out_features = widths[-1] if avg_pool else widths[-1] * side * side
+
+    def set_step(self, step: int) -> None:
+        """Tells every DropBlock the meta-training step (its ramp)."""
+        for module in self.modules():
+            if isinstance(module, DropBlock):
+                module.set_step(step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, C, S, S]`` to ``[M, out_features]``."""

@@ -1,0 +1,223 @@
+"""Every algorithm with every backbone: checkpoints of an earlier commit load and give the same
+numbers, and every combination that composes trains and evaluates or is refused in one
+sentence before anything is built."""
+
+from __future__ import annotations
+
+import functools
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from fewshot_cli.build import build_algorithm, build_optimizer
+from fewshot_cli.config import conf_dir, group_targets
+from fewshot_cli.data.sampler import EpisodeSampler
+from fewshot_cli.data.store import ClassStore
+from fewshot_cli.episode import BanditTrials, Episode
+from fewshot_cli.errors import FewshotError
+
+FIXTURE = Path(__file__).parent / "data" / "algorithms_d01c6ce.pt"
+RECORDED = torch.load(FIXTURE, weights_only=True)  # tests/data/make_algorithms_fixture.py
+CASES = [name for name in RECORDED if name not in ("commit", "episode")]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_checkpoints_of_d01c6ce_load_and_give_the_same_numbers(name: str) -> None:
+    """The weights' names, the predictions and the first meta-step of every algorithm are
+    those of commit d01c6ce (the inner loop was one module then), to rounding: the file was
+    written with 2 CPU threads, and a convolution's sums depend on the thread count."""
+    case, e = RECORDED[name], RECORDED["episode"]
+    episode = Episode(e["support"], e["support_y"], e["query"], e["query_y"], 3, 2, 2)
+    algo = build_algorithm(OmegaConf.create(case["config"]), {"in_channels": 1, "image_size": 16})
+    algo.load_state_dict(case["model"])  # strict: no key renamed, none missing
+    algo.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            algo.predict(episode.support, episode.support_y, episode.query, 3), case["logits"])
+    algo.set_step(0)
+    algo.train()
+    torch.manual_seed(1)
+    loss, _ = algo.meta_loss(episode)
+    torch.testing.assert_close(loss.detach(), case["loss"])
+    named = [(n, p) for n, p in algo.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    got = {n: g for (n, _), g in zip(named, grads, strict=True) if g is not None}
+    assert got.keys() == case["grads"].keys()
+    for n, g in got.items():  # rounding of sums over a whole tensor: relative to its largest
+        want = case["grads"][n]  # (conv biases before BatchNorm: 0 but for rounding, ~1e-7)
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5 + 1e-4 * float(want.abs().max()))
+
+
+# ---------------------------------------------------------------- the matrix
+
+# Every image backbone option, tiny; koch needs images of 65 px, the others take 16.
+BACKBONES = {
+    "conv4": ["backbone=conv4", "backbone.hidden=4"],
+    "conv4_32": ["backbone=conv4_32", "backbone.hidden=4"],
+    "conv4_relation": ["backbone=conv4_relation", "backbone.hidden=4"],
+    "koch": ["backbone=koch", "backbone.widths=[4,4,4,4]", "backbone.fc=8"],
+    "resnet12": ["backbone=resnet12", "backbone.widths=[4,4,4,4]"],
+    "resnet12_dropblock": ["backbone=resnet12", "backbone.widths=[4,4,4,4]",
+                           "backbone.keep_prob=0.9"],
+    "resnet12_map": ["backbone=resnet12", "backbone.widths=[4,4,4,4]", "backbone.avg_pool=false"],
+}
+# The options of each algorithm that change its graph, crossed with each other.
+BATCHING = {"algo.batching": ["vmap", "loop"]}
+BATCHNORM = {"algo.batchnorm": ["task", "support"]}
+OPTIONS: dict[str, dict[str, list]] = {
+    "protonet": {}, "relation": {}, "siamese": {}, "matching": {"algo.fce": [False, True]},
+    "maml": {"algo.first_order": [False, True], **BATCHNORM, **BATCHING},
+    "fomaml": BATCHING, "metasgd": BATCHING, "anil": {**BATCHNORM, **BATCHING},
+    "meta_lstm": {**BATCHNORM, **BATCHING}, "reptile": {**BATCHNORM, **BATCHING},
+    "weightgen": {"algo.finetune_steps": [0, 1], **BATCHING},
+}
+# ... and MAML's memory options: chunks of vmapped tasks, recomputed inner steps. Inner loops
+# are short (the graph of one step is the graph of twelve).
+SHORT = {"maml": {"algo.eval_inner_steps": 1}, "meta_lstm": {"algo.inner_steps": 2},
+         "reptile": {"algo.inner_steps": 2, "algo.eval_inner_steps": 2}}
+EXTRA = {"maml": [{"algo.task_chunk": 1, "algo.batching": "vmap"},
+                  {"algo.checkpoint_steps": True, "algo.batching": "vmap"}]}
+# Backbones whose graph under the options is another row's: conv4_32 is conv4 at these widths,
+# resnet12 is resnet12_dropblock without the random layers, resnet12_map ends in a flatten as
+# conv4 does. They run each algorithm with its defaults.
+DEFAULTS_ONLY = {"conv4_32", "resnet12", "resnet12_map"}
+# Relation Networks compare feature maps of at least 4x4; only conv4_relation keeps one at 16 px.
+REFUSED = {("relation", name): "backbone=conv4_relation" for name in BACKBONES
+           if name != "conv4_relation"}
+
+
+def option_sets(algo: str, backbone: str) -> list[dict]:
+    if backbone in DEFAULTS_ONLY:
+        return [{}]
+    axes = OPTIONS[algo]
+    combos = [dict(zip(axes, values, strict=True)) for values in product(*axes.values())]
+    return combos + EXTRA.get(algo, [])
+
+
+def test_the_matrix_covers_every_algorithm_and_backbone_of_the_config_tree() -> None:
+    assert set(OPTIONS) | {"rl2"} == set(group_targets("algo"))
+    assert {args[0].split("=")[1] for args in BACKBONES.values()} | {"gru"} == set(
+        group_targets("backbone"))
+
+
+@functools.cache
+def composed(algo: str, backbone: str) -> DictConfig:
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        return compose("train", overrides=[
+            f"algo={algo}", *BACKBONES[backbone], "dataset=glyphs", "train.ways=3",
+            "train.shots=2", "train.queries=1", "train.meta_batch=2"])
+
+
+@functools.cache
+def tiny_episode(size: int) -> Episode:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 1, size, size), generator=g, dtype=torch.uint8)
+    return EpisodeSampler(ClassStore(images, [f"c{i}" for i in range(6)]), 3, 2, 1, 2,
+                          seed=0).sample()
+
+
+def step_and_evaluate(cfg: DictConfig, inputs: dict, tasks: Any) -> None:
+    """What the trainer does for one meta-step, then what the evaluator does."""
+    algo = build_algorithm(cfg, inputs, torch.device("cpu"))
+    optimizer, _ = build_optimizer(cfg, algo)
+    algo.train()
+    algo.set_step(1)
+    loss, metrics = algo.meta_loss(tasks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(m) for m in metrics.values())
+    assert all(torch.isfinite(p).all() for p in algo.parameters())
+    algo.eval()
+    with torch.no_grad():
+        scores = algo.score(tasks)
+    assert scores.shape == (tasks.meta_batch,) and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("algo", list(OPTIONS))
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_every_combination_trains_and_evaluates_or_is_refused_in_one_sentence(
+        algo: str, backbone: str) -> None:
+    size = 65 if backbone == "koch" else 16
+    for options in option_sets(algo, backbone):
+        cfg = composed(algo, backbone).copy()
+        for key, value in {**SHORT.get(algo, {}), **options}.items():
+            OmegaConf.update(cfg, key, value)
+        torch.manual_seed(0)
+        try:
+            step_and_evaluate(cfg, {"in_channels": 1, "image_size": size}, tiny_episode(size))
+        except FewshotError as refusal:
+            assert (algo, backbone) in REFUSED, (options, refusal)
+            assert "\n" not in str(refusal) and REFUSED[algo, backbone] in str(refusal)
+        else:
+            assert (algo, backbone) not in REFUSED, options
+
+
+def test_networks_of_other_kinds_of_task_are_refused_and_rl2_steps_on_bandits() -> None:
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        rl2 = compose("train", overrides=["algo=rl2", "dataset=bandits", "train.meta_batch=2"])
+        mismatched = [compose("train", overrides=["algo=rl2", "dataset=bandits",
+                                                  "backbone=conv4"]),
+                      compose("train", overrides=["algo=maml", "dataset=glyphs",
+                                                  "backbone=gru"])]
+    for cfg in mismatched:
+        with pytest.raises(FewshotError, match="backbone=") as refusal:
+            build_algorithm(cfg, {"in_channels": 1, "image_size": 16})
+        assert "\n" not in str(refusal.value)
+    g = torch.Generator().manual_seed(0)
+    trials = BanditTrials(torch.rand(2, 5, generator=g), torch.rand(2, 10, generator=g),
+                          torch.rand(2, 10, generator=g), seed=0)
+    step_and_evaluate(rl2, {"arms": 5}, trials)
+
+
+def test_maml_trains_resnet12_with_dropblock_through_the_cli(cli) -> None:
+    """The issue's command: DropBlock inside the functional inner loop used to die in
+    torch.func with a raw traceback (an in-place update of a captured counter)."""
+    done = cli("train", "algo=maml", "backbone=resnet12", "backbone.keep_prob=0.9",
+               "backbone.widths=[4,4,4,4]", "backbone.anneal_steps=2", "dataset=glyphs",
+               "dataset.image_size=16", "train.queries=1", "train.steps=2", "train.val_every=2",
+               "train.val_episodes=2", "eval.queries=1", "device=cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def plain(value: Any) -> bool:
+    """Built-in values all the way down: no DictConfig or ListConfig."""
+    if isinstance(value, DictConfig | ListConfig):
+        return False
+    if isinstance(value, dict):
+        return all(plain(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(plain(v) for v in value)
+    return True
+
+
+@pytest.mark.parametrize("algo, backbone", [
+    *((name, None) for name in sorted(group_targets("algo"))),
+    *(("protonet", name) for name in sorted(group_targets("backbone")) if name != "gru")])
+def test_algorithms_and_backbones_are_given_plain_values(algo: str, backbone: str | None,
+                                                         monkeypatch) -> None:
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose("train", overrides=[
+            f"algo={algo}", "dataset=bandits" if algo == "rl2" else "dataset=glyphs",
+            *([f"backbone={backbone}"] if backbone else [])])
+    given: dict[str, Any] = {}
+
+    def recording(init: Any) -> Any:
+        def record(self, *args: Any, **kwargs: Any) -> None:
+            given.update(kwargs)
+            init(self, *args, **kwargs)
+        return record
+
+    for target in (cfg.algo._target_, cfg.backbone._target_):
+        cls = get_class(target)
+        monkeypatch.setattr(cls, "__init__", recording(cls.__init__))
+    inputs = {"arms": 5} if algo == "rl2" else {"in_channels": 1,
+                                                  "image_size": 65 if backbone == "koch" else 28}
+    build_algorithm(cfg, inputs)
+    assert given and all(plain(v) for v in given.values()), given
