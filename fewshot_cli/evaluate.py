@@ -16,7 +16,7 @@ from fewshot_cli.build import build_algorithm, build_dataset
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.splits import check_split
 from fewshot_cli.engine.checkpoint import load_checkpoint
-from fewshot_cli.engine.metrics import mean_ci95, score_tasks
+from fewshot_cli.engine.metrics import score_tasks
 from fewshot_cli.engine.runtime import (
     autocast_for,
     episodes_per_batch,
@@ -25,6 +25,7 @@ from fewshot_cli.engine.runtime import (
 )
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import write_failure
+from fewshot_cli.intervals import format_mean_ci, normal_ci95
 from fewshot_cli.options import DEVICE_RULES, EVAL_RULES, check
 from fewshot_cli.results import key_words, merge_result, protocol
 
@@ -152,7 +153,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _stats(scores: torch.Tensor) -> dict[str, Any]:
-    mean, ci = mean_ci95(scores)
+    mean, ci = normal_ci95(scores)
     finite = lambda x: x if math.isfinite(x) else None  # JSON has no NaN: null
     return {"mean": finite(mean), "ci95": finite(ci)}
 
@@ -195,14 +196,9 @@ def report(name: str, step: int, shape: str, result: dict[str, Any]) -> str:
     """The lines ``fewshot eval`` prints: the score ± CI, then any baselines as a table (one
     that could not run shows "—")."""
     metric = result["metric"]
-    percent = metric == "accuracy"
 
     def shown(mean: float | None, ci: float | None) -> str:
-        if mean is None:
-            return "—"
-        scale, unit = (100, "%") if percent else (1, "")
-        half = f"{scale * ci:.2f}{unit}" if ci is not None else "n/a (one episode)"
-        return f"{scale * mean:.2f}{unit} ± {half}"
+        return format_mean_ci(mean, ci, metric, alone=" ± n/a (one episode)")
 
     statistics = result.get("query_statistics")
     lines = [f"{name} (step {step}): {shape} test {metric} "

@@ -31,12 +31,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import atomic_write_bytes, atomic_write_text
+from fewshot_cli.intervals import format_mean_ci, scale, student_t_ci95
 from fewshot_cli.results import entry_protocol, protocol, read_results
-
-# Two-sided 95% quantiles of Student's t for 1..9 degrees of freedom (scipy.stats.t.ppf(0.975));
-# from 10 on, the Cornish-Fisher expansion below is within 1e-5 of them.
-T95_SMALL = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622)
-Z95 = 1.959963984540054
 
 # A line of train.log recording a fatal error: Hydra's log format, or a Python traceback.
 ERROR_LINE = re.compile(r"\]\[(?:ERROR|CRITICAL)\] - (.+)$|^(Traceback .+)$", re.MULTILINE)
@@ -76,29 +72,6 @@ class Column:
 
     def label(self) -> str:
         return self.ckpt if self.own else f"{self.ckpt} {self.words}"
-
-
-def t95(dof: int) -> float:
-    """The two-sided 95% quantile of Student's t with ``dof`` degrees of freedom."""
-    if dof <= len(T95_SMALL):
-        return T95_SMALL[dof - 1]
-    # Cornish-Fisher expansion of t in powers of 1/dof (Abramowitz & Stegun 26.7.5).
-    z = Z95
-    terms = ((z**3 + z) / 4,
-             (5 * z**5 + 16 * z**3 + 3 * z) / 96,
-             (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
-             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
-    return z + sum(g / dof ** (i + 1) for i, g in enumerate(terms))
-
-
-def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and 95% CI half-width (Student t) of a few values, e.g. one per seed; nan CI for 1."""
-    if not values:
-        return math.nan, math.nan
-    if len(values) < 2:
-        return values[0], math.nan
-    n = len(values)
-    return statistics.fmean(values), t95(n - 1) * statistics.stdev(values) / math.sqrt(n)
 
 
 def run_status(log: str, step: int | None, steps: int | None) -> tuple[str, str]:
@@ -302,24 +275,6 @@ def group_runs(runs: list[Run], keys: list[str]) -> dict[tuple, list[Run]]:
     return dict(sorted(groups.items(), key=lambda kv: [value_order(v) for v in kv[0]]))
 
 
-def scale(metric: str) -> tuple[float, str]:
-    """How a metric is shown: accuracies as percentages, any other score as it is."""
-    return (100.0, "%") if metric == "accuracy" else (1.0, "")
-
-
-def shown(mean: float | None, ci: float | None, metric: str, unit: bool = False) -> str:
-    """``mean ± ci`` in the metric's scale (with its unit if ``unit``); only the mean for a
-    single run, a dash for none."""
-    if mean is None or math.isnan(mean):
-        return "—"
-    factor, symbol = scale(metric)
-    suffix = symbol if unit else ""
-    value = f"{factor * mean:.2f}{suffix}"
-    if ci is None or math.isnan(ci):
-        return value
-    return f"{value} ± {factor * ci:.2f}{suffix}"
-
-
 def heading(metric: str | None, what: str, label: str = "") -> str:
     """A column heading naming the metric and its unit: ``best val accuracy (%)``, ``test
     total_reward best.pt``; metric None: the runs' metrics differ and each cell has its unit."""
@@ -361,7 +316,7 @@ def group_table(groups: dict[tuple, list[Run]], keys: list[str], tests: list[Col
 
 def group_cell(values: list[float], metric: str, unit: bool) -> str:
     """A table cell: the mean ± 95% CI of ``values``, one per counted run."""
-    return shown(*mean_ci95(values), metric, unit)
+    return format_mean_ci(*student_t_ci95(values), metric, unit=unit)
 
 
 def group_runs_by_metric(runs: list[Run], keys: list[str]) -> dict[tuple, list[Run]]:
@@ -420,7 +375,7 @@ def best_runs(root: Path, done: list[Run], keys: list[str]) -> list[str]:
         swept = " ".join(f"{k}={best.overrides[k]}" for k in [*keys, "seed"]
                          if k in best.overrides)
         lines.append(f"best run: {name(root, best)} ({swept or 'no overrides'}): best val "
-                     f"{metric} {shown(best.best['score'], best.best['ci95'], metric, True)} "
+                     f"{metric} {format_mean_ci(best.best['score'], best.best['ci95'], metric)} "
                      f"at step {best.best['step']}")
     return lines
 
@@ -537,7 +492,8 @@ def plot_key(ax: Any, runs: list[Run], key: str, tests: list[Column], metric: st
             continue
         ax.scatter(*zip(*points, strict=True), s=16, alpha=0.45, color=color)
         at = sorted({x for x, _ in points})
-        means, cis = zip(*(mean_ci95([y for x, y in points if x == a]) for a in at), strict=True)
+        means, cis = zip(*(student_t_ci95([y for x, y in points if x == a]) for a in at),
+                         strict=True)
         cis = [0.0 if math.isnan(c) else c for c in cis]
         # Few seeds give wide t intervals: draw an accuracy's only within the possible 0-100%.
         low, high = (0.0, 100.0) if metric == "accuracy" else (-math.inf, math.inf)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from fewshot_cli.config import conf_dir
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import atomic_write_text
+from fewshot_cli.intervals import format_mean_ci
 
 SHAPE = re.compile(r"(\d+)w(\d+)s")  # "20w1s": 20-way 1-shot; other shapes keep the stored eval
 RECORD = "reproduction.json"
@@ -239,10 +240,10 @@ def shown(figure: Mapping[str, Any] | None, decimals: int | None = None,
     ``decimals``); ``—`` for none; ``unverified`` appended to a figure not verified."""
     if not figure or figure.get("value") is None:
         return "—"
-    numbers = [figure["value"]] + ([figure["ci95"]] if figure.get("ci95") is not None else [])
+    value, ci = figure["value"], figure.get("ci95")
     if decimals is None:  # YAML keeps 48.70 as 48.7: the CI's 1.84 says two decimals
-        decimals = max(len(repr(float(x)).partition(".")[2]) for x in numbers)
-    text = " ± ".join(f"{x:.{decimals}f}" for x in numbers)
+        decimals = max(len(repr(float(x)).partition(".")[2]) for x in (value, ci) if x is not None)
+    text = format_mean_ci(value, ci, decimals=decimals)  # figures here are already in %
     return text + (unverified if figure.get("verified") is False else "")
 
 

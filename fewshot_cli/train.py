@@ -28,6 +28,7 @@ from fewshot_cli.engine.run_folder import RunFolder
 from fewshot_cli.engine.runtime import StopRequest, pad_host_heap, resolve_device
 from fewshot_cli.engine.trainer import MetaTrainer
 from fewshot_cli.errors import Interrupted
+from fewshot_cli.intervals import format_mean_ci
 from fewshot_cli.options import check_train
 from fewshot_cli.shell import arg, command
 
@@ -108,8 +109,9 @@ def meta_train(trainer: MetaTrainer, on_validation: ValidationHook | None = None
         writer.close()
     best = trainer.best
     log.info("%s: best val %s %s at step %d; evaluate with: %s",
-             "stopped" if stopped else "done", metric, _shown(metric, best["score"], best["ci95"]),
-             best["step"], command("eval", arg("ckpt", run_dir / "best.pt")))
+             "stopped" if stopped else "done", metric,
+             format_mean_ci(best["score"], best["ci95"], metric), best["step"],
+             command("eval", arg("ckpt", run_dir / "best.pt")))
     return best["score"]
 
 
@@ -164,8 +166,8 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
                 trainer.save("last.pt")
                 best = trainer.best
                 log.info("step %d: val %s %s (best %s at step %d)", done, metric,
-                         _shown(metric, mean, ci), _shown(metric, best["score"], best["ci95"]),
-                         best["step"])
+                         format_mean_ci(mean, ci, metric),
+                         format_mean_ci(best["score"], best["ci95"], metric), best["step"])
                 if on_validation is not None:
                     last = done == t.steps
                     reason = procs.broadcast(on_validation(done, mean, last) if procs.main
@@ -175,12 +177,6 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
                         return reason
                 clock = time.perf_counter()  # validation time is not training speed
     return None
-
-
-def _shown(metric: str, mean: float, ci: float) -> str:
-    """``91.20% ± 0.55%`` for accuracies, ``7.41 ± 0.12`` for other scores."""
-    scale, unit = (100, "%") if metric == "accuracy" else (1, "")
-    return f"{scale * mean:.2f}{unit} ± {scale * ci:.2f}{unit}"
 
 
 def _flat(node: Mapping, prefix: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from test_cli import TINY, failed, ok
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.errors import FewshotError
-from fewshot_cli.report import Column, Run, report, result_columns, run_status, t95
+from fewshot_cli.report import Column, Run, report, result_columns, run_status
 
 T95_ONE_DOF = 12.7062  # Student t, two-sided 95%, 1 degree of freedom (two seeds)
 
@@ -130,12 +130,6 @@ def test_a_run_a_search_pruned_is_listed_as_pruned_at_its_step():
     assert run_status(log, 40, 100) == ("pruned", f"at step 40 of 100 ({why})")
     assert run_status(log, 60, 100) == ("unfinished", "step 60 of 100")  # resumed by hand since
     assert run_status(log, 100, 100) == ("done", "")
-
-
-def test_t95_matches_scipy():
-    stats = pytest.importorskip("scipy.stats", reason="scipy comes with the [dev] extra")
-    for dof in range(1, 300):
-        assert t95(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=1e-4), dof
 
 
 RL2 = ["algo=rl2", "dataset=bandits", "backbone.hidden=16", "train.meta_batch=32",

@@ -1,24 +1,14 @@
-"""Scores over fixed tasks, reported as mean ± 95% confidence interval."""
+"""Scores over fixed tasks (their interval: fewshot_cli.intervals.normal_ci95)."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from fewshot_cli.algorithms.base import MetaAlgorithm
-
-
-def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and half-width of the normal 95% confidence interval of per-task scores; the
-    half-width is NaN for a single task (there is no spread to estimate)."""
-    values = values.double()
-    if values.numel() < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), 1.96 * float(values.std()) / math.sqrt(values.numel())
 
 
 def score_tasks(algo: MetaAlgorithm, batches: Iterable[Any],

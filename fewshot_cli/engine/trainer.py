@@ -20,9 +20,10 @@ from fewshot_cli.build import (
 from fewshot_cli.data.splits import record_split
 from fewshot_cli.engine.checkpoint import code_version, save_checkpoint
 from fewshot_cli.engine.distributed import Processes
-from fewshot_cli.engine.metrics import mean_ci95, score_tasks
+from fewshot_cli.engine.metrics import score_tasks
 from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch
 from fewshot_cli.errors import FewshotError
+from fewshot_cli.intervals import normal_ci95
 
 
 class MetaTrainer:
@@ -103,7 +104,7 @@ class MetaTrainer:
         mine = -(-(batches - self.procs.rank) // self.procs.world)  # every world-th batch
         scores = score_tasks(self.algo, self.procs.my_batches(tasks), self.autocast,
                              progress and (lambda it: progress(it, mine)))
-        mean, ci = mean_ci95(self.procs.gather(scores))
+        mean, ci = normal_ci95(self.procs.gather(scores))
         improved = mean > self.best["score"]
         if improved:
             self.best = {"score": mean, "ci95": ci, "step": self.step}
