@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +25,18 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long real-data learning tests first, so the short ones fill in around them.
+    """The real-data tests marked ``slow`` too, and run first (the long learning tests among
+    them), so the short ones fill in around them.
 
     They go in reverse file order: the ProtoNet ones, collected last, take longest. With
     ``--maxschedchunk=1`` xdist then hands them out two per worker, the rest one at a time.
     """
-    real = [item for item in items if item.get_closest_marker("real_data")]
-    rest = [item for item in items if not item.get_closest_marker("real_data")]
+    for item in items:  # the real-data tests are the slow ones: `pytest -m "not slow"` skips them
+        if item.get_closest_marker("real_data") or "omniglot_root" in getattr(
+                item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+    real = [item for item in items if item.get_closest_marker("slow")]
+    rest = [item for item in items if not item.get_closest_marker("slow")]
     items[:] = real[::-1] + rest
 
 
@@ -87,6 +94,45 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "fewshot_cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def fewshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """``fewshot("eval", "ckpt=...")``: the CLI's ``main`` in this process, inside a temp folder,
+    returning what ``cli`` returns (exit status, stdout, stderr). Seconds faster than ``cli``
+    per call; for commands without signals, sweeps (-m), torchrun or other processes, where the
+    exit status is all the test reads of how the process ended."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from fewshot_cli import cli as cli_module
+
+    def run(*args: str, env: dict | None = None, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd or tmp_path)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        # as `python -m fewshot_cli` starts: the commands it prints to copy name the module
+        monkeypatch.setattr(sys, "argv", [str(REPO / "fewshot_cli" / "__main__.py")])
+        sigint = signal.getsignal(signal.SIGINT)  # an error sentence ignores Ctrl-C from then on
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level  # Hydra's and resume's console logging
+        capsys.readouterr()
+        try:
+            cli_module.main(list(args))
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else int(done.code is not None)
+        finally:
+            signal.signal(signal.SIGINT, sigint)
+            GlobalHydra.instance().clear()  # as a new process would find them
+            HydraConfig.instance().cfg = None
+            cli_module._failures.clear()
+            root.handlers[:], root.level = handlers, level
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["fewshot", *args], code, out, err)
+
+    return run
 
 
 @pytest.fixture

@@ -7,20 +7,14 @@ import logging
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from omegaconf import OmegaConf
 
 from fewshot_cli.build import build_augment
-from fewshot_cli.cli import conf_dir
 from fewshot_cli.data.augment import Affine, Identity, Standard, legacy_augment
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.errors import FewshotError
-
-
-def composed(overrides: list[str]):
-    with initialize_config_dir(str(conf_dir()), version_base=None):
-        return compose("train", overrides=overrides)
 
 
 def test_standard_keeps_shape_and_range_and_follows_the_torch_seed():
@@ -90,11 +84,11 @@ def test_affine_draws_each_component_with_its_probability():
 
 
 def test_the_group_builds_each_option():
-    assert isinstance(build_augment(composed([])), Identity)
-    assert isinstance(build_augment(composed(["augment=standard"])), Standard)
-    affine = build_augment(composed(["augment=affine", "augment.prob=0.3"]))
+    assert isinstance(build_augment(compose([])), Identity)
+    assert isinstance(build_augment(compose(["augment=standard"])), Standard)
+    affine = build_augment(compose(["augment=affine", "augment.prob=0.3"]))
     assert isinstance(affine, Affine) and affine.op.component_p == 0.3
-    siamese = composed(["experiment=siamese_omniglot_20w1s"])
+    siamese = compose(["experiment=siamese_omniglot_20w1s"])
     assert isinstance(build_augment(siamese), Affine)
     old = OmegaConf.create({"dataset": {}, "algo": {}})  # a checkpoint from before augment=
     assert isinstance(build_augment(old), Identity)
@@ -102,19 +96,19 @@ def test_the_group_builds_each_option():
 
 def test_deprecated_keys_still_work_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
-        cfg = composed(["dataset=miniimagenet", "dataset.augment.crop_padding=8",
+        cfg = compose(["dataset=miniimagenet", "dataset.augment.crop_padding=8",
                         "dataset.augment.flip=true"])
         op = build_augment(cfg)
     assert isinstance(op, Standard) and (op.crop_padding, op.flip, op.color_jitter) == (8, True, 0)
     assert "augment=standard augment.crop_padding=8 augment.flip=True" in caplog.text
     with caplog.at_level(logging.WARNING):
-        op = build_augment(composed(["algo=siamese", "algo.distortions=true",
+        op = build_augment(compose(["algo=siamese", "algo.distortions=true",
                                      "algo.distortion_prob=0.25"]))
     assert isinstance(op, Affine) and op.op.component_p == 0.25
     assert "augment=affine augment.prob=0.25" in caplog.text
-    assert legacy_augment(composed(["dataset=miniimagenet"])) is None  # all off: nothing asked
+    assert legacy_augment(compose(["dataset=miniimagenet"])) is None  # all off: nothing asked
     with pytest.raises(FewshotError, match="conflict with the augment= option"):
-        legacy_augment(composed(["algo=siamese", "algo.distortions=true", "augment=standard"]))
+        legacy_augment(compose(["algo=siamese", "algo.distortions=true", "augment=standard"]))
     with pytest.raises(FewshotError, match="dataset.augment.rotate is unknown"):
         legacy_augment(OmegaConf.create({"dataset": {"augment": {"rotate": 10}}}))
 

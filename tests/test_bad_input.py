@@ -18,32 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, eval_result, run_cli, zero_a_quarter_of_the_images
+from helpers import TINY, ok, one_sentence
 from omegaconf import OmegaConf
 
 from fewshot_cli.engine.checkpoint import load_checkpoint, save_checkpoint
-
-TINY = ["dataset=glyphs", "dataset.classes.train=20", "dataset.classes.val=8",
-        "dataset.classes.test=8", "backbone.hidden=8", "train.queries=3", "eval.queries=3",
-        "train.val_episodes=4", "eval.episodes=8", "device=cpu"]
-
-
-def one_sentence(proc: subprocess.CompletedProcess, *words: str, code: int | None = None) -> str:
-    """The single error sentence of a failed command, which must mention every one of words."""
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    if code is not None:
-        assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fewshot: error:")]
-    assert len(errors) == 1, proc.stderr
-    assert "\x1b" not in errors[0], errors[0]  # no terminal escape codes in the sentence
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-    return errors[0]
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -122,9 +100,9 @@ def test_default_folders_are_claimed_atomically(tmp_path, monkeypatch):
     assert "outputs/day/12-00-00-glyphs-2" in claimed
 
 
-def test_a_second_run_in_a_used_folder_is_refused(cli, run):
+def test_a_second_run_in_a_used_folder_is_refused(fewshot, run):
     before = snapshot(run)
-    err = one_sentence(cli("train", *TINY, "train.steps=2", f"hydra.run.dir={run}"),
+    err = one_sentence(fewshot("train", *TINY, "train.steps=2", f"hydra.run.dir={run}"),
                        "already holds a run's checkpoints", "resume=", "hydra.run.dir")
     assert str(run) in err
     unchanged(run, before)
@@ -160,9 +138,9 @@ def test_a_run_folder_in_use_is_refused(cli, tmp_path):
     ("algo.batching=vmap", ["resume cannot change algo.batching=vmap", "has no algo.batching"]),
     ("hydra.run.dir=elsewhere", ["resume cannot change hydra.run.dir=elsewhere"]),
 ])
-def test_resume_refuses_what_it_cannot_honour(cli, run, override, words):
+def test_resume_refuses_what_it_cannot_honour(fewshot, run, override, words):
     before = snapshot(run)
-    one_sentence(cli("train", f"resume={run / 'last.pt'}", "train.steps=6", override), *words)
+    one_sentence(fewshot("train", f"resume={run / 'last.pt'}", "train.steps=6", override), *words)
     unchanged(run, before)
 
 
@@ -178,12 +156,12 @@ def test_resume_records_what_it_changed_and_logs_into_the_run(cli, run, tmp_path
     assert not any(elsewhere.iterdir()), "resume wrote outside the run's folder"
 
 
-def test_resume_from_an_older_checkpoint_is_refused(cli, run):
+def test_resume_from_an_older_checkpoint_is_refused(fewshot, run):
     shutil.copy(run / "last.pt", run / "older.pt")
     state = load_checkpoint(run / "older.pt")
     save_checkpoint(run / "older.pt", {**state, "step": 2})
     before = snapshot(run)
-    one_sentence(cli("train", f"resume={run / 'older.pt'}"), "is at step 2", "step 4",
+    one_sentence(fewshot("train", f"resume={run / 'older.pt'}"), "is at step 2", "step 4",
                  f"resume={run / 'last.pt'}")
     unchanged(run, before)
 
@@ -191,17 +169,17 @@ def test_resume_from_an_older_checkpoint_is_refused(cli, run):
 # ---------------------------------------------------------------- 3. any checkpoint anywhere
 
 
-def test_a_cuda_checkpoint_evaluates_on_the_cpu(cli, run):
+def test_a_cuda_checkpoint_evaluates_on_the_cpu(fewshot, run):
     state = load_checkpoint(run / "best.pt")
     state["config"]["device"]["type"] = "cuda"
     save_checkpoint(run / "cuda.pt", {k: v for k, v in state.items()
                                       if k not in ("format", "version")})
-    out = ok(cli("eval", f"ckpt={run / 'cuda.pt'}")).stdout
+    out = ok(fewshot("eval", f"ckpt={run / 'cuda.pt'}")).stdout
     assert "test accuracy" in out
-    ok(cli("eval", f"ckpt={run / 'cuda.pt'}", "device=cpu"))
-    one_sentence(cli("eval", f"ckpt={run / 'cuda.pt'}", "+device=cpu"), "device")
+    ok(fewshot("eval", f"ckpt={run / 'cuda.pt'}", "device=cpu"))
+    one_sentence(fewshot("eval", f"ckpt={run / 'cuda.pt'}", "+device=cpu"), "device")
     if not torch.cuda.is_available():
-        one_sentence(cli("eval", f"ckpt={run / 'cuda.pt'}", "device=cuda"), "no CUDA GPU",
+        one_sentence(fewshot("eval", f"ckpt={run / 'cuda.pt'}", "device=cuda"), "no CUDA GPU",
                      "device=cpu")
 
 
@@ -216,7 +194,7 @@ def test_a_cuda_checkpoint_evaluates_on_the_cpu(cli, run):
                              "lr": {"_target_": "builtins.open", "file": "VICTIM", "mode": "w"}}}),
     ("dataset", {"_target_": "fewshot_cli.data.glyphs.Glyphs", "root": "${oc.decode:'x'}"}),
 ])
-def test_a_crafted_checkpoint_is_refused_before_anything_is_built(cli, run, section, node):
+def test_a_crafted_checkpoint_is_refused_before_anything_is_built(fewshot, run, section, node):
     victim = run.parent / "victim.txt"
     victim.write_text("precious")
     state = load_checkpoint(run / "best.pt")
@@ -226,7 +204,7 @@ def test_a_crafted_checkpoint_is_refused_before_anything_is_built(cli, run, sect
     torch.save(state, run / "crafted.pt")
     for command in (["eval", f"ckpt={run / 'crafted.pt'}"],
                     ["train", f"resume={run / 'crafted.pt'}"]):
-        one_sentence(cli(*command), "was refused", "only load checkpoints written by fewshot")
+        one_sentence(fewshot(*command), "was refused", "only load checkpoints written by fewshot")
     assert victim.read_text() == "precious"
     assert not (run.parent / "victim.txt.copy").exists()
 
@@ -249,29 +227,29 @@ def test_a_crafted_checkpoint_is_refused_before_anything_is_built(cli, run, sect
     ("train.ways=1,2,,", ["cannot read", "key=value"]),
     ("train.ways=500", ["train.ways=500 exceeds the 20 classes"]),
 ])
-def test_option_mistakes(cli, tmp_path, override, words):
-    one_sentence(cli("train", *TINY, override), *words)
+def test_option_mistakes(fewshot, tmp_path, override, words):
+    one_sentence(fewshot("train", *TINY, override), *words)
     assert not (tmp_path / "outputs").exists(), "a failed command left an output folder"
 
 
-def test_eval_needs_a_checkpoint_that_is_ours(cli, run, tmp_path):
-    one_sentence(cli("eval"), "ckpt=PATH")
+def test_eval_needs_a_checkpoint_that_is_ours(fewshot, run, tmp_path):
+    one_sentence(fewshot("eval"), "ckpt=PATH")
     empty, noise = tmp_path / "empty.pt", tmp_path / "noise.pt"
     empty.write_bytes(b"")
     noise.write_bytes(os.urandom(4096))
-    one_sentence(cli("eval", f"ckpt={empty}"), str(empty), "empty (0 bytes)")
-    one_sentence(cli("eval", f"ckpt={noise}"), str(noise), "not a file written by torch.save")
+    one_sentence(fewshot("eval", f"ckpt={empty}"), str(empty), "empty (0 bytes)")
+    one_sentence(fewshot("eval", f"ckpt={noise}"), str(noise), "not a file written by torch.save")
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": OmegaConf.create({"a": 1})}, foreign)  # a class weights_only refuses
-    one_sentence(cli("eval", f"ckpt={foreign}"), str(foreign), "never unpickles")
+    one_sentence(fewshot("eval", f"ckpt={foreign}"), str(foreign), "never unpickles")
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
-    one_sentence(cli("eval", f"ckpt={foreign}"), "not a fewshot checkpoint")
-    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=0"), "eval.episodes=0")
+    one_sentence(fewshot("eval", f"ckpt={foreign}"), "not a fewshot checkpoint")
+    one_sentence(fewshot("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=0"), "eval.episodes=0")
 
 
-def test_a_one_episode_eval_and_other_settings_keep_their_own_results(cli, run):
-    ok(cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=1"))
-    ok(cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=8"))
+def test_a_one_episode_eval_and_other_settings_keep_their_own_results(fewshot, run):
+    ok(fewshot("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=1"))
+    ok(fewshot("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=8"))
     text = (run / "results.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert eval_result(run, 5, 1, episodes=1)["ci95"] is None
@@ -324,11 +302,11 @@ def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_an_unwritable_run_folder(cli, tmp_path):
+def test_an_unwritable_run_folder(fewshot, tmp_path):
     folder = tmp_path / "locked"
     folder.mkdir()
     with unwritable(folder):
-        one_sentence(cli("train", *TINY, "train.steps=2", f"hydra.run.dir={folder}"),
+        one_sentence(fewshot("train", *TINY, "train.steps=2", f"hydra.run.dir={folder}"),
                      "cannot write into the run folder", str(folder), "hydra.run.dir")
     assert not any(folder.iterdir())
 
@@ -353,15 +331,16 @@ def _fake_omniglot(root: Path, short: int | None = None, text_png: bool = False)
     return root
 
 
-def test_data_mistakes_name_the_file_or_class(cli, tmp_path):
+def test_data_mistakes_name_the_file_or_class(fewshot, tmp_path):
     omniglot = ["dataset=omniglot", "dataset.split=minimal", "dataset.download=false",
                 "dataset.image_size=28", "backbone.hidden=8", "train.steps=2", "device=cpu",
                 "train.queries=5", "eval.queries=5"]
     bad = _fake_omniglot(tmp_path / "text", text_png=True)
-    err = one_sentence(cli("train", *omniglot, f"dataset.root={bad}"), "3_05.png", "not an image")
+    err = one_sentence(fewshot("train", *omniglot, f"dataset.root={bad}"), "3_05.png",
+                       "not an image")
     assert "BytesIO" not in err
     short = _fake_omniglot(tmp_path / "short", short=3)
-    one_sentence(cli("train", *omniglot, f"dataset.root={short}"),
+    one_sentence(fewshot("train", *omniglot, f"dataset.root={short}"),
                  "images_background_small2/Tagalog/character02", "the 3 images", "eval.shots")
 
 
@@ -603,31 +582,31 @@ def test_commas_and_symbols_in_paths_through_the_real_commands(cli, run, tmp_pat
     ("train.optimizer._target_=torch.optim.LBFGS", ["train.optimizer=LBFGS", "closure"]),
     ("~train.scheduler.step_size", ["train.scheduler=StepLR", "step_size"]),
 ])
-def test_optimizer_and_schedule_mistakes_stop_before_any_image_is_read(cli, tmp_path, own_cache,
+def test_optimizer_and_schedule_mistakes_stop_before_any_image_is_read(fewshot, tmp_path, own_cache,
                                                                        override, words):
     from image_folder import make_image_folder
 
     data = make_image_folder(tmp_path / "data", {f"c{i}": 6 for i in range(6)})
-    one_sentence(cli("train", "dataset=folder", f"dataset.root={data}", "dataset.image_size=28",
+    one_sentence(fewshot("train", "dataset=folder", f"dataset.root={data}", "dataset.image_size=28",
                      "backbone.hidden=8", "train.ways=2", "train.queries=2", "eval.queries=2",
                      "device=cpu", override), *words)
     assert not own_cache.exists() or not any(own_cache.iterdir()), "images were decoded first"
     assert not (tmp_path / "outputs").exists()
 
 
-def test_command_options_and_missing_folders_are_one_sentence(cli, run, tmp_path):
+def test_command_options_and_missing_folders_are_one_sentence(fewshot, run, tmp_path):
     for batch in ("0", "-3", "abc"):
-        one_sentence(cli("predict", f"ckpt={run / 'best.pt'}", f"support={run}",
+        one_sentence(fewshot("predict", f"ckpt={run / 'best.pt'}", f"support={run}",
                          f"query={run}", f"batch={batch}"), f"batch={batch}", "at least 1")
-    one_sentence(cli("report"), "fewshot report needs dir=PATH", "multirun/<date>/<time>")
-    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.ways=abc"), "eval.ways=abc")
+    one_sentence(fewshot("report"), "fewshot report needs dir=PATH", "multirun/<date>/<time>")
+    one_sentence(fewshot("eval", f"ckpt={run / 'best.pt'}", "eval.ways=abc"), "eval.ways=abc")
 
 
-def test_every_help_shows_no_missing_value(cli):
+def test_every_help_shows_no_missing_value(fewshot):
     from fewshot_cli.cli import COMMANDS
 
     for command in COMMANDS:
-        out = ok(cli(command, "--help")).stdout
+        out = ok(fewshot(command, "--help")).stdout
         assert "???" not in out and "== Config ==" in out, (command, out)
 
 
@@ -678,7 +657,7 @@ def test_system_errors_get_their_own_advice():
     assert "symbolic link" in fixes[errno.ELOOP] and "shorter" in fixes[errno.ENAMETOOLONG]
 
 
-def test_paths_of_the_wrong_kind_say_what_they_are(cli, run, tmp_path):
+def test_paths_of_the_wrong_kind_say_what_they_are(fewshot, run, tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     a_file = tmp_path / "a file"
@@ -703,7 +682,7 @@ def test_paths_of_the_wrong_kind_say_what_they_are(cli, run, tmp_path):
         (["train", *TINY, f"hydra.run.dir={loop / 'run'}"], ["hydra.run.dir", "symbolic link"]),
     ]
     for args, words in cases:
-        err = one_sentence(cli(*args), *words)
+        err = one_sentence(fewshot(*args), *words)
         assert "free some space" not in err and "Error:" not in err, err
 
 
@@ -747,7 +726,7 @@ def test_a_damaged_cache_is_rebuilt_and_the_figure_stays(cli, tmp_path, own_cach
     assert "is damaged (" not in ok(cli("eval", f"ckpt={run / 'best.pt'}")).stdout  # sound again
 
 
-def test_a_split_that_leaks_is_refused_before_training(cli, tmp_path):
+def test_a_split_that_leaks_is_refused_before_training(fewshot, tmp_path):
     """Issue 19, case 3: train/, val/ and test/ holding the same classes, or one image file in
     a train and a test class, end in one sentence before anything is trained."""
     from image_folder import make_image_folder
@@ -755,7 +734,7 @@ def test_a_split_that_leaks_is_refused_before_training(cli, tmp_path):
     root = make_image_folder(tmp_path / "leak", {f"{s}/{c}": 5 for s in ("train", "val", "test")
                                                  for c in ("cat", "dog", "owl")})
     run = tmp_path / "run"
-    one_sentence(cli("train", *FOLDER, f"dataset.root={root}", f"hydra.run.dir={run}"),
+    one_sentence(fewshot("train", *FOLDER, f"dataset.root={root}", f"hydra.run.dir={run}"),
                  "3 class(es) are in two splits: cat (train/cat in train, val/cat in val, "
                  "test/cat in test)", "move or rename")
     assert not run.exists() or not any(run.iterdir())
@@ -764,17 +743,17 @@ def test_a_split_that_leaks_is_refused_before_training(cli, tmp_path):
             (root / split / c).rename(root / split / f"{c}_{suffix}")
     copied = root / "test" / "owl_t" / "copy.png"
     shutil.copy(root / "train" / "cat" / "001.png", copied)
-    one_sentence(cli("train", *FOLDER, f"dataset.root={root}", f"hydra.run.dir={run}"),
+    one_sentence(fewshot("train", *FOLDER, f"dataset.root={root}", f"hydra.run.dir={run}"),
                  f"{root / 'train' / 'cat' / '001.png'} (train) = {copied} (test)",
                  "dataset.allow_duplicates=true")
     assert not run.exists() or not any(run.iterdir())
 
 
-def test_every_class_under_min_images_is_one_sentence(cli, tmp_path):
+def test_every_class_under_min_images_is_one_sentence(fewshot, tmp_path):
     from image_folder import make_image_folder
 
     root = make_image_folder(tmp_path / "few", {"a": 3, "b": 3, "c": 2})
-    one_sentence(cli("train", *FOLDER, f"dataset.root={root}", "dataset.min_images=4"),
+    one_sentence(fewshot("train", *FOLDER, f"dataset.root={root}", "dataset.min_images=4"),
                  "every class in", "fewer than dataset.min_images=4 images (the largest has 3)",
                  "dataset.min_images=3")
 
@@ -784,10 +763,10 @@ def test_every_class_under_min_images_is_one_sentence(cli, tmp_path):
 
 @pytest.mark.parametrize("content", [b'{"best.pt": {"5-way', b'{"best.pt": []}'])
 def test_eval_prints_its_figure_and_keeps_it_beside_a_results_file_it_cannot_merge_into(
-        cli, run, content):
+        fewshot, run, content):
     """Issue 19.10: a corrupt results.json made eval drop its figure, [] gave a traceback."""
     (run / "results.json").write_bytes(content)
-    proc = ok(cli("eval", f"ckpt={run / 'best.pt'}"))
+    proc = ok(fewshot("eval", f"ckpt={run / 'best.pt'}"))
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.splitlines()
     figure = next(i for i, line in enumerate(lines) if "test accuracy" in line)
@@ -815,9 +794,9 @@ def unwritable(folder: Path) -> Iterator[None]:
         folder.chmod(0o755)
 
 
-def test_eval_that_cannot_write_its_result_has_printed_it_first(cli, run):
+def test_eval_that_cannot_write_its_result_has_printed_it_first(fewshot, run):
     with unwritable(run):
-        proc = cli("eval", f"ckpt={run / 'best.pt'}")
+        proc = fewshot("eval", f"ckpt={run / 'best.pt'}")
     one_sentence(proc, "could not write", "results.json", "the figure above was not saved")
     assert "5-way 1-shot (3 queries) test accuracy" in proc.stdout
     assert not (run / "results.json").exists()
@@ -825,7 +804,7 @@ def test_eval_that_cannot_write_its_result_has_printed_it_first(cli, run):
 
 @pytest.mark.parametrize("content", [b"\x00garbage", b"[]", b'{"best.pt": []}'])
 def test_report_names_a_run_whose_results_cannot_be_read_and_reports_the_rest(
-        cli, trained, tmp_path, content):
+        fewshot, trained, tmp_path, content):
     """Issue 19.10: one corrupt results.json made fewshot report fail for the whole folder."""
     sweep = tmp_path / "sweep"
     for n in ("0", "1"):
@@ -833,11 +812,11 @@ def test_report_names_a_run_whose_results_cannot_be_read_and_reports_the_rest(
     config = OmegaConf.load(sweep / "1" / ".hydra" / "config.yaml")
     config.seed = 1  # another run, not a repeat of the first
     OmegaConf.save(config, sweep / "1" / ".hydra" / "config.yaml")
-    ok(cli("eval", f"ckpt={sweep / '1' / 'best.pt'}"))
+    ok(fewshot("eval", f"ckpt={sweep / '1' / 'best.pt'}"))
     (sweep / "0" / "results.json").write_bytes(content)
     (sweep / "2" / ".hydra").mkdir(parents=True)
     (sweep / "2" / ".hydra" / "config.yaml").write_bytes(content)  # a run's config, too
-    proc = ok(cli("report", str(sweep)))
+    proc = ok(fewshot("report", str(sweep)))
     assert "Traceback" not in proc.stderr and "2 of 2 runs finished" in proc.stdout
     note, = [line for line in proc.stdout.splitlines() if line.startswith("- 0: ")]
     assert "results.json" in note and "left out" in note, proc.stdout
@@ -846,9 +825,9 @@ def test_report_names_a_run_whose_results_cannot_be_read_and_reports_the_rest(
     assert "| 2 of 2 | 4 | " in proc.stdout and f"| {100 * own:.2f} |" in proc.stdout
 
 
-def test_query_statistics_a_model_cannot_switch_to_are_one_sentence(cli, run):
-    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.query_statistics=sideways"),
+def test_query_statistics_a_model_cannot_switch_to_are_one_sentence(fewshot, run):
+    one_sentence(fewshot("eval", f"ckpt={run / 'best.pt'}", "eval.query_statistics=sideways"),
                  "eval.query_statistics=sideways must be inductive or transductive")
-    one_sentence(cli("eval", f"ckpt={run / 'best.pt'}", "eval.query_statistics=transductive"),
+    one_sentence(fewshot("eval", f"ckpt={run / 'best.pt'}", "eval.query_statistics=transductive"),
                  "eval.query_statistics=transductive", "no per-batch statistics", "drop the key")
     assert not (run / "results.json").exists()

@@ -11,47 +11,27 @@ from pathlib import Path
 
 import torch
 from conftest import eval_result
+from helpers import SMALL, failed, ok, weights
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
 
-# Small and fast: glyphs at 28 px, a narrow Conv4, few steps.
-TINY = ["dataset=glyphs", "dataset.classes.train=40", "dataset.classes.val=10",
-        "dataset.classes.test=10", "backbone.hidden=16", "train.queries=5", "eval.queries=5",
-        "train.val_episodes=10", "eval.episodes=20", "device=cpu"]
 
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def failed(proc: subprocess.CompletedProcess) -> str:
-    """The error text of a run that must fail with one clear sentence and no traceback."""
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.stderr
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
-
-
-def test_help_lists_commands_and_groups(cli):
-    out = ok(cli("--help")).stdout
+def test_help_lists_commands_and_groups(fewshot):
+    out = ok(fewshot("--help")).stdout
     for word in ("train", "eval", "algo=", "backbone=", "dataset=", "device=", "protonet",
                  "conv4", "glyphs", "omniglot", "auto"):
         assert word in out
 
 
-def test_unknown_command_and_option_fail_clearly(cli):
-    assert "unknown command 'fly'" in failed(cli("fly"))
-    assert "nope" in failed(cli("train", "algo=nope"))
-    assert "nosuchkey" in failed(cli("train", "train.nosuchkey=1"))
+def test_unknown_command_and_option_fail_clearly(fewshot):
+    assert "unknown command 'fly'" in failed(fewshot("fly"))
+    assert "nope" in failed(fewshot("train", "algo=nope"))
+    assert "nosuchkey" in failed(fewshot("train", "train.nosuchkey=1"))
 
 
 def test_train_then_eval_from_another_folder(cli, tmp_path):
     run = tmp_path / "run"
-    ok(cli("train", *TINY, "train.steps=20", "train.val_every=10", f"hydra.run.dir={run}"))
+    ok(cli("train", *SMALL, "train.steps=20", "train.val_every=10", f"hydra.run.dir={run}"))
     for name in ("best.pt", "last.pt", "train.log"):
         assert (run / name).exists(), name
     assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
@@ -69,7 +49,7 @@ def test_train_then_eval_from_another_folder(cli, tmp_path):
 
 def test_eval_is_deterministic_and_multirun_evaluates_several(cli, tmp_path):
     run = tmp_path / "run"
-    ok(cli("train", *TINY, "train.steps=4", "train.val_every=2", f"hydra.run.dir={run}"))
+    ok(cli("train", *SMALL, "train.steps=4", "train.val_every=2", f"hydra.run.dir={run}"))
     first = ok(cli("eval", f"ckpt={run / 'best.pt'}")).stdout.splitlines()[0]
     second = ok(cli("eval", f"ckpt={run / 'best.pt'}")).stdout.splitlines()[0]
     assert first == second
@@ -79,13 +59,13 @@ def test_eval_is_deterministic_and_multirun_evaluates_several(cli, tmp_path):
 
 
 def test_multirun_sweeps_every_combination(cli, tmp_path):
-    ok(cli("train", "-m", *TINY, "train.steps=2", "train.val_every=2", "train.shots=1,2",
+    ok(cli("train", "-m", *SMALL, "train.steps=2", "train.val_every=2", "train.shots=1,2",
            "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
     assert len(list((tmp_path / "sweep").glob("*/best.pt"))) == 4
 
 
 def test_resume_continues_to_the_same_weights(cli, tmp_path):
-    args = [*TINY, "train.val_every=5", "train.scheduler.step_size=7"]
+    args = [*SMALL, "train.val_every=5", "train.scheduler.step_size=7"]
     ok(cli("train", *args, "train.steps=20", f"hydra.run.dir={tmp_path / 'straight'}"))
     ok(cli("train", *args, "train.steps=10", f"hydra.run.dir={tmp_path / 'split'}"))
     ok(cli("train", f"resume={tmp_path / 'split' / 'last.pt'}", "train.steps=20"))
@@ -112,7 +92,7 @@ def stop_training(args: list[str], run: Path, sig: int) -> str:
 
 
 def test_ctrl_c_saves_last_and_resume_matches(cli, tmp_path):
-    args = [*TINY, "backbone.hidden=8", "train.steps=300", "train.val_every=300"]
+    args = [*SMALL, "backbone.hidden=8", "train.steps=300", "train.val_every=300"]
     run = tmp_path / "run"
     err = stop_training(args, run, signal.SIGINT)
     assert "interrupted at step" in err and "resume=" in err
@@ -125,26 +105,27 @@ def test_ctrl_c_saves_last_and_resume_matches(cli, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_impossible_episode_shapes(cli):
-    assert "train.ways=500 exceeds the 40 classes" in failed(cli("train", *TINY, "train.ways=500"))
-    err = failed(cli("train", *TINY, "train.shots=10", "train.queries=15"))
+def test_impossible_episode_shapes(fewshot):
+    err = failed(fewshot("train", *SMALL, "train.ways=500"))
+    assert "train.ways=500 exceeds the 40 classes" in err
+    err = failed(fewshot("train", *SMALL, "train.shots=10", "train.queries=15"))
     assert "exceeds the 20 images per class" in err
 
 
-def test_missing_and_foreign_checkpoints(cli, tmp_path):
-    assert "does not exist" in failed(cli("eval", f"ckpt={tmp_path / 'nope.pt'}"))
+def test_missing_and_foreign_checkpoints(fewshot, tmp_path):
+    assert "does not exist" in failed(fewshot("eval", f"ckpt={tmp_path / 'nope.pt'}"))
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
-    assert "not a fewshot checkpoint" in failed(cli("eval", f"ckpt={foreign}"))
+    assert "not a fewshot checkpoint" in failed(fewshot("eval", f"ckpt={foreign}"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint at all" * 10)
-    assert "not a fewshot checkpoint" in failed(cli("eval", f"ckpt={garbage}"))
+    assert "not a fewshot checkpoint" in failed(fewshot("eval", f"ckpt={garbage}"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, tmp_path):
     run = tmp_path / "run"
     # The learning rate jumps to infinity after step 3: the weights blow up at step 4.
-    err = failed(cli("train", *TINY, "train.steps=10", "train.val_every=2",
+    err = failed(cli("train", *SMALL, "train.steps=10", "train.val_every=2",
                      "train.scheduler._target_=torch.optim.lr_scheduler.MultiStepLR",
                      "~train.scheduler.step_size", "+train.scheduler.milestones=[3]",
                      "train.scheduler.gamma=inf", f"hydra.run.dir={run}"))
@@ -155,16 +136,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, tmp_path):
     assert not list(run.glob(".*.tmp"))
 
 
-def test_missing_omniglot_offline_names_both_fixes(cli, tmp_path):
-    err = failed(cli("train", "dataset=omniglot", f"dataset.root={tmp_path / 'none'}",
+def test_missing_omniglot_offline_names_both_fixes(fewshot, tmp_path):
+    err = failed(fewshot("train", "dataset=omniglot", f"dataset.root={tmp_path / 'none'}",
                      "dataset.download=false", "train.steps=1"))
     assert "dataset.root=" in err and "dataset=glyphs" in err
 
 
-def test_cuda_without_gpu_is_a_clear_error(cli):
+def test_cuda_without_gpu_is_a_clear_error(fewshot):
     if torch.cuda.is_available():
         return
-    assert "no CUDA GPU" in failed(cli("train", *TINY, "device=cuda", "train.steps=1"))
+    assert "no CUDA GPU" in failed(fewshot("train", *SMALL, "device=cuda", "train.steps=1"))
 
 
 def test_installed_wheel_finds_its_config_from_any_folder(tmp_path):
@@ -188,7 +169,7 @@ def test_installed_wheel_finds_its_config_from_any_folder(tmp_path):
 def test_sigterm_saves_last_like_ctrl_c(tmp_path):
     """A cluster's time limit (SIGTERM) stops at a step boundary and saves last.pt."""
     run = tmp_path / "run"
-    err = stop_training([*TINY, "backbone.hidden=8", "train.steps=300", "train.val_every=300"],
+    err = stop_training([*SMALL, "backbone.hidden=8", "train.steps=300", "train.val_every=300"],
                         run, signal.SIGTERM)
     assert "interrupted at step" in err
     assert 0 < load_checkpoint(run / "last.pt")["step"] < 300

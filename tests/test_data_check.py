@@ -43,13 +43,13 @@ def error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_every_planted_problem_is_listed(cli, tmp_path, own_cache):
+def test_every_planted_problem_is_listed(fewshot, tmp_path, own_cache):
     root = planted(tmp_path / "mine")
     work = tmp_path / "work"
     work.mkdir()
     before = files(root)
     args = ["data", "dataset=folder", f"dataset.root={root}", "dataset.image_size=16"]
-    proc = cli(*args, cwd=work)
+    proc = fewshot(*args, cwd=work)
     assert error(proc) == ("fewshot: error: 3 problem(s) above would stop fewshot train; fix "
                            "them and run fewshot data again")
     out = proc.stdout
@@ -80,41 +80,41 @@ def test_every_planted_problem_is_listed(cli, tmp_path, own_cache):
     assert not own_cache.exists() or not any(own_cache.iterdir())  # no cache with a hole
 
     (root / "val/c/broken.png").unlink()
-    assert error(cli(*args)).startswith("fewshot: error: 2 problem(s) above")
+    assert error(fewshot(*args)).startswith("fewshot: error: 2 problem(s) above")
     assert len(list(own_cache.glob("folder-*.pt"))) == 1  # the cache fewshot train would write
     shutil.rmtree(root / "test/a")
     (root / "test/d/copy.png").unlink()
-    clean = cli(*args)
+    clean = fewshot(*args)
     assert clean.returncode == 0, clean.stderr
     assert "3 finding(s), 0 of them would stop fewshot train:" in clean.stdout
 
 
-def test_duplicates_accepted_knowingly_do_not_stop(cli, tmp_path):
+def test_duplicates_accepted_knowingly_do_not_stop(fewshot, tmp_path):
     root = make_image_folder(tmp_path / "mine", {"train/a": 5, "val/b": 5, "test/c": 5})
     shutil.copy(root / "train/a/000.jpg", root / "test/c/same.jpg")
     args = ["data", "dataset=folder", f"dataset.root={root}", "dataset.image_size=16"]
-    assert error(cli(*args)).startswith("fewshot: error: 1 problem(s) above")
-    proc = cli(*args, "dataset.allow_duplicates=true")
+    assert error(fewshot(*args)).startswith("fewshot: error: 1 problem(s) above")
+    proc = fewshot(*args, "dataset.allow_duplicates=true")
     assert proc.returncode == 0, proc.stderr
     assert "note: 1 image(s) have an identical copy in another split" in proc.stdout
 
 
-def test_glyphs_pass_and_bandits_have_nothing_to_check(cli):
-    proc = cli("data", "dataset=glyphs", "dataset.classes.train=20", "dataset.classes.val=8",
+def test_glyphs_pass_and_bandits_have_nothing_to_check(fewshot):
+    proc = fewshot("data", "dataset=glyphs", "dataset.classes.train=20", "dataset.classes.val=8",
                "dataset.classes.test=8")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip().endswith("no problem found")
     table = [line.split() for line in proc.stdout.splitlines()]
     assert ["train", "20", "20", "/", "20", "/", "20", "400", "L", "400", "28x28", "400"] in table
-    bandits = cli("data", "dataset=bandits")
+    bandits = fewshot("data", "dataset=bandits")
     assert bandits.returncode == 0, bandits.stderr
     assert bandits.stdout.strip() == ("dataset=bandits draws its tasks on the fly (multi-armed "
                                       "bandit tasks): "
                                       "there are no files and no splits to check")
 
 
-def test_missing_data_is_one_sentence(cli, tmp_path):
-    assert error(cli("data", "dataset=folder", f"dataset.root={tmp_path / 'nowhere'}")) == (
+def test_missing_data_is_one_sentence(fewshot, tmp_path):
+    assert error(fewshot("data", "dataset=folder", f"dataset.root={tmp_path / 'nowhere'}")) == (
         f"fewshot: error: dataset=folder finds no data in dataset.root={tmp_path / 'nowhere'}, "
         "so nothing was checked; set dataset.root=<the folder that holds it> (fewshot train "
         "would download what can be downloaded there)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from hydra.utils import instantiate
 
 from fewshot_cli.data.glyphs import Glyphs, draw_glyphs
@@ -18,8 +18,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def test_built_from_its_yaml():
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("train", overrides=["dataset=glyphs", "dataset.classes.train=12"])
+    cfg = compose(["dataset=glyphs", "dataset.classes.train=12"])
     ds = instantiate(cfg.dataset)
     train = ds.load("train")
     assert isinstance(ds, Glyphs) and train.num_classes == 12 * len(cfg.dataset.rotations)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import eval_result
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from hydra.utils import instantiate
 from torch import nn
 from torch.func import functional_call
@@ -197,14 +197,9 @@ def test_bad_options_name_the_key(option: dict, message: str) -> None:
         make_algo(True, **option)
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("train", overrides=overrides)
-
-
 @pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd", "anil"])
 def test_algo_configs_instantiate(name: str) -> None:
-    cfg = _compose([f"algo={name}"])
+    cfg = compose([f"algo={name}"])
     algo = instantiate(cfg.algo, backbone=Conv4(1, 28, hidden=8), ways=cfg.train.ways)
     assert isinstance(algo, MAML)
     assert algo.eval_inner_steps >= algo.inner_steps

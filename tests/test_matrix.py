@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fewshot_cli.build import build_algorithm, build_optimizer
-from fewshot_cli.config import conf_dir, group_targets
+from fewshot_cli.config import group_targets
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.episode import BanditTrials, Episode
@@ -108,10 +108,8 @@ def test_the_matrix_covers_every_algorithm_and_backbone_of_the_config_tree() -> 
 
 @functools.cache
 def composed(algo: str, backbone: str) -> DictConfig:
-    with initialize_config_dir(str(conf_dir()), version_base=None):
-        return compose("train", overrides=[
-            f"algo={algo}", *BACKBONES[backbone], "dataset=glyphs", "train.ways=3",
-            "train.shots=2", "train.queries=1", "train.meta_batch=2"])
+    return compose([f"algo={algo}", *BACKBONES[backbone], "dataset=glyphs", "train.ways=3",
+                    "train.shots=2", "train.queries=1", "train.meta_batch=2"])
 
 
 @functools.cache
@@ -160,12 +158,9 @@ def test_every_combination_trains_and_evaluates_or_is_refused_in_one_sentence(
 
 
 def test_networks_of_other_kinds_of_task_are_refused_and_rl2_steps_on_bandits() -> None:
-    with initialize_config_dir(str(conf_dir()), version_base=None):
-        rl2 = compose("train", overrides=["algo=rl2", "dataset=bandits", "train.meta_batch=2"])
-        mismatched = [compose("train", overrides=["algo=rl2", "dataset=bandits",
-                                                  "backbone=conv4"]),
-                      compose("train", overrides=["algo=maml", "dataset=glyphs",
-                                                  "backbone=gru"])]
+    rl2 = compose(["algo=rl2", "dataset=bandits", "train.meta_batch=2"])
+    mismatched = [compose(["algo=rl2", "dataset=bandits", "backbone=conv4"]),
+                  compose(["algo=maml", "dataset=glyphs", "backbone=gru"])]
     for cfg in mismatched:
         with pytest.raises(FewshotError, match="backbone=") as refusal:
             build_algorithm(cfg, {"in_channels": 1, "image_size": 16})
@@ -202,10 +197,8 @@ def plain(value: Any) -> bool:
     *(("protonet", name) for name in sorted(group_targets("backbone")) if name != "gru")])
 def test_algorithms_and_backbones_are_given_plain_values(algo: str, backbone: str | None,
                                                          monkeypatch) -> None:
-    with initialize_config_dir(str(conf_dir()), version_base=None):
-        cfg = compose("train", overrides=[
-            f"algo={algo}", "dataset=bandits" if algo == "rl2" else "dataset=glyphs",
-            *([f"backbone={backbone}"] if backbone else [])])
+    cfg = compose([f"algo={algo}", "dataset=bandits" if algo == "rl2" else "dataset=glyphs",
+                   *([f"backbone={backbone}"] if backbone else [])])
     given: dict[str, Any] = {}
 
     def recording(init: Any) -> Any:

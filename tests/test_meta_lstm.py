@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import compose
 from hydra.utils import instantiate
-from test_maml import _compose, episode, meta_grads  # the MAML tests' float64 episodes
+from test_maml import episode, meta_grads  # the MAML tests' float64 episodes
 from torch.func import functional_call
 
 from fewshot_cli.algorithms.inner_loop import SGD, LSTMRule, preprocess
@@ -146,17 +147,17 @@ def test_bad_options_name_the_key(option: dict, message: str) -> None:
 
 
 def test_config_and_a_new_update_rule_is_one_yaml_key() -> None:
-    cfg = _compose(["algo=meta_lstm"])
+    cfg = compose(["algo=meta_lstm"])
     algo = instantiate(cfg.algo, backbone=Conv4(1, 28, hidden=8), ways=cfg.train.ways)
     assert isinstance(algo, MetaLSTM) and isinstance(algo.rule, LSTMRule)
     assert algo.inner_steps == algo.eval_inner_steps == 12
     # MAML stepping with the meta-learner LSTM, and Meta-LSTM stepping with SGD: one key each.
     lstm = "{_target_:fewshot_cli.algorithms.inner_loop.LSTMRule,_partial_:true}"
-    cfg = _compose(["algo=maml", f"algo.update_rule={lstm}"])
+    cfg = compose(["algo=maml", f"algo.update_rule={lstm}"])
     maml = instantiate(cfg.algo, backbone=Conv4(1, 16, hidden=4), ways=3).double()
     assert isinstance(maml, MAML) and isinstance(maml.rule, LSTMRule)
     assert torch.isfinite(maml.loss(episode(meta_batch=2))[0])
     sgd = "{_target_:fewshot_cli.algorithms.inner_loop.SGD,_partial_:true,lr:0.1}"
-    cfg = _compose(["algo=meta_lstm", f"algo.update_rule={sgd}"])
+    cfg = compose(["algo=meta_lstm", f"algo.update_rule={sgd}"])
     algo = instantiate(cfg.algo, backbone=Conv4(1, 16, hidden=4), ways=3)
     assert isinstance(algo.rule, SGD) and algo.rule.lr == 0.1

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import eval_result
-from hydra import compose, initialize_config_dir
+from helpers import compose, ok
 from torch import nn
 
 from fewshot_cli.algorithms.matching import MatchingNet
@@ -216,11 +216,6 @@ def test_koch_is_the_paper_network_at_105_pixels():
 # ---------------------------------------------------------------- the config tree
 
 
-def composed(overrides: list[str]):
-    with initialize_config_dir(str(CONF), version_base=None):
-        return compose("train", overrides=overrides)
-
-
 @pytest.mark.parametrize("overrides", [
     ["algo=matching"], ["algo=matching", "algo.fce=true"],
     ["algo=relation", "backbone=conv4_relation"],
@@ -228,7 +223,7 @@ def composed(overrides: list[str]):
     ["algo=siamese"],
 ])
 def test_algorithms_build_from_the_config_tree(overrides):
-    cfg = composed(overrides)
+    cfg = compose(overrides)
     size = cfg.dataset.image_size
     algo = build_algorithm(cfg, random_store(classes=6, images=2, size=size))
     assert algo.ways == cfg.train.ways
@@ -247,11 +242,6 @@ CLI_CASES = {
     "siamese_koch": ["algo=siamese", "augment=affine", "backbone=koch",
                      "dataset.image_size=65", "backbone.widths=[4,4,4,4]", "backbone.fc=16"],
 }
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 @pytest.mark.parametrize("name", list(CLI_CASES))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ok
 from PIL import Image
 
 from fewshot_cli.data import images, miniimagenet
@@ -231,11 +232,6 @@ def test_bad_config_values_name_the_key():
 # ---------------------------------------------------------------- the CLI
 
 
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 TINY = ["dataset=miniimagenet", "dataset.image_size=84", "train.steps=3", "train.val_every=3",
         "train.val_episodes=2", "eval.episodes=4", "eval.batch=2", "train.queries=5",
         "eval.queries=5", "device=cpu"]
@@ -254,8 +250,8 @@ def test_cli_trains_and_evaluates_on_each_layout(cli, tmp_path, jpegs, layout):
     assert "5-way 1-shot (5 queries) test accuracy" in out
 
 
-def test_cli_missing_data_is_one_clear_sentence(cli, tmp_path):
-    proc = cli("train", *TINY, f"dataset.root={tmp_path / 'none'}", f"hydra.run.dir={tmp_path}")
+def test_cli_missing_data_is_one_clear_sentence(fewshot, tmp_path):
+    proc = fewshot("train", *TINY, f"dataset.root={tmp_path / 'none'}", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "scripts/prepare_miniimagenet.py" in proc.stderr
 

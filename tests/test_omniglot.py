@@ -274,7 +274,7 @@ def test_an_image_copied_into_a_test_alphabet_is_refused(tmp_path, zipped):
     assert (tmp_path / "run" / "split.json").exists()
 
 
-def test_eval_of_moved_data_names_the_root_and_downloads_nothing(cli, tmp_path):
+def test_eval_of_moved_data_names_the_root_and_downloads_nothing(fewshot, tmp_path):
     root = make_release(tmp_path / "data" / "omniglot", zipped=True,
                         names=("images_background_small1", "images_background_small2"))
     run = tmp_path / "run"
@@ -282,18 +282,18 @@ def test_eval_of_moved_data_names_the_root_and_downloads_nothing(cli, tmp_path):
             "backbone.hidden=8", "train.ways=2", "train.queries=2", "eval.queries=2",
             "train.steps=2", "train.val_every=2", "train.val_episodes=2", "eval.episodes=2",
             "device=cpu"]
-    proc = cli("train", *args, f"dataset.root={root}", f"hydra.run.dir={run}")
+    proc = fewshot("train", *args, f"dataset.root={root}", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     moved = tmp_path / "moved"
     shutil.move(tmp_path / "data", moved)
-    out = cli("eval", f"ckpt={run / 'best.pt'}")
+    out = fewshot("eval", f"ckpt={run / 'best.pt'}")
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip() == (
         f"fewshot: error: the data this run was trained on is not in dataset.root={root} any "
         "more (nothing was downloaded); evaluate with dataset.root=<the folder that holds it "
         "now>")
     assert not (tmp_path / "data").exists()  # the old root was not created to download into
-    again = cli("eval", f"ckpt={run / 'best.pt'}", f"dataset.root={moved / 'omniglot'}")
+    again = fewshot("eval", f"ckpt={run / 'best.pt'}", f"dataset.root={moved / 'omniglot'}")
     assert again.returncode == 0, again.stderr[-2000:]
 
 

@@ -4,18 +4,16 @@ algorithm through the same function, and bad input that writes nothing."""
 from __future__ import annotations
 
 import csv
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli
-from hydra import compose, initialize_config_dir
+from helpers import compose, ok, one_sentence
 from image_folder import make_image_folder
 from PIL import Image
 
 from fewshot_cli.build import build_algorithm
-from fewshot_cli.config import conf_dir
 from fewshot_cli.data.images import decode_files
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.predict import classify
@@ -25,20 +23,6 @@ TRAIN = ["dataset=folder", "dataset.image_size=28", "dataset.min_images=2",
          "dataset.split_fractions=[0.5,0.25,0.25]", "backbone.hidden=8", "train.ways=2",
          "train.queries=2", "eval.ways=2", "eval.queries=2", "train.steps=4", "train.val_every=4",
          "train.val_episodes=2", "device=cpu"]
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def one_sentence(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fewshot: error:")]
-    assert len(errors) == 1, proc.stderr
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +76,8 @@ def test_predict_a_folder_and_one_image(cli, trained, mine, tmp_path):
     ("no query", ["query=", "does not exist"]),
     ("no ckpt", ["needs ckpt=PATH"]),
 ])
-def test_bad_input_is_one_sentence_and_writes_nothing(cli, trained, mine, tmp_path, case, words):
+def test_bad_input_is_one_sentence_and_writes_nothing(fewshot, trained, mine, tmp_path, case,
+                                                      words):
     support, query = mine
     args = [f"ckpt={trained}", f"support={support}", f"query={query}"]
     if case == "corrupt":
@@ -107,7 +92,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(cli, trained, mine, tmp_pa
         args[2] = f"query={tmp_path / 'nowhere'}"
     else:
         args = args[1:]
-    one_sentence(cli("predict", *args), *words)
+    one_sentence(fewshot("predict", *args), *words)
     assert not (tmp_path / "predictions.csv").exists()
 
 
@@ -121,9 +106,9 @@ def maml(tmp_path_factory) -> Path:
     return folder / "run" / "best.pt"
 
 
-def test_a_fixed_head_needs_its_number_of_classes(cli, maml, mine, tmp_path):
+def test_a_fixed_head_needs_its_number_of_classes(fewshot, maml, mine, tmp_path):
     support, query = mine
-    one_sentence(cli("predict", f"ckpt={maml}", f"support={support}", f"query={query}"),
+    one_sentence(fewshot("predict", f"ckpt={maml}", f"support={support}", f"query={query}"),
                  "trained for 2 classes", "holds 3 class folders")
     assert not (tmp_path / "predictions.csv").exists()
 
@@ -164,9 +149,8 @@ def test_a_maml_answer_does_not_depend_on_the_other_query_files(cli, maml, tmp_p
 def test_every_image_algorithm_classifies_unequal_support(algo, mine):
     """The function behind fewshot predict, on each algorithm as the config tree builds it."""
     support_dir, query_dir = mine
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", [f"algo={algo}", "dataset=folder", "dataset.root=unused",
-                                "train.ways=3", "eval.ways=3", "device=cpu"])
+    cfg = compose([f"algo={algo}", "dataset=folder", "dataset.root=unused", "train.ways=3",
+                   "eval.ways=3", "device=cpu"])
     torch.manual_seed(0)
     algo_ = build_algorithm(cfg, {"in_channels": 3, "image_size": 28}).eval()
     files = {p.name: sorted(p.iterdir()) for p in sorted(support_dir.iterdir())}
@@ -201,10 +185,8 @@ def test_a_query_answer_depends_only_on_the_support_set_and_that_query(case):
     """Permuting, subsetting and re-batching the queries leaves every query's probabilities
     as they were (issue 19.2: with algo.batchnorm=task one image got 0.8251 alone and 0.8678
     among nine others)."""
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", [*QUERY_BATCH_CASES[case], "dataset=folder", "dataset.root=unused",
-                                "train.ways=3", "eval.ways=3", "backbone.hidden=8",
-                                "device=cpu"])
+    cfg = compose([*QUERY_BATCH_CASES[case], "dataset=folder", "dataset.root=unused",
+                   "train.ways=3", "eval.ways=3", "backbone.hidden=8", "device=cpu"])
     torch.manual_seed(0)
     algo = build_algorithm(cfg, {"in_channels": 1, "image_size": 28}).eval()
     generator = torch.Generator().manual_seed(1)

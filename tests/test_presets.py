@@ -2,8 +2,9 @@
 name says, its full config is the one it composed to before the presets became diffs over family
 bases (tests/data/presets_before.json) but for the intended differences, it states only what
 differs from its base, its paper figures are well-formed data, and it builds its data set and
-algorithm (an Omniglot preset on the offline glyphs too). Also: the device options, the preset
-files' length, `fewshot --help` and the generated preset table of docs/results.md."""
+algorithm (an Omniglot preset on the offline glyphs too), all in one test per preset. Also: the
+device options, the preset files' length, `fewshot --help` and the generated preset table of
+docs/results.md."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 import pytest
 import yaml
 from conftest import REPO
-from presets_compose import composed
+from helpers import compose, plain
 
 from fewshot_cli.build import build_algorithm, build_dataset
 from fewshot_cli.config import conf_dir, group_option
@@ -67,7 +68,7 @@ def assert_as_before(cfg: dict, before: dict) -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset(preset):
-    cfg = composed([f"experiment={preset}"])
+    cfg = plain([f"experiment={preset}"])
     data = cfg["choices"]["dataset"]
     # (a) the episode shape against the name
     shape = name_shape(preset)
@@ -88,7 +89,7 @@ def test_preset(preset):
     own = yaml.safe_load((EXPERIMENTS / f"{preset}.yaml").read_text())
     bases = [d for d in own.pop("defaults") if isinstance(d, str)]
     assert len(bases) == 1 and bases[0].startswith("base/"), "a preset builds on one base"
-    base = leaves(composed([f"experiment={bases[0]}", f"dataset={data}"]))
+    base = leaves(plain([f"experiment={bases[0]}", f"dataset={data}"]))
     restated = [k for k, v in leaves(own).items() if base.get(k, "<none>") == v]
     assert not restated, f"{preset} restates what its base gives: {restated}"
     # (d) the paper's figures as data, for the shapes the preset is tested at
@@ -102,21 +103,12 @@ def test_preset(preset):
         assert figure["ci95"] is None or figure["ci95"] > 0
         assert figure["read"] and isinstance(figure["verified"], bool)
     assert all(isinstance(d, str) for d in paper["differences"])
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_preset_builds_its_data_set_and_algorithm(preset):
-    """Before any image is decoded; an Omniglot preset also on the offline glyphs, the tool's
-    stand-in for Omniglot in the tests (its dataset keys must fit both)."""
-    from hydra import compose, initialize_config_dir
-
-    overrides = [[f"experiment={preset}"]]
-    if "omniglot" in preset:
-        overrides.append([f"experiment={preset}", "dataset=glyphs"])
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        for args in overrides:
-            cfg = compose("train", [*args, "device=cpu"])
-            build_algorithm(cfg, build_dataset(cfg).input_spec())
+    # (e) it builds its data set and algorithm before any image is decoded; an Omniglot preset
+    # also on the offline glyphs, the tool's stand-in for Omniglot in the tests (its dataset
+    # keys must fit both)
+    for data in [[], ["dataset=glyphs"]] if "omniglot" in preset else [[]]:
+        built = compose([f"experiment={preset}", *data, "device=cpu"])
+        build_algorithm(built, build_dataset(built).input_spec())
 
 
 def test_presets_are_short_diffs():
@@ -128,7 +120,7 @@ def test_presets_are_short_diffs():
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda"])
 def test_device_options_are_auto_with_one_key_changed(device):
-    cfg = composed([f"device={device}"])
+    cfg = plain([f"device={device}"])
     assert_as_before(cfg, BEFORE[f"device={device}"])
     assert group_option("device", device) == cfg["device"]  # what resume= device=... loads
 

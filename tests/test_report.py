@@ -10,9 +10,9 @@ import statistics
 
 import pytest
 from conftest import eval_result
+from helpers import SMALL, failed, ok
 from omegaconf import OmegaConf
 from PIL import Image
-from test_cli import TINY, failed, ok
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.errors import FewshotError
@@ -36,7 +36,7 @@ def expected_cell(values: list[float]) -> str:
 
 def test_report_on_a_sweep_of_two_shots_and_two_seeds(cli, tmp_path):
     sweep = tmp_path / "my sweep, 1"  # a space and a comma: DIR is a path, not an override
-    ok(cli("train", "-m", *TINY, "train.steps=6", "train.val_every=2", "train.shots=1,2",
+    ok(cli("train", "-m", *SMALL, "train.steps=6", "train.val_every=2", "train.shots=1,2",
            "seed=0,1", f"hydra.sweep.dir='{sweep}'"))
     ckpts = sorted(sweep.glob("*/best.pt"))
     assert len(ckpts) == 4
@@ -93,11 +93,11 @@ def test_report_on_a_sweep_of_two_shots_and_two_seeds(cli, tmp_path):
     assert label in again and f" | {100 * other['accuracy']:.2f} | " in again
 
 
-def test_report_lists_unfinished_runs_and_bad_folders(cli, tmp_path):
+def test_report_lists_unfinished_runs_and_bad_folders(fewshot, tmp_path):
     runs = tmp_path / "runs"
-    failed(cli("train", *TINY, *DIVERGES_AT_4, f"hydra.run.dir={runs / 'diverged'}"))
+    failed(fewshot("train", *SMALL, *DIVERGES_AT_4, f"hydra.run.dir={runs / 'diverged'}"))
     elsewhere = tmp_path / "elsewhere"
-    out = ok(cli("report", str(runs), f"out={elsewhere}")).stdout
+    out = ok(fewshot("report", str(runs), f"out={elsewhere}")).stdout
     assert "0 of 1 runs finished" in out and "best run: none has finished yet" in out
     # unfinished today; failed once train.log records the error (issue 11)
     assert re.search(r"- diverged: (unfinished: step 2 of 10|failed: .*(NaN|nan))", out), out
@@ -109,7 +109,7 @@ def test_report_lists_unfinished_runs_and_bad_folders(cli, tmp_path):
     with pytest.raises(FewshotError, match="is not a folder"):
         report(OmegaConf.create({"dir": str(tmp_path / "nope"), "out": None}))
     (tmp_path / "empty").mkdir()
-    assert "no runs under" in failed(cli("report", str(tmp_path / "empty")))
+    assert "no runs under" in failed(fewshot("report", str(tmp_path / "empty")))
 
 
 def test_run_status_reads_the_checkpoint_step_and_the_log():
@@ -166,13 +166,13 @@ def test_report_reads_each_runs_metric_and_counts_a_repeated_run_once(cli, tmp_p
     assert (31, 119, 180) in {colour for _, colour in png.getcolors(maxcolors=1 << 20)}
 
 
-def test_within_group_and_ordinary_tests_of_one_shape_never_share_a_column(cli, tmp_path):
+def test_within_group_and_ordinary_tests_of_one_shape_never_share_a_column(fewshot, tmp_path):
     """Issue 19.5: Lake's within-alphabet test and the ordinary test of the same shape were one
     column. Entries as fewshot eval writes them, the within-group one changed by hand (glyphs
     have no groups to draw from)."""
     run = tmp_path / "run"
-    ok(cli("train", *TINY, "train.steps=2", "train.val_every=2", f"hydra.run.dir={run}"))
-    ok(cli("eval", f"ckpt={run / 'best.pt'}"))
+    ok(fewshot("train", *SMALL, "train.steps=2", "train.val_every=2", f"hydra.run.dir={run}"))
+    ok(fewshot("eval", f"ckpt={run / 'best.pt'}"))
     results = json.loads((run / "results.json").read_text())
     (key, plain), = results["best.pt"].items()
     within = json.loads(json.dumps(plain))
@@ -187,7 +187,7 @@ def test_within_group_and_ordinary_tests_of_one_shape_never_share_a_column(cli, 
     results["last.pt"] = {"5-way 1-shot (5 queries), 20 episodes, seed 2024":
                           {**legacy, "accuracy": 0.456}}
     (run / "results.json").write_text(json.dumps(results))
-    out = ok(cli("report", str(tmp_path))).stdout
+    out = ok(fewshot("report", str(tmp_path))).stdout
     assert "test accuracy best.pt (%) | test accuracy last.pt (%) | test accuracy best.pt " \
            f"{lake} (%) |" in out, out
     assert f"| {100 * plain['accuracy']:.2f} | 45.60 | 12.30 |" in out

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_bad_input import ok, one_sentence
+from helpers import ok, one_sentence
 
 from fewshot_cli.engine.checkpoint import code_version, load_checkpoint, save_checkpoint
 from fewshot_cli.reproduce import figure, verdict
@@ -118,16 +118,16 @@ def test_resuming_a_finished_run_only_evaluates_it(reproduced, cli, tmp_path):
     assert not any(tmp_path.iterdir()), "the folder Hydra claimed for the command was left"
 
 
-def test_what_cannot_be_reproduced_is_one_sentence(reproduced, cli, tmp_path):
+def test_what_cannot_be_reproduced_is_one_sentence(reproduced, fewshot, tmp_path):
     run, _ = reproduced
     for args in ([], ["experiment=base/protonet_omniglot"]):
-        one_sentence(cli("reproduce", *args, "train.steps=5"), "needs experiment=NAME",
+        one_sentence(fewshot("reproduce", *args, "train.steps=5"), "needs experiment=NAME",
                      "protonet_omniglot_5w1s")
-    one_sentence(cli("reproduce", "experiment=maml_omniglot_5w1s", f"resume={run / 'last.pt'}"),
+    one_sentence(fewshot("reproduce", "experiment=maml_omniglot_5w1s", f"resume={run / 'last.pt'}"),
                  "trained with experiment=protonet_omniglot_5w1s", "drop experiment=")
     plain = tmp_path / "plain"
-    ok(cli("train", *TINY[1:], "train.steps=2", "train.val_every=2", f"hydra.run.dir={plain}"))
-    one_sentence(cli("reproduce", f"resume={plain / 'last.pt'}"),
+    ok(fewshot("train", *TINY[1:], "train.steps=2", "train.val_every=2", f"hydra.run.dir={plain}"))
+    one_sentence(fewshot("reproduce", f"resume={plain / 'last.pt'}"),
                  "was not trained from a paper preset", "fewshot eval")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
 

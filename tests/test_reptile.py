@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import eval_result
-from test_maml import _compose, episode  # the MAML tests' float64 episodes
+from helpers import compose
+from test_maml import episode  # the MAML tests' float64 episodes
 from torch.func import functional_call
 
 from fewshot_cli.algorithms.inner_loop import SGD, Adam, draw_minibatches
@@ -134,7 +135,7 @@ def presets() -> list[str]:
 
 
 def test_config_is_the_authors_omniglot_setting() -> None:
-    cfg = _compose(["algo=reptile", "dataset=glyphs"])
+    cfg = compose(["algo=reptile", "dataset=glyphs"])
     algo = build_algorithm(cfg, {"in_channels": 1, "image_size": 28})
     assert isinstance(algo, Reptile) and isinstance(algo.rule, Adam)
     assert (algo.rule.lr, algo.rule.beta1, algo.inner_steps, algo.inner_batch) == (
@@ -145,7 +146,7 @@ def test_config_is_the_authors_omniglot_setting() -> None:
 
 @pytest.mark.parametrize("name", presets())
 def test_presets_take_plain_sgd_steps_annealed_to_zero(name: str) -> None:
-    cfg = _compose([f"experiment={name}"])
+    cfg = compose([f"experiment={name}"])
     assert cfg.algo._target_.endswith("reptile.Reptile")
     ways, shots = name.rsplit("_", 1)[1].split("w")
     assert (cfg.eval.ways, cfg.eval.shots) == (int(ways), int(shots.rstrip("s")))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from hydra.utils import instantiate
 
 from fewshot_cli.backbones.conv4 import Conv4
@@ -84,8 +84,7 @@ def test_bad_settings_name_the_key():
 
 
 def test_config_builds_with_the_trainer_kwargs():
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("train", overrides=["backbone=resnet12", "backbone.keep_prob=0.9"])
+    cfg = compose(["backbone=resnet12", "backbone.keep_prob=0.9"])
     net = instantiate(cfg.backbone, in_channels=3, image_size=84)
     assert isinstance(net, ResNet12) and net.out_features == 640
     assert isinstance(net.blocks[3].drop, DropBlock) and net.blocks[3].drop.drop_prob == \

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_bad_input import TINY, ok
+from helpers import TINY, ok
 
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import merge_json

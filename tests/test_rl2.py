@@ -8,14 +8,11 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
-from test_cli import failed, ok, weights
+from helpers import compose, failed, ok, weights
 
 from fewshot_cli.algorithms.rl2 import RL2, gae, sample
 from fewshot_cli.backbones.gru import GRUPolicy
 from fewshot_cli.build import build_algorithm, build_dataset
-from fewshot_cli.config import conf_dir
 from fewshot_cli.data.bandits import Bandits
 from fewshot_cli.errors import FewshotError
 
@@ -73,16 +70,6 @@ def test_a2c_loss_trains_policy_and_value_and_plays_reproducibly():
     assert not torch.allclose(none, arm0)
 
 
-def composed(*overrides: str):
-    """The train config as the CLI composes it, with the group options chosen."""
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.choices = dict(cfg.hydra.runtime.choices)
-        del cfg.hydra
-    return cfg
-
-
 @pytest.mark.parametrize(("overrides", "words"), [
     (["algo=protonet", "dataset=bandits"],
      "algo=protonet learns few-shot image classification tasks but dataset=bandits holds "
@@ -94,7 +81,7 @@ def composed(*overrides: str):
      "backbone=gru"),
 ])
 def test_tasks_of_another_kind_are_one_sentence(overrides, words):
-    cfg = composed(*overrides)
+    cfg = compose(overrides)
     dataset = build_dataset(cfg)
     with pytest.raises(FewshotError) as err:
         build_algorithm(cfg, dataset.input_spec())
@@ -102,7 +89,7 @@ def test_tasks_of_another_kind_are_one_sentence(overrides, words):
 
 
 def test_rl2_chooses_its_gru(tmp_path):
-    cfg = composed("algo=rl2", "dataset=bandits", "dataset.arms=7")
+    cfg = compose(["algo=rl2", "dataset=bandits", "dataset.arms=7"])
     algo = build_algorithm(cfg, build_dataset(cfg).input_spec())
     assert isinstance(algo.backbone, GRUPolicy) and algo.backbone.policy.out_features == 7
 
@@ -139,12 +126,12 @@ def test_train_eval_and_resume_through_the_cli(cli, tmp_path):
     assert 5 < result["baselines"]["UCB1"]["mean"] <= 10
 
 
-def test_bad_bandit_options_fail_in_one_sentence(cli):
+def test_bad_bandit_options_fail_in_one_sentence(fewshot):
     """Through the CLI (dataset.pulls=0 takes the same path as arms: tests/test_bandits.py)."""
-    err = failed(cli("train", *TINY, "dataset.arms=1"))
+    err = failed(fewshot("train", *TINY, "dataset.arms=1"))
     assert "dataset.arms=1 must be a whole number of at least 2" in err
     assert len(err.strip().splitlines()) == 1
-    err = failed(cli("train", *TINY, "backbone=conv4"))
+    err = failed(fewshot("train", *TINY, "backbone=conv4"))
     assert "backbone=conv4 is a network for few-shot image classification tasks" in err
     assert "use backbone=gru" in err and len(err.strip().splitlines()) == 1
 

@@ -11,10 +11,8 @@ import time
 
 import pytest
 from conftest import REPO
-from hydra import compose, initialize_config_dir
+from helpers import SMALL, compose, ok, one_sentence
 from omegaconf import OmegaConf
-from test_bad_input import one_sentence
-from test_cli import TINY, ok
 
 from fewshot_cli.config import conf_dir
 from fewshot_cli.engine.checkpoint import load_checkpoint
@@ -34,16 +32,14 @@ INTENDED = {"maml_omniglot": {"algo.inner_steps": "range(1, 6)"}}
 # stop a trial once 2 trials have finished, from the second validation on: at the first, random
 # embeddings score about as well as trained ones (52.8% against 51.2% here), and pruning there
 # stopped good trials.
-BAD_OR_GOOD = ["hparams_search=protonet_omniglot", *TINY, "train.ways=5",
+BAD_OR_GOOD = ["hparams_search=protonet_omniglot", *SMALL, "train.ways=5",
                "algo.distance=sqeuclidean", "train.lr=choice(1e-7,1e-2)", "train.steps=12",
                "train.val_every=2", "+hydra.sweeper.pruner_args.n_startup_trials=2",
                "+hydra.sweeper.pruner_args.n_warmup_steps=4"]
 
 
 def composed(space: str, *overrides: str):
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("train", overrides=[f"hparams_search={space}", *overrides],
-                       return_hydra_config=True)
+    return compose([f"hparams_search={space}", *overrides], hydra=True)
 
 
 def load(db, name: str) -> optuna.Study:
@@ -192,7 +188,7 @@ def test_trials_in_joblib_workers_report_their_validations_to_the_study(cli, tmp
     and number and report every validation at its step: what pruning across processes needs."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep, db = tmp_path / "sweep", tmp_path / "study.db"
-    ok(cli("train", "hparams_search=protonet_omniglot", *TINY, "train.steps=4",
+    ok(cli("train", "hparams_search=protonet_omniglot", *SMALL, "train.steps=4",
            "train.val_every=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
            "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2",
            f"hydra.sweeper.storage=sqlite:///{db}", f"hydra.sweep.dir={sweep}"))
@@ -209,7 +205,7 @@ def test_resuming_a_study_runs_only_the_rest(cli, tmp_path):
     """Run again with the same storage, a study continues: n_trials is the study's size, so
     n_trials=3 after 2 runs trial 2 alone, and once the study is full nothing runs."""
     db = tmp_path / "study.db"
-    args = ["hparams_search=protonet_omniglot", *TINY, "train.steps=2", "train.val_every=2",
+    args = ["hparams_search=protonet_omniglot", *SMALL, "train.steps=2", "train.val_every=2",
             f"hydra.sweeper.storage=sqlite:///{db}"]
     ok(cli("train", *args, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'a'}"))
     out = ok(cli("train", *args, "hydra.sweeper.n_trials=3",
@@ -229,7 +225,7 @@ def test_ctrl_c_stops_the_study_and_leaves_no_trial_running(tmp_path):
     """Ctrl-C during a trial: its run saves last.pt and says so in one sentence, the trial is
     recorded FAIL (not left RUNNING), no further trial starts, and the exit status is 130."""
     sweep, db = tmp_path / "sweep", tmp_path / "study.db"
-    proc = search(["hparams_search=protonet_omniglot", *TINY, "train.steps=10000",
+    proc = search(["hparams_search=protonet_omniglot", *SMALL, "train.steps=10000",
                    "train.val_every=2", "hydra.sweeper.n_trials=3",
                    f"hydra.sweeper.storage=sqlite:///{db}", f"hydra.sweep.dir={sweep}"], tmp_path)
     deadline = time.monotonic() + 300
@@ -262,7 +258,7 @@ def test_ctrl_c_stops_the_study_and_leaves_no_trial_running(tmp_path):
 def test_a_bad_search_option_is_one_sentence(cli, tmp_path, args, words):
     if "hydra/launcher=joblib" in args:
         pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    proc = cli("train", "hparams_search=protonet_omniglot", *TINY,
+    proc = cli("train", "hparams_search=protonet_omniglot", *SMALL,
                f"hydra.sweep.dir={tmp_path / 'sweep'}", *args)
     one_sentence(proc, *words)
     assert not (tmp_path / "sweep").exists() or not list((tmp_path / "sweep").rglob("*.pt"))

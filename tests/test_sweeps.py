@@ -5,12 +5,12 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from helpers import SMALL, ok
 from omegaconf import OmegaConf
-from test_cli import TINY, ok
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
 
-SHORT = [*TINY, "train.steps=2", "train.val_every=2"]
+SHORT = [*SMALL, "train.steps=2", "train.val_every=2"]
 
 
 def plugin(name: str) -> None:
@@ -46,9 +46,9 @@ def test_submitit_local_runs_two_jobs_returning_their_best_accuracy(cli, tmp_pat
 def test_optuna_sweep_of_three_trials_names_its_best(cli, tmp_path):
     pytest.importorskip("optuna", minversion="4", reason="Optuna comes with the cluster extra")
     sweep = tmp_path / "sweep"
-    # train.ways and (in TINY) train.queries on the command line are fixed for every trial;
+    # train.ways and (in SMALL) train.queries on the command line are fixed for every trial;
     # Optuna searches the learning rate and the distance.
-    ok(cli("train", "hparams_search=protonet_omniglot", *TINY, "train.ways=5", "train.steps=4",
+    ok(cli("train", "hparams_search=protonet_omniglot", *SMALL, "train.ways=5", "train.steps=4",
            "train.val_every=2", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"))
     trials = {int(p.parent.name): load_checkpoint(p)["best"]["accuracy"]
               for p in sweep.glob("*/last.pt")}
@@ -63,9 +63,9 @@ def test_optuna_sweep_of_three_trials_names_its_best(cli, tmp_path):
     assert f"best run: {best} (train.lr=" in ok(cli("report", str(sweep))).stdout
 
 
-def test_slurm_launcher_config_composes(cli):
+def test_slurm_launcher_config_composes(fewshot):
     plugin("hydra_submitit_launcher")
-    out = ok(cli("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg",
+    out = ok(fewshot("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg",
                  "hydra")).stdout
     launcher = OmegaConf.create(out).hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
@@ -85,7 +85,7 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, tmp_path):
         "hydra:\n  sweeper:\n    n_trials: 4\n    params:\n      train.ways: choice(5, 60)\n")
     sweep, db = tmp_path / "sweep", tmp_path / "study.db"
     proc = cli("train", "hparams_search=ways", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-               *TINY, "train.steps=2", "train.val_every=2", f"hydra.sweep.dir={sweep}",
+               *SMALL, "train.steps=2", "train.val_every=2", f"hydra.sweep.dir={sweep}",
                f"hydra.sweeper.storage=sqlite:///{db}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "train.ways=60 exceeds the 40 classes" in proc.stderr

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import compose
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from test_maml import _compose
 
 from fewshot_cli.algorithms.weightgen import AttentionGenerator, MeanGenerator, WeightGen
 from fewshot_cli.backbones.conv4 import Conv4
@@ -116,12 +116,12 @@ def test_finetuning_on_the_shared_inner_loop_matches_reference() -> None:
 
 def test_config_picks_the_generator_by_name() -> None:
     for name, cls in (("attention", AttentionGenerator), ("mean", MeanGenerator)):
-        cfg = _compose(["algo=weightgen", f"algo.generator={name}",
+        cfg = compose(["algo=weightgen", f"algo.generator={name}",
                         "algo.generators.attention.memory=8"])
         algo = instantiate(cfg.algo, backbone=Conv4(1, 28, hidden=8), ways=cfg.train.ways)
         assert isinstance(algo, WeightGen) and type(algo.generator) is cls
     assert algo.finetune_steps == 0 and algo.scale.item() == 10.0
-    cfg = _compose(["algo=weightgen", "algo.generator=lstm"])
+    cfg = compose(["algo=weightgen", "algo.generator=lstm"])
     with pytest.raises(InstantiationException) as error:  # the CLI prints the cause alone
         instantiate(cfg.algo, backbone=Conv4(1, 28, hidden=8), ways=5)
     assert isinstance(error.value.__cause__, FewshotError)

@@ -1,0 +1,86 @@
+"""What the tests share: the tiny configs, checks of a finished command (``ok``, ``failed``,
+``one_sentence``) and composing the train config as the CLI composes it (``compose``,
+``plain``). Fixtures (``cli``, ``fewshot``, ``omniglot_root`` ...) live in conftest.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fewshot_cli.cli import GROUPS
+from fewshot_cli.config import conf_dir
+from fewshot_cli.engine.checkpoint import load_checkpoint
+
+# Small and fast: glyphs at 28 px, a narrow Conv4 (the bad-input and results tests).
+TINY = ["dataset=glyphs", "dataset.classes.train=20", "dataset.classes.val=8",
+        "dataset.classes.test=8", "backbone.hidden=8", "train.queries=3", "eval.queries=3",
+        "train.val_episodes=4", "eval.episodes=8", "device=cpu"]
+# A little larger, for the tests that compare scores (the CLI, report, search and sweep tests).
+SMALL = ["dataset=glyphs", "dataset.classes.train=40", "dataset.classes.val=10",
+         "dataset.classes.test=10", "backbone.hidden=16", "train.queries=5", "eval.queries=5",
+         "train.val_episodes=10", "eval.episodes=20", "device=cpu"]
+DATA = "/FEWSHOT_DATA"  # stands for $FEWSHOT_DATA in ``plain``: data roots compare across machines
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``proc``, which must have succeeded (else its output is the failure's message)."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def failed(proc: subprocess.CompletedProcess) -> str:
+    """The error text of a command that must fail without a traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def one_sentence(proc: subprocess.CompletedProcess, *words: str, code: int | None = None) -> str:
+    """The single error sentence of a failed command, which must mention every one of words
+    (and exit with ``code`` where given)."""
+    failed(proc)
+    if code is not None:
+        assert proc.returncode == code, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fewshot: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "\x1b" not in errors[0], errors[0]  # no terminal escape codes in the sentence
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model's weights stored in the checkpoint at ``path``."""
+    return load_checkpoint(path)["model"]
+
+
+def compose(overrides: list[str], hydra: bool = False, config: str = "train") -> DictConfig:
+    """The config ``fewshot train`` composes from ``overrides``, with the group options chosen
+    in ``choices`` as the CLI records them; Hydra's own section kept only if ``hydra``."""
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config, overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
+        if not hydra:
+            del cfg.hydra
+    return cfg
+
+
+def plain(overrides: list[str]) -> dict[str, Any]:
+    """``compose(overrides)`` resolved into plain data, with $FEWSHOT_DATA read as ``DATA``."""
+    before = os.environ.get("FEWSHOT_DATA")
+    os.environ["FEWSHOT_DATA"] = DATA
+    try:
+        return OmegaConf.to_container(compose(overrides), resolve=True)
+    finally:
+        if before is None:
+            del os.environ["FEWSHOT_DATA"]
+        else:
+            os.environ["FEWSHOT_DATA"] = before
