@@ -4,10 +4,9 @@ own random draw); validation and test episodes are never augmented.
 
 The ops are Kornia's (``kornia.augmentation``): batched, per-image parameters, on any device.
 Their random numbers come from torch's global generator, which the trainer seeds and stores in
-its checkpoints, so a seeded CPU run and its resume repeat exactly. Against the hand-written ops
-it replaced, Kornia measured from 0.39x to 1.26x their speed on this project's shared 2-core
-CPU (``scripts/bench_augment.py``, README): neither consistently ahead within the machine's
-noise, and small next to a meta-step either way.
+its checkpoints, so a seeded CPU run and its resume repeat exactly. ``scripts/bench_augment.py``
+compares their speed with the hand-written ops they replaced: small next to a meta-step either
+way.
 """
 
 from __future__ import annotations

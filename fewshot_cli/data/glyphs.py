@@ -185,7 +185,7 @@ class Glyphs(FewShotDataset):
             return ClassStore(images, [f"glyphs/{split}/{i:04d}" for i in range(n)], counts,
                               digests=pixel_digests(images, counts), origin=origin)
 
-        # 600 x 20 drawings take ~1 s at 28 px but ~30 s at 105 px: draw once, then load
+        # drawing grows with the image's area (Koch's 105 px is slow): draw once, then load
         key = {"reader": "glyphs", "version": VERSION, "split": split, "classes": n,
                "images": k, "image_size": size, "seed": self.seed}
         store = cached_store(cache_file(user_cache_dir(), key), build)

