@@ -1,4 +1,6 @@
-"""The one place where config becomes objects: data set, backbone, algorithm, optimizer.
+"""The one place where config becomes objects: data set, backbone, algorithm, optimizer, and
+the wiring of a whole training run (``wire_run``), which hands the trainer those objects and a
+typed settings record; below this module nothing reads the config.
 
 Every object is built by Hydra's ``instantiate`` from its group's ``_target_``; a failure is
 turned into one sentence naming the config section (an option the class does not take, say).
@@ -6,24 +8,30 @@ turned into one sentence naming the config section (an option the class does not
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewshot_cli.algorithms.base import MetaAlgorithm
 from fewshot_cli.config import group_targets, is_torch_optim_class
-from fewshot_cli.data.augment import IDENTITY, legacy_augment
+from fewshot_cli.data.augment import IDENTITY
 from fewshot_cli.data.base import FewShotDataset
+from fewshot_cli.data.splits import record_split
 from fewshot_cli.data.store import ClassStore
-from fewshot_cli.engine.runtime import memory_format_for
+from fewshot_cli.engine.distributed import Processes
+from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch, memory_format_for
+from fewshot_cli.engine.trainer import MetaTrainer, RunParts, TrainSettings
 from fewshot_cli.episode import IMAGE_TASKS, TaskShape
 from fewshot_cli.errors import FewshotError
+from fewshot_cli.options import REMOVED, removed_key
 
 
 def _choice(cfg: DictConfig, section: str) -> str:
@@ -32,10 +40,36 @@ def _choice(cfg: DictConfig, section: str) -> str:
     return name or str(cfg[section].get("_target_", "?")).rsplit(".", 1)[-1]
 
 
+def without_removed(cfg: DictConfig, section: str) -> DictConfig:
+    """``cfg`` without the removed keys of ``section`` that ask for nothing (an old checkpoint's
+    config holds them at their old defaults); one that asks for something is refused.
+
+    Raises:
+        FewshotError: naming the removed key and the key that replaces it (options.REMOVED).
+    """
+    node = cfg.get(section) if isinstance(cfg, DictConfig) else None
+    present = [(old, asks) for old, (_, asks) in REMOVED.items()
+               if old.startswith(f"{section}.") and isinstance(node, DictConfig)
+               and old.split(".", 1)[1] in node]
+    if not present:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    for old, asks in present:
+        key = old.split(".", 1)[1]
+        value = cfg[section][key]
+        if asks(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value):
+            raise FewshotError(f"{removed_key(old)} (this config, or the stored config of an "
+                               "older checkpoint, still sets it)")
+        with open_dict(cfg):
+            del cfg[section][key]
+    return cfg
+
+
 def build(cfg: DictConfig, section: str, label: str | None = None, **kwargs: Any) -> Any:
     """``instantiate(cfg[section], **kwargs)`` with its failures as one sentence naming
     ``label`` (default: the section)."""
     label = label or section
+    cfg = without_removed(cfg, section)
     try:
         return instantiate(cfg[section], **kwargs)
     except InstantiationException as err:
@@ -61,9 +95,9 @@ def build_dataset(cfg: DictConfig) -> FewShotDataset:
 
 
 def build_augment(cfg: DictConfig) -> torch.nn.Module:
-    """The training augmentation of ``augment=`` (or of the deprecated keys it replaces);
-    none for checkpoints written before the group existed."""
-    node = legacy_augment(cfg) or cfg.get("augment") or {"_target_": IDENTITY}
+    """The training augmentation of ``augment=``; none for checkpoints written before the
+    group existed."""
+    node = cfg.get("augment") or {"_target_": IDENTITY}
     return build(OmegaConf.create({"augment": node, "choices": cfg.get("choices") or {}}),
                  "augment")
 
@@ -99,6 +133,12 @@ def check_task_kinds(cfg: DictConfig) -> None:
             "backbone= out: each algorithm picks a fitting one)")
 
 
+def task_shape(section: DictConfig) -> TaskShape:
+    """The task shape of the ``train`` or ``eval`` section (``eval`` has no meta-batch: 1)."""
+    return TaskShape(section.ways, section.shots, section.queries, section.get("meta_batch", 1),
+                     bool(section.get("within_group")), bool(section.get("distinct_drawers")))
+
+
 def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
                     device: torch.device | None = None) -> MetaAlgorithm:
     """Backbone sized for the data (``dataset.input_spec()``, or a store's images), wrapped by
@@ -113,9 +153,7 @@ def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
     # Plain dicts and lists, not DictConfig/ListConfig, reach the networks and algorithms.
     backbone = build(cfg, "backbone", _convert_="all", **inputs)
     algo = build(cfg, "algo", backbone=backbone, ways=cfg.train.ways, _convert_="all")
-    t, e = cfg.train, cfg.eval
-    algo.check_tasks(TaskShape(t.ways, t.shots, t.queries, t.meta_batch),
-                     TaskShape(e.ways, e.shots, e.queries))
+    algo.check_tasks(task_shape(cfg.train), task_shape(cfg.eval))
     if device is None:
         return algo
     layout = memory_format_for(device, cfg.device.get("memory_format", "auto"),
@@ -223,3 +261,41 @@ def _plain_type(param: inspect.Parameter) -> str | None:
     if isinstance(default, bool):
         return "bool"
     return "float" if isinstance(default, (int, float)) else None
+
+
+# ---------------------------------------------------------------- a training run
+
+
+def train_settings(cfg: DictConfig, val_batch: int) -> TrainSettings:
+    """The loop's plain values from ``train.*``, ``eval.*`` and ``seed``."""
+    t, e = cfg.train, cfg.eval
+    return TrainSettings(steps=t.steps, meta_batch=t.meta_batch, log_every=t.log_every,
+                         val_every=t.val_every, val_episodes=t.val_episodes,
+                         val_batch=val_batch, val_seed=e.seed + 1, seed=cfg.seed,
+                         grad_clip=t.grad_clip)
+
+
+def wire_run(cfg: DictConfig, device: torch.device, run_dir: Path,
+             procs: Processes | None = None) -> MetaTrainer:
+    """Everything a run needs, built from its config in the order that fails fastest: the
+    meta-batch against the processes, the data set's options, then the model (its options and
+    the task shapes are checked before any image is decoded), the split record (a leaking split
+    is refused, the split written once, a resumed run checked against it), the task samplers,
+    then the optimizer. Raises FewshotError naming the key of the first bad option."""
+    t, e = cfg.train, cfg.eval
+    procs = procs or Processes(device=device)
+    procs.check_meta_batch(t.meta_batch)
+    autocast = autocast_for(device, cfg.device.precision)
+    dataset = build_dataset(cfg)
+    inputs = dict(dataset.input_spec())
+    algo = procs.prepare(build_algorithm(cfg, inputs, device))
+    record_split(dataset, run_dir, write=procs.main, resuming=bool(cfg.get("resume")))
+    train_tasks = dataset.sampler("train", task_shape(t), t.meta_batch, device, seed=cfg.seed,
+                                  augment=build_augment(cfg))
+    val_batch = episodes_per_batch(device, e.batch)
+    val_tasks = dataset.sampler("val", task_shape(e), val_batch, device, prefix="eval")
+    optimizer, scheduler = build_optimizer(cfg, algo)
+    parts = RunParts(dataset, algo, train_tasks, val_tasks, optimizer, scheduler, autocast,
+                     inputs)
+    return MetaTrainer(parts, train_settings(cfg, val_batch),
+                       OmegaConf.to_container(cfg, resolve=True), device, run_dir, procs)

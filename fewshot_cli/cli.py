@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fewshot_cli import shell
 from fewshot_cli.config import conf_dir, group_option
 from fewshot_cli.errors import FewshotError, Interrupted
-from fewshot_cli.options import PATHS, check_command, path_keys, path_problem
+from fewshot_cli.options import PATHS, check_command, path_keys, path_problem, removed_key
 
 GROUPS = ("algo", "backbone", "dataset", "augment", "device", "experiment", "hparams_search")
 _failures: list[str] = []  # runs of a sweep that failed (the sweep goes on without them)
@@ -50,11 +50,13 @@ def _train(cfg: DictConfig) -> float:
     return train(cfg, Path(hydra_cfg.runtime.output_dir), _hydra_files(cfg), on_validation=hook)
 
 
-def _hydra_files(cfg: DictConfig) -> dict[str, Any]:
-    """What Hydra would write into ``.hydra/``: the run's config, Hydra's, the overrides."""
+def _hydra_files(cfg: DictConfig) -> dict[str, str]:
+    """What Hydra would write into ``.hydra/``, as YAML text: the run's config, Hydra's, the
+    overrides."""
     hydra_cfg = HydraConfig.get()
-    return {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg},
-            "overrides.yaml": hydra_cfg.overrides.task}
+    files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg},
+             "overrides.yaml": hydra_cfg.overrides.task}
+    return {name: OmegaConf.to_yaml(config) for name, config in files.items()}
 
 
 def _eval(cfg: DictConfig) -> None:
@@ -373,6 +375,8 @@ def condense(text: str, command: str, args: list[str]) -> tuple[str, int]:
         return f"{group}={option} is not an option; choose one of: {', '.join(options)}", 2
     if m := re.search(r"Could not override '([^']+)'", text):
         key = m.group(1)
+        if gone := removed_key(key):
+            return gone, 2
         return f"{key} is not a key of this config ({help_hint}); to add a new key write " \
                f"+{key}=...", 2
     if m := re.search(r"Could not (?:append to|delete from) config\. '?([^'\s.]+(?:\.\S+)?)", text):

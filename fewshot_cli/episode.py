@@ -48,12 +48,24 @@ class Backbone(Protocol):
 @dataclass(frozen=True)
 class TaskShape:
     """The tasks a model is trained or tested on: ``ways`` classes of ``shots`` support and
-    ``queries`` query images each, ``meta_batch`` tasks at a time (``train.*``, ``eval.*``)."""
+    ``queries`` query images each, ``meta_batch`` tasks at a time (``train.*``, ``eval.*``);
+    ``within_group``/``distinct_drawers`` choose Lake et al.'s protocol (Omniglot: the classes
+    of a task from one alphabet, its support and queries by different drawers)."""
 
     ways: int
     shots: int
     queries: int
     meta_batch: int = 1
+    within_group: bool = False
+    distinct_drawers: bool = False
+
+    def describe(self) -> str:
+        """In words, as printed and as part of a result's key in results.json:
+        ``20-way 1-shot (5 queries), within group, distinct drawers``."""
+        protocol = "".join(f", {words}" for words, on in (
+            ("within group", self.within_group), ("distinct drawers", self.distinct_drawers))
+            if on)
+        return f"{self.ways}-way {self.shots}-shot ({self.queries} queries){protocol}"
 
 
 @dataclass

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm, MetaAlgorithm
-from fewshot_cli.build import build_algorithm, build_dataset
+from fewshot_cli.build import build_algorithm, build_dataset, task_shape
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.splits import check_split
 from fewshot_cli.engine.checkpoint import load_checkpoint
@@ -132,7 +132,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     own_statistics = query_statistics(algo)
     statistics = use_query_statistics(algo, e.get("query_statistics"))
     batch = episodes_per_batch(device, e.batch)
-    tasks = dataset.sampler("test", e, batch, device, prefix="eval")
+    tasks = dataset.sampler("test", task_shape(e), batch, device, prefix="eval")
     baselines: dict[str, list[torch.Tensor | None]] = {}
 
     def on_batch(batch_tasks: Any) -> None:  # a baseline that cannot run here scores None
@@ -146,7 +146,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     plain = OmegaConf.to_container(run, resolve=True)
     result.update(query_statistics=statistics, model_query_statistics=own_statistics,
                   protocol=protocol(plain, statistics, ckpt.parent))
-    shape = dataset.describe(e)
+    shape = dataset.describe(task_shape(e))
     print(report(ckpt.name, state["step"], shape, result))  # first: the figure is never lost
     print(f"results written to {write_result(ckpt, key_words(shape, result), result)}")
     return result

@@ -197,6 +197,28 @@ def check_command(command: str, cfg: Mapping) -> None:
     check_paths(command, cfg)
 
 
+# ---------------------------------------------------------------- removed keys
+
+# Keys of earlier versions that are gone: what replaces each, and whether a value of it asks for
+# something (an old checkpoint's config may hold one at its old default, which asked for
+# nothing and is dropped by build.py; one that asks is refused in one sentence).
+REMOVED: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "dataset.augment": ("augment=standard with augment.crop_padding, augment.flip and "
+                        "augment.color_jitter",
+                        lambda v: not isinstance(v, Mapping) or any(v.values())),
+    "algo.distortions": ("augment=affine", bool),
+    "algo.distortion_prob": ("augment=affine augment.prob=P", lambda v: False),
+}
+
+
+def removed_key(key: str) -> str | None:
+    """The sentence for ``key`` when it is (or lies under) a removed key, else None."""
+    for old, (new, _) in REMOVED.items():
+        if key == old or key.startswith(f"{old}."):
+            return f"{key} was removed; use {new}"
+    return None
+
+
 # ---------------------------------------------------------------- path keys
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from fewshot_cli.build import wire_run
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.run_folder import RunFolder
 from fewshot_cli.engine.runtime import StopRequest, pad_host_heap, resolve_device
@@ -40,7 +41,7 @@ ValidationHook = Callable[[int, float, bool], "str | None"]
 STOPPED_EARLY = "stopped early at step %d of %d: %s"  # train.log's line; report.py reads it
 
 
-def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, Any] | None = None,
+def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, str] | None = None,
           state: dict[str, Any] | None = None,
           on_validation: ValidationHook | None = None) -> float:
     """Meta-train as configured in ``run_dir`` (continuing ``state``, a checkpoint, when
@@ -58,7 +59,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, Any] | None = N
             else contextlib.nullcontext()
         with folder:
             torch.manual_seed(cfg.seed)
-            trainer = MetaTrainer(cfg, procs.device, run_dir, procs)
+            trainer = wire_run(cfg, procs.device, run_dir, procs)
             if state is not None:
                 trainer.restore(state)
                 log.info("resuming from step %d in %s", trainer.step, run_dir)
@@ -88,8 +89,7 @@ def _bar(**kwargs: Any) -> tqdm:
 
 def meta_train(trainer: MetaTrainer, on_validation: ValidationHook | None = None) -> float:
     """The training loop; returns the best validation score."""
-    cfg, run_dir = trainer.cfg, trainer.run_dir
-    t, metric = cfg.train, trainer.algo.score_name
+    run_dir, t, metric = trainer.run_dir, trainer.settings, trainer.algo.score_name
     if trainer.step >= t.steps:
         log.info("nothing to do: the run is already at step %d of train.steps=%d; resume with a "
                  "larger train.steps to continue", trainer.step, t.steps)
@@ -99,7 +99,8 @@ def meta_train(trainer: MetaTrainer, on_validation: ValidationHook | None = None
     try:
         stopped = _loop(trainer, writer, on_validation)
         if writer is not None:
-            writer.add_hparams(hparams(cfg), {f"hparam/best_val_{metric}": trainer.best["score"]},
+            writer.add_hparams(hparams(trainer.config),
+                               {f"hparam/best_val_{metric}": trainer.best["score"]},
                                run_name=".")
     except BaseException:
         with contextlib.suppress(Exception):  # (a full disk) must not hide why the run stopped
@@ -120,8 +121,8 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
     """Steps from ``trainer.step`` to ``train.steps``: update, log, validate, save; returns why
     ``on_validation`` stopped it early, or None. ``writer`` is None on the ranks of a torchrun
     job other than 0."""
-    cfg, run_dir, procs = trainer.cfg, trainer.run_dir, trainer.procs
-    t, metric = cfg.train, trainer.algo.score_name
+    run_dir, procs = trainer.run_dir, trainer.procs
+    t, metric = trainer.settings, trainer.algo.score_name
     log.info("run folder: %s", run_dir)
     stop = StopRequest()
     scalars = lambda values, step: writer and [writer.add_scalar(k, v, step)
@@ -192,10 +193,10 @@ def _flat(node: Mapping, prefix: str) -> dict[str, Any]:
     return out
 
 
-def hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The run's settings for TensorBoard's HPARAMS tab: every option of the groups, by key
-    (``algo.inner_lr``), and the group options chosen (``algo=metasgd``)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+def hparams(plain: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's settings for TensorBoard's HPARAMS tab, from its config as plain data: every
+    option of the groups, by key (``algo.inner_lr``), and the group options chosen
+    (``algo=metasgd``)."""
     values: dict[str, Any] = {"seed": plain["seed"]}
     for section in HPARAM_SECTIONS:
         if isinstance(plain.get(section), Mapping):

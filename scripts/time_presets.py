@@ -53,14 +53,14 @@ def time_preset(preset: str, seconds: float) -> dict[str, float]:
     import torch
     from omegaconf import open_dict
 
-    from fewshot_cli.engine.trainer import MetaTrainer
+    from fewshot_cli.build import wire_run
 
     cfg = composed(preset, glyphs=True)
     with open_dict(cfg):
         cfg.train.val_episodes = 8
     with tempfile.TemporaryDirectory() as run_dir:
         torch.manual_seed(0)
-        trainer = MetaTrainer(cfg, torch.device("cpu"), Path(run_dir))
+        trainer = wire_run(cfg, torch.device("cpu"), Path(run_dir))
         for step in range(2):
             trainer.train_step(step)
         cpu: list[float] = []

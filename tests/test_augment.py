@@ -3,15 +3,13 @@ keys, and the sampler applying it to training episodes only."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
-from helpers import compose
+from helpers import compose, one_sentence
 from omegaconf import OmegaConf
 
-from fewshot_cli.build import build_augment
-from fewshot_cli.data.augment import Affine, Identity, Standard, legacy_augment
+from fewshot_cli.build import build_algorithm, build_augment, build_dataset
+from fewshot_cli.data.augment import Affine, Identity, Standard
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.errors import FewshotError
@@ -94,23 +92,27 @@ def test_the_group_builds_each_option():
     assert isinstance(build_augment(old), Identity)
 
 
-def test_deprecated_keys_still_work_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING):
-        cfg = compose(["dataset=miniimagenet", "dataset.augment.crop_padding=8",
-                        "dataset.augment.flip=true"])
-        op = build_augment(cfg)
-    assert isinstance(op, Standard) and (op.crop_padding, op.flip, op.color_jitter) == (8, True, 0)
-    assert "augment=standard augment.crop_padding=8 augment.flip=True" in caplog.text
-    with caplog.at_level(logging.WARNING):
-        op = build_augment(compose(["algo=siamese", "algo.distortions=true",
-                                     "algo.distortion_prob=0.25"]))
-    assert isinstance(op, Affine) and op.op.component_p == 0.25
-    assert "augment=affine augment.prob=0.25" in caplog.text
-    assert legacy_augment(compose(["dataset=miniimagenet"])) is None  # all off: nothing asked
-    with pytest.raises(FewshotError, match="conflict with the augment= option"):
-        legacy_augment(compose(["algo=siamese", "algo.distortions=true", "augment=standard"]))
-    with pytest.raises(FewshotError, match="dataset.augment.rotate is unknown"):
-        legacy_augment(OmegaConf.create({"dataset": {"augment": {"rotate": 10}}}))
+def test_removed_keys_name_their_replacement_and_old_defaults_still_load(fewshot):
+    """dataset.augment.* and algo.distortions were replaced by augment=: asking for them is one
+    sentence naming the new key, from the command line or from an old checkpoint's config;
+    an old checkpoint holding them at their old defaults (asking for nothing) still builds."""
+    one_sentence(fewshot("train", "dataset=miniimagenet", "dataset.augment.flip=true"),
+                 "dataset.augment.flip was removed; use augment=standard", code=2)
+    one_sentence(fewshot("train", "algo=siamese", "algo.distortions=true"),
+                 "algo.distortions was removed; use augment=affine", code=2)
+    old = OmegaConf.to_container(compose(["algo=siamese", "dataset=glyphs"]))
+    old["algo"].update(distortions=False, distortion_prob=0.5)  # as configs before issue 21
+    inputs = {"in_channels": 1, "image_size": 28}
+    build_algorithm(OmegaConf.create(old), inputs)
+    old["algo"]["distortions"] = True
+    with pytest.raises(FewshotError, match="algo.distortions was removed; use augment=affine"):
+        build_algorithm(OmegaConf.create(old), inputs)
+    old = OmegaConf.to_container(compose(["dataset=miniimagenet", "dataset.root=unused"]))
+    old["dataset"]["augment"] = {"crop_padding": 0, "flip": False, "color_jitter": 0.0}
+    build_dataset(OmegaConf.create(old))
+    old["dataset"]["augment"]["flip"] = True
+    with pytest.raises(FewshotError, match="dataset.augment was removed; use augment=standard"):
+        build_dataset(OmegaConf.create(old))
 
 
 def test_the_sampler_augments_training_episodes_only():

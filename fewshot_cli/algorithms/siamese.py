@@ -17,10 +17,7 @@ class SiameseNet(FewShotAlgorithm):
     episode; a query is classified by its most similar support image (one-shot N-way).
     """
 
-    def __init__(self, backbone: Backbone, ways: int, distortions: bool = False,
-                 distortion_prob: float = 0.5) -> None:
-        # distortions / distortion_prob: deprecated keys, now augment=affine (applied by the
-        # sampler); build.build_augment maps them there with a warning
+    def __init__(self, backbone: Backbone, ways: int) -> None:
         super().__init__(backbone, ways)
         self.distance = nn.Linear(backbone.out_features, 1)  # the weights alpha_j of the L1
 

@@ -11,22 +11,15 @@ way.
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Mapping
 
 import kornia.augmentation as K
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fewshot_cli.errors import FewshotError
 
-log = logging.getLogger(__name__)
-
 IDENTITY = "fewshot_cli.data.augment.Identity"
-# The deprecated keys of earlier versions and the augment= option that replaces them.
-LEGACY_STANDARD = {"crop_padding": 0, "flip": False, "color_jitter": 0.0}
 
 
 class Identity(nn.Module):
@@ -124,40 +117,3 @@ class Affine(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.op(images)
-
-
-def legacy_augment(cfg: DictConfig) -> DictConfig | None:
-    """The ``augment`` config that the deprecated keys ask for (with a warning), else None.
-
-    ``dataset.augment.{crop_padding,flip,color_jitter}`` (miniImageNet) became
-    ``augment=standard``; ``algo.distortions`` / ``algo.distortion_prob`` (Siamese) became
-    ``augment=affine augment.prob=...``.
-    """
-    wanted = None
-    old = cfg.dataset.get("augment") if "dataset" in cfg else None
-    if isinstance(old, Mapping) and old:
-        unknown = [k for k in old if k not in LEGACY_STANDARD]
-        if unknown:
-            raise FewshotError(f"dataset.augment.{unknown[0]} is unknown; dataset.augment.* is "
-                               "deprecated: use augment=standard with augment.crop_padding, "
-                               "augment.flip and augment.color_jitter")
-        chosen = {**LEGACY_STANDARD, **old}
-        if any(chosen.values()):
-            wanted = {"_target_": "fewshot_cli.data.augment.Standard", **chosen}
-            hint = ("augment=standard " + " ".join(f"augment.{k}={v}" for k, v in chosen.items()))
-    algo = cfg.get("algo") or {}
-    if algo.get("distortions"):
-        if wanted:
-            raise FewshotError("dataset.augment.* and algo.distortions both ask for augmentation; "
-                               "choose one augment= option instead")
-        prob = algo.get("distortion_prob", 0.5)
-        wanted = {"_target_": "fewshot_cli.data.augment.Affine", "prob": prob}
-        hint = f"augment=affine augment.prob={prob}"
-    if wanted is None:
-        return None
-    current = (cfg.get("augment") or {}).get("_target_", IDENTITY)
-    if current != IDENTITY:
-        raise FewshotError(f"the deprecated keys asking for {hint} conflict with the augment= "
-                           "option chosen; keep only the augment= option")
-    log.warning("deprecated augmentation keys: use %s instead (applied now as that)", hint)
-    return OmegaConf.create(wanted)

@@ -10,7 +10,7 @@ fixed test trials (:meth:`Bandits.baselines`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from fewshot_cli.data import bandit_policies as policies
 from fewshot_cli.data.augment import Identity
 from fewshot_cli.data.base import FewShotDataset
-from fewshot_cli.episode import BANDIT_TASKS, BanditTrials
+from fewshot_cli.episode import BANDIT_TASKS, BanditTrials, TaskShape
 from fewshot_cli.errors import FewshotError
 
 
@@ -100,7 +100,7 @@ class Bandits(FewShotDataset):
     def input_spec(self) -> dict[str, Any]:
         return {"arms": self.arms}
 
-    def sampler(self, split: str, shape: Mapping[str, Any], meta_batch: int,
+    def sampler(self, split: str, shape: TaskShape | None, meta_batch: int,
                 device: torch.device, seed: int = 0, prefix: str = "train",
                 augment: torch.nn.Module | None = None) -> BanditSampler:
         """Trials of this bandit; ``shape`` (the image task shape) does not apply, nor does an
@@ -110,7 +110,7 @@ class Bandits(FewShotDataset):
                                "augment= out (augment=none) with dataset=bandits")
         return BanditSampler(self.arms, self.pulls, meta_batch, device, seed=seed, split=split)
 
-    def describe(self, shape: Mapping[str, Any]) -> str:
+    def describe(self, shape: TaskShape | None) -> str:
         return f"{self.arms}-armed Bernoulli bandit, {self.pulls} pulls"
 
     def baselines(self, tasks: BanditTrials) -> dict[str, torch.Tensor | None]:

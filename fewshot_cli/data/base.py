@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,7 @@ import torch
 
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore, unrotated
-from fewshot_cli.episode import IMAGE_TASKS
+from fewshot_cli.episode import IMAGE_TASKS, TaskShape
 
 SPLITS = ("train", "val", "test")
 
@@ -67,24 +67,20 @@ class FewShotDataset:
         """The settings that decide the split, for the run's split.json (the root, the rule)."""
         return {}
 
-    def sampler(self, split: str, shape: Mapping[str, Any], meta_batch: int,
+    def sampler(self, split: str, shape: TaskShape, meta_batch: int,
                 device: torch.device, seed: int = 0, prefix: str = "train",
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpisodeSampler:
-        """Tasks of ``split`` shaped by ``shape`` (the ``train`` or ``eval`` section, whose
-        ``within_group``/``distinct_drawers`` choose Lake et al.'s protocol); ``augment`` is
-        applied to the images of training episodes."""
-        return EpisodeSampler(self.load(split), shape["ways"], shape["shots"], shape["queries"],
+        """Tasks of ``split`` shaped by ``shape`` (``meta_batch`` of them at a time);
+        ``augment`` is applied to the images of training episodes."""
+        return EpisodeSampler(self.load(split), shape.ways, shape.shots, shape.queries,
                               meta_batch, device, seed=seed, split=split, prefix=prefix,
-                              augment=augment, within_group=bool(shape.get("within_group")),
-                              distinct_drawers=bool(shape.get("distinct_drawers")))
+                              augment=augment, within_group=shape.within_group,
+                              distinct_drawers=shape.distinct_drawers)
 
-    def describe(self, shape: Mapping[str, Any]) -> str:
+    def describe(self, shape: TaskShape) -> str:
         """The task shape in words, as printed and as part of a result's key in results.json:
         ``20-way 1-shot (5 queries), within group, distinct drawers``."""
-        protocol = "".join(f", {key.replace('_', ' ')}" for key in ("within_group",
-                                                                     "distinct_drawers")
-                           if shape.get(key))
-        return f"{shape['ways']}-way {shape['shots']}-shot ({shape['queries']} queries){protocol}"
+        return shape.describe()
 
     def baselines(self, tasks: Any) -> dict[str, torch.Tensor]:
         """Per-task scores of classical methods on the same test tasks (none for images)."""

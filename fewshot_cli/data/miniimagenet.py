@@ -156,8 +156,7 @@ class MiniImageNet(FewShotDataset):
     channels = 3
 
     def __init__(self, root: str, image_size: int = 84, layout: str = "auto",
-                 augment: Mapping | None = None, allow_duplicates: bool = False) -> None:
-        # ``augment``: the deprecated dataset.augment.* keys, read by data.augment.legacy_augment
+                 allow_duplicates: bool = False) -> None:
         if layout != "auto" and layout not in LAYOUTS:
             raise FewshotError(f"dataset.layout={layout} is unknown; choose auto, "
                                f"{', '.join(LAYOUTS)}")

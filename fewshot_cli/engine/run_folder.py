@@ -26,8 +26,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from fewshot_cli.errors import FewshotError, Interrupted
 from fewshot_cli.files import advice, atomic_write_text
 from fewshot_cli.shell import arg, command
@@ -109,11 +107,12 @@ def has_started(folder: Path) -> bool:
 class RunFolder:
     """Holds ``path`` for one run: ``with RunFolder(path, hydra_files) as folder: ...``.
 
-    ``hydra_files`` maps ``.hydra/<name>`` to the config to write there (a new run's composed
-    config, Hydra's own config and the overrides); None for a resumed run, which keeps its own.
+    ``hydra_files`` maps ``.hydra/<name>`` to the YAML text to write there (a new run's
+    composed config, Hydra's own config and the overrides); None for a resumed run, which keeps
+    its own.
     """
 
-    def __init__(self, path: Path, hydra_files: dict[str, Any] | None, resuming: bool) -> None:
+    def __init__(self, path: Path, hydra_files: dict[str, str] | None, resuming: bool) -> None:
         self.path, self.hydra_files, self.resuming = Path(path), hydra_files, resuming
         self._lock: Any = None
         self._handler: logging.Handler | None = None
@@ -153,8 +152,8 @@ class RunFolder:
                                f"{command('train', arg('resume', self.path / 'last.pt'))}, or "
                                "give this run its own hydra.run.dir")
         try:
-            for name, config in (self.hydra_files or {}).items():
-                atomic_write_text(OmegaConf.to_yaml(config), self.path / ".hydra" / name)
+            for name, text in (self.hydra_files or {}).items():
+                atomic_write_text(text, self.path / ".hydra" / name)
             handler = logging.FileHandler(self.path / "train.log", mode="a")
         except OSError as err:
             raise FewshotError(f"cannot write into the run folder {self.path} "
@@ -233,14 +232,14 @@ def discard_if_empty(path: Path) -> None:
     prune_empty_parents(path)
 
 
-def record_failed_run(path: Path, hydra_files: dict[str, Any], message: str) -> None:
+def record_failed_run(path: Path, hydra_files: dict[str, str], message: str) -> None:
     """Leave a failed run of a sweep visible: its ``.hydra/`` config and the error in
     ``train.log``, so that ``fewshot report`` lists it as failed instead of missing."""
     try:
-        for name, config in hydra_files.items():
+        for name, text in hydra_files.items():
             target = Path(path) / ".hydra" / name
             if not target.exists():
-                atomic_write_text(OmegaConf.to_yaml(config), target)
+                atomic_write_text(text, target)
         handler = logging.FileHandler(Path(path) / "train.log", mode="a")
     except OSError:
         return  # nowhere to write: the message on stderr is all there is

@@ -1,54 +1,76 @@
 """The meta-trainer: what one run holds (model, optimizer, task samplers, random states, best
-score), and the four things the training loop asks of it: step, validate, save, restore."""
+score), and the four things the training loop asks of it: step, validate, save, restore.
+
+It takes objects and a typed settings record, never the config: ``build.wire_run`` builds them
+from the config (in the order that fails fastest) and passes the config along as plain data,
+which the checkpoints store."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from fewshot_cli.build import (
-    build_algorithm,
-    build_augment,
-    build_dataset,
-    build_optimizer,
-)
-from fewshot_cli.data.splits import record_split
+from fewshot_cli.algorithms.base import MetaAlgorithm
+from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.engine.checkpoint import code_version, save_checkpoint
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.metrics import score_tasks
-from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.intervals import normal_ci95
 
 
-class MetaTrainer:
-    """Everything a run needs, built from its config in the order that fails fastest: the data
-    set's options, then the model (its options and the task shapes are checked before any image
-    is decoded), then the task samplers, then the optimizer."""
+@dataclass(frozen=True)
+class TrainSettings:
+    """The plain values of a run's loop (``train.*``, ``eval.*``, ``seed``): ``steps``
+    meta-updates of ``meta_batch`` tasks, metrics every ``log_every`` steps, validation on
+    ``val_episodes`` fixed tasks (``val_batch`` at a time, seeded by ``val_seed``) every
+    ``val_every`` steps, gradients clipped to norm ``grad_clip`` (None: not clipped)."""
 
-    def __init__(self, cfg: DictConfig, device: torch.device, run_dir: Path,
-                 procs: Processes | None = None) -> None:
-        t, e = cfg.train, cfg.eval
-        self.cfg, self.device, self.run_dir = cfg, device, run_dir
-        self.procs = procs or Processes(device=device)
-        self.procs.check_meta_batch(t.meta_batch)
-        self.autocast = autocast_for(device, cfg.device.precision)
-        self.dataset = build_dataset(cfg)
-        self.inputs = dict(self.dataset.input_spec())  # kept in checkpoints for predict
-        self.algo = self.procs.prepare(build_algorithm(cfg, self.inputs, device))
-        # a leaking split is refused, the split written once, a resumed run checked against it
-        record_split(self.dataset, run_dir, write=self.procs.main,
-                     resuming=bool(cfg.get("resume")))
-        self.train_tasks = self.dataset.sampler("train", t, t.meta_batch, device, seed=cfg.seed,
-                                                augment=build_augment(cfg))
-        self.val_tasks = self.dataset.sampler("val", e, episodes_per_batch(device, e.batch),
-                                              device, prefix="eval")
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.algo)
+    steps: int
+    meta_batch: int
+    log_every: int
+    val_every: int
+    val_episodes: int
+    val_batch: int
+    val_seed: int
+    seed: int
+    grad_clip: float | None = None
+
+
+@dataclass
+class RunParts:
+    """The objects a run trains with, built by ``build.wire_run``: the data set, the algorithm
+    (on its device; wrapped for data parallelism under torchrun), the training and validation
+    task samplers, the optimizer and its schedule, the mixed-precision context, and the input
+    shape the model was sized for (kept in checkpoints for ``fewshot predict``)."""
+
+    dataset: FewShotDataset
+    algo: MetaAlgorithm
+    train_tasks: Any
+    val_tasks: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    autocast: Callable
+    inputs: dict[str, Any]
+
+
+class MetaTrainer:
+    """A run's state and its steps, over the objects of ``parts`` and the values of
+    ``settings``; ``config`` (plain data) is what its checkpoints record."""
+
+    def __init__(self, parts: RunParts, settings: TrainSettings, config: dict[str, Any],
+                 device: torch.device, run_dir: Path, procs: Processes) -> None:
+        self.settings, self.config = settings, config
+        self.device, self.run_dir, self.procs = device, run_dir, procs
+        self.dataset, self.algo, self.inputs = parts.dataset, parts.algo, parts.inputs
+        self.train_tasks, self.val_tasks = parts.train_tasks, parts.val_tasks
+        self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
+        self.autocast = parts.autocast
         self.step = 0
         self.best = {"score": -math.inf, "ci95": math.nan, "step": 0}
         self.code = [code_version()]  # every version of the code that trained this run, in order
@@ -73,8 +95,8 @@ class MetaTrainer:
         bad = self.procs.average_gradients(params, stop, ~torch.isfinite(loss.detach()))
         self._bad_step = torch.where(bad & (self._bad_step < 0),
                                      torch.full_like(self._bad_step, step + 1), self._bad_step)
-        if self.cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        if self.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -98,9 +120,9 @@ class MetaTrainer:
     def validate(self, progress: Callable | None = None) -> tuple[float, float, bool]:
         """Mean ± 95% CI of the score on ``train.val_episodes`` fixed validation tasks, and
         whether it is a new best (remembered; the caller saves ``best.pt``)."""
-        batch = episodes_per_batch(self.device, self.cfg.eval.batch)
-        tasks = self.val_tasks.fixed(self.cfg.train.val_episodes, seed=self.cfg.eval.seed + 1)
-        batches = -(-self.cfg.train.val_episodes // batch)
+        episodes, batch = self.settings.val_episodes, self.settings.val_batch
+        tasks = self.val_tasks.fixed(episodes, seed=self.settings.val_seed)
+        batches = -(-episodes // batch)
         mine = -(-(batches - self.procs.rank) // self.procs.world)  # every world-th batch
         scores = score_tasks(self.algo, self.procs.my_batches(tasks), self.autocast,
                              progress and (lambda it: progress(it, mine)))
@@ -121,7 +143,7 @@ class MetaTrainer:
         if not self.procs.main:
             return path
         save_checkpoint(path, {
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": self.config,
             "step": self.step,
             "model": self.algo.state_dict(),
             "optimizer": self.optimizer.state_dict(),
