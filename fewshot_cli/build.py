@@ -90,8 +90,9 @@ def build(cfg: DictConfig, section: str, label: str | None = None, **kwargs: Any
 
 
 def build_dataset(cfg: DictConfig) -> FewShotDataset:
-    """The reader named by ``cfg.dataset._target_`` (checks its options, reads nothing yet)."""
-    return build(cfg, "dataset")
+    """The reader named by ``cfg.dataset._target_`` (checks its options, reads nothing yet),
+    given plain values (dicts and lists, not DictConfig)."""
+    return build(cfg, "dataset", _convert_="all")
 
 
 def build_augment(cfg: DictConfig) -> torch.nn.Module:
@@ -99,7 +100,7 @@ def build_augment(cfg: DictConfig) -> torch.nn.Module:
     group existed."""
     node = cfg.get("augment") or {"_target_": IDENTITY}
     return build(OmegaConf.create({"augment": node, "choices": cfg.get("choices") or {}}),
-                 "augment")
+                 "augment", _convert_="all")
 
 
 def task_kind(target: str) -> str:

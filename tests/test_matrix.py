@@ -15,7 +15,7 @@ from helpers import compose
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fewshot_cli.build import build_algorithm, build_optimizer
+from fewshot_cli.build import build_algorithm, build_augment, build_dataset, build_optimizer
 from fewshot_cli.config import group_targets
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
@@ -214,3 +214,29 @@ def test_algorithms_and_backbones_are_given_plain_values(algo: str, backbone: st
                                                   "image_size": 65 if backbone == "koch" else 28}
     build_algorithm(cfg, inputs)
     assert given and all(plain(v) for v in given.values()), given
+
+
+@pytest.mark.parametrize("dataset, augment", [
+    *((name, "none") for name in sorted(group_targets("dataset"))),
+    *(("glyphs", name) for name in sorted(group_targets("augment")))])
+def test_data_sets_and_augmentations_are_given_plain_values(dataset: str, augment: str,
+                                                            monkeypatch) -> None:
+    """Config stops at build.py: readers and augmentations get dicts and lists, never
+    DictConfig or ListConfig (nor are their files read here)."""
+    cfg = compose([f"dataset={dataset}", f"augment={augment}",
+                   *(["algo=rl2"] if dataset == "bandits" else []),
+                   *(["dataset.root=unused"] if dataset == "folder" else [])])
+    given: dict[str, Any] = {}
+
+    def recording(init: Any) -> Any:
+        def record(self, *args: Any, **kwargs: Any) -> None:
+            given.update(kwargs)
+            init(self, *args, **kwargs)
+        return record
+
+    for target in (cfg.dataset._target_, cfg.augment._target_):
+        cls = get_class(target)
+        monkeypatch.setattr(cls, "__init__", recording(cls.__init__))
+    build_dataset(cfg)
+    build_augment(cfg)
+    assert all(plain(v) for v in given.values()), given
