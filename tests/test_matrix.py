@@ -181,6 +181,22 @@ def test_maml_trains_resnet12_with_dropblock_through_the_cli(cli) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def recorded_arguments(monkeypatch: pytest.MonkeyPatch, *targets: str) -> dict[str, Any]:
+    """A dict that fills with the keyword arguments the classes ``targets`` are built with."""
+    given: dict[str, Any] = {}
+
+    def recording(init: Any) -> Any:
+        def record(self, *args: Any, **kwargs: Any) -> None:
+            given.update(kwargs)
+            init(self, *args, **kwargs)
+        return record
+
+    for target in targets:
+        cls = get_class(target)
+        monkeypatch.setattr(cls, "__init__", recording(cls.__init__))
+    return given
+
+
 def plain(value: Any) -> bool:
     """Built-in values all the way down: no DictConfig or ListConfig."""
     if isinstance(value, DictConfig | ListConfig):
@@ -199,17 +215,7 @@ def test_algorithms_and_backbones_are_given_plain_values(algo: str, backbone: st
                                                          monkeypatch) -> None:
     cfg = compose([f"algo={algo}", "dataset=bandits" if algo == "rl2" else "dataset=glyphs",
                    *([f"backbone={backbone}"] if backbone else [])])
-    given: dict[str, Any] = {}
-
-    def recording(init: Any) -> Any:
-        def record(self, *args: Any, **kwargs: Any) -> None:
-            given.update(kwargs)
-            init(self, *args, **kwargs)
-        return record
-
-    for target in (cfg.algo._target_, cfg.backbone._target_):
-        cls = get_class(target)
-        monkeypatch.setattr(cls, "__init__", recording(cls.__init__))
+    given = recorded_arguments(monkeypatch, cfg.algo._target_, cfg.backbone._target_)
     inputs = {"arms": 5} if algo == "rl2" else {"in_channels": 1,
                                                   "image_size": 65 if backbone == "koch" else 28}
     build_algorithm(cfg, inputs)
@@ -226,17 +232,7 @@ def test_data_sets_and_augmentations_are_given_plain_values(dataset: str, augmen
     cfg = compose([f"dataset={dataset}", f"augment={augment}",
                    *(["algo=rl2"] if dataset == "bandits" else []),
                    *(["dataset.root=unused"] if dataset == "folder" else [])])
-    given: dict[str, Any] = {}
-
-    def recording(init: Any) -> Any:
-        def record(self, *args: Any, **kwargs: Any) -> None:
-            given.update(kwargs)
-            init(self, *args, **kwargs)
-        return record
-
-    for target in (cfg.dataset._target_, cfg.augment._target_):
-        cls = get_class(target)
-        monkeypatch.setattr(cls, "__init__", recording(cls.__init__))
+    given = recorded_arguments(monkeypatch, cfg.dataset._target_, cfg.augment._target_)
     build_dataset(cfg)
     build_augment(cfg)
     assert all(plain(v) for v in given.values()), given
