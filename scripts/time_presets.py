@@ -1,7 +1,7 @@
 """Seconds per meta-training step (and per validation episode) of every preset, measured briefly
-on the generated glyphs at the preset's shape, so the preset table (docs/results.md) can state how long a
-full run would take here. Writes ``reproductions/step_times.json`` (merging with the presets
-already timed there), with the machine, torch's thread count and the load average.
+on the generated glyphs at the preset's shape, so the preset table (docs/results.md) can state
+how long a full run would take here. Writes ``reproductions/step_times.json`` (merging with the
+presets already timed there), with the machine, torch's thread count and the load average.
 
 The estimate uses CPU seconds (``time.process_time`` of this one-thread process), which a
 busy machine inflates far less than wall time; both are stored. The glyphs are grey, so a

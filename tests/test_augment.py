@@ -1,5 +1,5 @@
-"""Training augmentation (augment=): the Kornia ops, Koch's per-component draws, the deprecated
-keys, and the sampler applying it to training episodes only."""
+"""Training augmentation (augment=): the Kornia ops, Koch's per-component draws, the removed
+keys refused, and the sampler applying it to training episodes only."""
 
 from __future__ import annotations
 
