@@ -125,7 +125,7 @@ def quoted(value: str) -> str:
 # Keys that take a path. Hydra's override grammar rejects a value holding ( ) [ ] { } = ~ & # !
 # ; or a quote unless it is quoted, and Omniglot's folders are named "Old_Church_Slavonic_
 # (Cyrillic)": such a path is quoted for the user (a comma still means a sweep: a,b,c).
-PATH_KEYS = {"ckpt", "support", "query", "out", "resume", "dir", "dataset.root",
+PATH_KEYS = {"ckpt", "support", "query", "out", "resume", "init_from", "dir", "dataset.root",
              "hydra.run.dir", "hydra.sweep.dir"}
 NEEDS_QUOTES = set("()[]{}=~&#!;\\'\"")
 
@@ -265,8 +265,8 @@ def condense(text: str, command: str) -> str:
 # What a resumed run may change: how long it runs, how often it validates and logs, where its
 # data lives and how (not what) it computes. Anything else would make the checkpoint's weights,
 # optimizer state or random state belong to a config other than the one it records.
-RESUMABLE = ("train.steps", "train.val_every", "train.val_episodes", "train.log_every",
-             "eval.batch", "eval.episodes", "dataset.root", "dataset.download",
+RESUMABLE = ("train.steps", "train.max_minutes", "train.val_every", "train.val_episodes",
+             "train.log_every", "eval.batch", "eval.episodes", "dataset.root", "dataset.download",
              "dataset.allow_duplicates", "device",
              "device.type", "device.precision", "device.memory_format", "algo.batching",
              "algo.task_chunk", "algo.checkpoint_steps")
