@@ -113,6 +113,15 @@ def check(cfg: Mapping, rules: Mapping[str, Rule]) -> None:
                                f"{key}={rule.example})")
 
 
+# A preset's second stage says which run it starts from with ``init_from: "required: <what>"``
+# (OmegaConf's ``???`` cannot do it: merged over train.yaml's null it leaves the null).
+REQUIRED = "required:"
+
+
 def check_train(cfg: Mapping) -> None:
-    """The shared options of ``fewshot train``."""
+    """The shared options of ``fewshot train``, and an ``init_from`` a preset requires."""
+    init = cfg.get("init_from")
+    if isinstance(init, str) and init.startswith(REQUIRED):
+        raise FewshotError(f"this preset starts from another run's checkpoint: add "
+                           f"init_from=PATH, {init.removeprefix(REQUIRED).strip()}")
     check(cfg, {**TRAIN_RULES, **EVAL_RULES, **DEVICE_RULES})

@@ -202,6 +202,19 @@ def test_bad_options_are_one_sentence(options, words):
         Baseline(Conv4(hidden=8), 5, **options)
 
 
+def test_centroid_support_classifier_is_classifier_baseline():
+    """Chen et al. 2021's Classifier-Baseline test: cosine to the class means of the pretrained
+    features, the same scores as a cosine ProtoNet on the same backbone."""
+    torch.manual_seed(3)
+    backbone = Conv4(hidden=8).eval()
+    s, q = torch.rand(2, 10, 1, 28, 28), torch.rand(2, 15, 1, 28, 28)
+    labels = torch.arange(5).repeat_interleave(2).expand(2, -1)
+    with torch.no_grad():
+        ours = Baseline(backbone, 5, support_classifier="centroid").predict(s, labels, q, 5)
+        theirs = ProtoNet(backbone, 5, distance="cosine").predict(s, labels, q, 5)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
 def test_protonet_learns_its_cosine_scale():
     algo = ProtoNet(Conv4(hidden=8), 5, distance="cosine", learn_scale=True)
     assert "scale" in algo.state_dict()
@@ -212,6 +225,45 @@ def test_protonet_learns_its_cosine_scale():
     assert "scale" not in ProtoNet(Conv4(hidden=8), 5).state_dict()  # old checkpoints load
     with pytest.raises(FewshotError, match="algo.distance=cosine"):
         ProtoNet(Conv4(hidden=8), 5, learn_scale=True)
+
+
+# ---------------------------------------------------------------- presets
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+FAMILIES = ("baseline", "baselinepp", "rfs", "meta_baseline")
+
+
+def transfer_presets() -> list[str]:
+    return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
+                  if p.stem.rsplit("_", 2)[0] in FAMILIES)
+
+
+@pytest.mark.parametrize("preset", transfer_presets())
+def test_presets_compose_and_build(preset):
+    from hydra import compose, initialize_config_dir
+    from test_metric_algorithms import random_store
+
+    from fewshot_cli.build import build_algorithm
+
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("train", overrides=[f"experiment={preset}"])
+    family, data, shape = preset.rsplit("_", 2)
+    if shape != "classifier":
+        ways, shots = (int(x) for x in shape.rstrip("s").split("w"))
+        assert (cfg.eval.ways, cfg.eval.shots) == (ways, shots)
+    target = cfg.algo._target_.rsplit(".", 1)[-1]
+    assert target == ("ProtoNet" if shape != "classifier" and family == "meta_baseline"
+                      else "Baseline")
+    if family == "baselinepp":
+        assert cfg.algo.classifier == "cosine"
+    channels = 3 if data == "miniimagenet" else 1
+    store = random_store(classes=2, images=2, size=cfg.dataset.image_size, channels=channels)
+    build_algorithm(cfg, store)
+
+
+def test_a_second_stage_preset_without_init_from_is_one_sentence(cli):
+    one_sentence(cli("train", "experiment=meta_baseline_miniimagenet_5w1s"),
+                 "add init_from=PATH", "experiment=meta_baseline_miniimagenet_classifier")
 
 
 # ---------------------------------------------------------------- the CLI on the glyphs
@@ -312,7 +364,8 @@ def test_max_minutes_stops_cleanly_and_spans_resumes(cli, tmp_path):
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
     assert 0 < last["step"] < 100000 and best["step"] == last["step"]  # validated, then saved
     assert last["trained_seconds"] >= 0.06
-    assert "train.max_minutes=0.001 of training spent (cpu clock)" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "train.max_minutes=0.001 of training spent (cpu clock)" in log
     assert "stopped" in out.stdout
     again = ok(cli("train", f"resume={run / 'last.pt'}"))
     assert "nothing to do" in again.stdout

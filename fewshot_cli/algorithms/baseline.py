@@ -18,6 +18,9 @@ support features, and it scores the queries.
   2020, "Rethinking Few-Shot Image Classification: a Good Embedding Is All You Need?"):
   scikit-learn's ``LogisticRegression`` on L2-normalised support features, as in their
   ``eval/meta_eval.py`` (lbfgs, ``max_iter=1000``, ``random_state=0``, ``C=1``).
+- ``support_classifier=centroid`` is Classifier-Baseline (Chen, Liu, Xu, Darrell & Wang 2021,
+  "Meta-Baseline: Exploring Simple Meta-Learning for Few-Shot Learning"): the cosine similarity
+  of each query to each class's mean support feature, nothing fit.
 
 A metric learner can start from such a pretrained backbone with ``init_from=CKPT``
 (Meta-Baseline, Chen et al. 2021: ``algo=protonet algo.distance=cosine algo.learn_scale=true``).
@@ -35,11 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm, embed_episode
+from fewshot_cli.algorithms.protonet import prototypes
 from fewshot_cli.episode import LabelledBatch
 from fewshot_cli.errors import FewshotError
 
 CLASSIFIERS = ("linear", "cosine")
-SUPPORT_CLASSIFIERS = ("finetune", "logistic")
+SUPPORT_CLASSIFIERS = ("finetune", "logistic", "centroid")
+CENTROID_SCALE = 10.0  # Meta-Baseline's initial temperature; it leaves the argmax unchanged
 # Chen et al.'s distLinear: scale 2 for at most 200 classes, 10 above ("in omniglot, a larger
 # scale factor is required to handle >1000 output classes"), backbone.py lines 30-33.
 SMALL_HEAD, SMALL_SCALE, LARGE_SCALE = 200, 2.0, 10.0
@@ -155,13 +160,18 @@ class Baseline(FewShotAlgorithm):
     def predict(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
                 ways: int) -> torch.Tensor:
         """Scores ``[B, N*Q, ways]`` from a head fit on the frozen support features: logits of
-        the fine-tuned head, or the logistic regression's log-probabilities."""
+        the fine-tuned head, the logistic regression's log-probabilities, or scaled cosine
+        similarities to the class centroids."""
         with torch.no_grad():
             support_f, query_f = (f.float() for f in embed_episode(self.backbone, support, query))
         with torch.autocast(support_f.device.type, enabled=False):  # the head fits in float32
             if self.support_classifier == "logistic":
                 return logistic_regression(support_f, support_y, query_f, ways,
                                            **self.logistic_options)
+            if self.support_classifier == "centroid":
+                centroids = prototypes(support_f, support_y, ways)
+                return CENTROID_SCALE * F.normalize(query_f, dim=-1) @ F.normalize(
+                    centroids, dim=-1).transpose(1, 2)
             return self.finetune(support_f, support_y, query_f, ways)
 
     def finetune(self, support_f: torch.Tensor, support_y: torch.Tensor, query_f: torch.Tensor,
