@@ -98,10 +98,3 @@ class LabelledBatch:
     images: torch.Tensor
     labels: torch.Tensor
     classes: int
-
-    @property
-    def meta_batch(self) -> int:
-        return self.images.shape[0]
-
-    def to(self, device: torch.device | str) -> LabelledBatch:
-        return replace(self, images=self.images.to(device), labels=self.labels.to(device))

@@ -84,7 +84,13 @@ def init_head(kind: str, features: int, classes: int, generator: torch.Generator
 
 
 class Baseline(FewShotAlgorithm):
-    """Baseline / Baseline++ (Chen et al. 2019) and RFS (Tian et al. 2020): see the module."""
+    """Baseline / Baseline++ (Chen et al. 2019), RFS (Tian et al. 2020) and Classifier-Baseline
+    (Chen et al. 2021): see the module. Options as in ``conf/algo/baseline.yaml``.
+
+    Raises:
+        FewshotError: an unknown ``algo.classifier`` or ``algo.support_classifier``, a scale or
+            count out of range, or ``support_classifier=logistic`` without scikit-learn.
+    """
 
     trains_on = "batches"
 
@@ -96,19 +102,9 @@ class Baseline(FewShotAlgorithm):
                  finetune_seed: int = 0, logistic_c: float = 1.0,
                  logistic_max_iter: int = 1000) -> None:
         super().__init__(backbone, ways)
-        _check_choice("algo.classifier", classifier, CLASSIFIERS)
-        _check_choice("algo.support_classifier", support_classifier, SUPPORT_CLASSIFIERS)
-        if scale != "auto" and not (isinstance(scale, (int, float)) and scale > 0):
-            raise FewshotError(f"algo.scale={scale} must be auto (Chen et al.: 2 for at most "
-                               "200 classes, 10 above) or a positive number")
-        counts = {"finetune_batch": finetune_batch, "logistic_max_iter": logistic_max_iter}
-        if finetune_steps is not None:
-            counts["finetune_steps"] = finetune_steps
-        for key, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FewshotError(f"algo.{key}={value} must be a whole number of at least 1"
-                                   + (" (or null: the paper's 100 epochs)"
-                                      if key == "finetune_steps" else ""))
+        _check_options(classifier, support_classifier, scale,
+                       {"finetune_batch": finetune_batch, "logistic_max_iter": logistic_max_iter,
+                        "finetune_steps": finetune_steps})
         self.classifier, self.support_classifier = classifier, support_classifier
         self.scale = scale
         self.finetune_steps, self.finetune_batch = finetune_steps, finetune_batch
@@ -134,6 +130,7 @@ class Baseline(FewShotAlgorithm):
                                       "bias_or_norm": nn.Parameter(other.to(device))})
 
     def head_scale(self, classes: int) -> float:
+        """The cosine head's scale for ``classes`` classes (``algo.scale``, or Chen et al.'s)."""
         return chen_scale(classes) if self.scale == "auto" else float(self.scale)
 
     def meta_loss(self, tasks: LabelledBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -270,6 +267,21 @@ def _sklearn() -> Any:
     return linear_model
 
 
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise FewshotError(f"{key}={value} is unknown; choose {' or '.join(choices)}")
+def _check_options(classifier: str, support_classifier: str, scale: Any,
+                   counts: dict[str, Any]) -> None:
+    """One sentence for the first option of Baseline that cannot work."""
+    for key, value, choices in (("classifier", classifier, CLASSIFIERS),
+                                ("support_classifier", support_classifier, SUPPORT_CLASSIFIERS)):
+        if value not in choices:
+            raise FewshotError(f"algo.{key}={value} is unknown; choose {' or '.join(choices)}")
+    if scale != "auto" and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                            or scale <= 0):
+        raise FewshotError(f"algo.scale={scale} must be auto (Chen et al.: 2 for at most 200 "
+                           "classes, 10 above) or a positive number")
+    for key, value in counts.items():
+        if key == "finetune_steps" and value is None:
+            continue  # the paper's 100 epochs
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FewshotError(f"algo.{key}={value} must be a whole number of at least 1"
+                               + (" (or null: the paper's 100 epochs)"
+                                  if key == "finetune_steps" else ""))
