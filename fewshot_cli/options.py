@@ -53,7 +53,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "seed": _int(0, 0, "a whole number (0 or more)"),
     **{f"train.{k}": r for k, r in EPISODE.items()},
     "train.meta_batch": _int(1, 4),
+    "train.batch_size": _int(1, 64),
     "train.steps": _int(1, 2000),
+    "train.max_minutes": Rule("float_or_null", lambda v: v > 0 and math.isfinite(v),
+                              "a positive number of minutes or null", "30"),
+    "train.budget_clock": Rule("choice", lambda v: v in ("wall", "cpu"), "wall or cpu", "cpu"),
     "train.val_every": _int(1, 500),
     "train.val_episodes": _int(1, 200),
     "train.log_every": _int(1, 10),
@@ -181,9 +185,24 @@ def check(cfg: Mapping, rules: Mapping[str, Rule]) -> None:
                                f"{key}={rule.example})")
 
 
+# A preset's second stage says which run it starts from with ``init_from: "required: <what>"``
+# (OmegaConf's ``???`` cannot do it: merged over train.yaml's null it leaves the null).
+REQUIRED = "required:"
+
+
 def check_train(cfg: Mapping) -> None:
-    """The options of ``fewshot train`` (the optimizer's and schedule's included)."""
+    """The options of ``fewshot train`` (the optimizer's and schedule's included), and an
+    ``init_from`` a preset requires."""
+    check_required(cfg)
     check(cfg, RULES["train"])
+
+
+def check_required(cfg: Mapping) -> None:
+    """Raise a FewshotError when a preset's ``init_from`` still says which run it needs."""
+    init = cfg.get("init_from")
+    if isinstance(init, str) and init.startswith(REQUIRED):
+        raise FewshotError(f"this preset starts from another run's checkpoint: add "
+                           f"init_from=PATH, {init.removeprefix(REQUIRED).strip()}")
 
 
 def check_command(command: str, cfg: Mapping) -> None:
@@ -193,6 +212,8 @@ def check_command(command: str, cfg: Mapping) -> None:
     Raises:
         FewshotError: one sentence naming the first bad key, what it must be and an example.
     """
+    if "init_from" in PATHS.get(command, {}):
+        check_required(cfg)  # before check_paths reads "required: ..." as a missing file
     check(cfg, RULES.get(command, {}))
     check_paths(command, cfg)
 

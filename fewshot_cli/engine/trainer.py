@@ -4,6 +4,7 @@ score), and the four things the training loop asks of it: step, validate, save, 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from fewshot_cli.build import (
     build_optimizer,
 )
 from fewshot_cli.data.splits import record_split
-from fewshot_cli.engine.checkpoint import code_version, save_checkpoint
+from fewshot_cli.engine.checkpoint import code_version, init_backbone, save_checkpoint
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.metrics import mean_ci95, score_tasks
 from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch
@@ -40,20 +41,48 @@ class MetaTrainer:
         self.dataset = build_dataset(cfg)
         self.inputs = dict(self.dataset.input_spec())  # kept in checkpoints for predict
         self.algo = self.procs.prepare(build_algorithm(cfg, self.inputs, device))
+        # init_from= (a new run only: a resume restores every weight from its own checkpoint)
+        self.init_from = init_backbone(self.algo, cfg.init_from,
+                                       OmegaConf.to_container(cfg, resolve=True)) \
+            if cfg.get("init_from") and not cfg.get("resume") else None
         # a leaking split is refused, the split written once, a resumed run checked against it
         record_split(self.dataset, run_dir, write=self.procs.main,
                      resuming=bool(cfg.get("resume")))
-        self.train_tasks = self.dataset.sampler("train", t, t.meta_batch, device, seed=cfg.seed,
-                                                augment=build_augment(cfg))
+        self.train_tasks = self._training_data()
         self.val_tasks = self.dataset.sampler("val", e, episodes_per_batch(device, e.batch),
                                               device, prefix="eval")
         self.optimizer, self.scheduler = build_optimizer(cfg, self.algo)
         self.step = 0
         self.best = {"score": -math.inf, "ci95": math.nan, "step": 0}
         self.code = [code_version()]  # every version of the code that trained this run, in order
+        # Seconds spent in training steps (validation and checkpoints not counted), on the clock
+        # of train.budget_clock; kept in checkpoints, so train.max_minutes spans resumes.
+        self.trained_seconds = 0.0
+        self._clock = time.process_time if t.get("budget_clock") == "cpu" else time.perf_counter
         # The first step whose loss was not finite, kept on the device so that steps which do
         # not log never wait for it; -1 while every loss has been finite.
         self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def _training_data(self) -> Any:
+        """The training sampler: the data set's tasks (episodes), or, for an algorithm that
+        trains on labelled minibatches (transfer baselines), ``train.batch_size`` images of the
+        training split with their class, whose count then sizes the algorithm's head."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.algo.trains_on == "batches":
+            self.procs.check_meta_batch(t.batch_size, "train.batch_size")
+            batches = self.dataset.batches("train", t.batch_size, self.device, seed=cfg.seed,
+                                           augment=build_augment(cfg))
+            self.algo.set_base_classes(batches.classes)
+            return batches
+        return self.dataset.sampler("train", t, t.meta_batch, self.device, seed=cfg.seed,
+                                    augment=build_augment(cfg))
+
+    @property
+    def per_step(self) -> tuple[int, str]:
+        """What one training step consumes, for the speed logged: (how many, of what)."""
+        t = self.cfg.train
+        return (t.batch_size, "images") if self.algo.trains_on == "batches" \
+            else (t.meta_batch, "episodes")
 
     # ---- one meta-training step
 
@@ -61,6 +90,7 @@ class MetaTrainer:
         """Sample a meta-batch, meta-update once on this process's share of its tasks; the
         step's metrics as device tensors. ``stop`` (a Ctrl-C here) travels with the gradients
         to the other processes of a torchrun job."""
+        start = self._clock()
         self.algo.train()
         self.algo.set_step(step)
         tasks = self.procs.shard(self.train_tasks.sample())
@@ -78,7 +108,15 @@ class MetaTrainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.step = step + 1
+        self.trained_seconds += self._clock() - start
         return metrics
+
+    def out_of_time(self) -> bool:
+        """Whether the training steps have spent ``train.max_minutes`` (rank 0's clock decides
+        for every process of a torchrun job, so that all stop at the same step)."""
+        limit = self.cfg.train.get("max_minutes")
+        return limit is not None and bool(self.procs.broadcast(
+            self.trained_seconds >= 60 * limit))
 
     def check_finite(self) -> None:
         """Stop (without saving) if a loss since the last check was NaN or infinite."""
@@ -130,6 +168,8 @@ class MetaTrainer:
                     "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
             "inputs": self.inputs,
             "code": self.code,
+            "trained_seconds": self.trained_seconds,
+            "init_from": self.init_from,
             "best": {"accuracy" if self.algo.score_name == "accuracy" else "score":
                      self.best["score"], "ci95": self.best["ci95"], "step": self.best["step"],
                      "metric": self.algo.score_name},
@@ -151,5 +191,7 @@ class MetaTrainer:
         now = code_version()
         self.code = trained_by if trained_by[-1] == now else [*trained_by, now]
         self.step = state["step"]
+        self.trained_seconds = float(state.get("trained_seconds", 0.0))
+        self.init_from = state.get("init_from")
         self.best = {"score": best.get("score", best.get("accuracy")), "ci95": best["ci95"],
                      "step": best["step"]}
