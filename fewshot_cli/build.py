@@ -125,7 +125,14 @@ def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
 
 def build_optimizer(cfg: DictConfig, algo: MetaAlgorithm
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """The meta-optimizer over all of the algorithm's parameters, and its schedule (or None)."""
+    """The meta-optimizer over all of the algorithm's parameters, and its schedule (or None).
+    One sentence when none of them is trainable (a frozen backbone under an algorithm with no
+    weights of its own)."""
+    if not any(p.requires_grad for p in algo.parameters()):
+        raise FewshotError(f"algo={_choice(cfg, 'algo')} has no weights of its own and "
+                           "backbone.freeze=true fixes the backbone's, so there is nothing to "
+                           "train; classify with the frozen features directly (fewshot predict "
+                           "backbone=... with no ckpt), or set backbone.freeze=false")
     return _optimizer_and_schedule(cfg, algo.parameters())
 
 

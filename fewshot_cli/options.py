@@ -111,7 +111,13 @@ DEVICE_RULES: dict[str, Rule] = {
 }
 
 
-PREDICT_RULES: dict[str, Rule] = {"batch": _int(1, 64)}
+PREDICT_RULES: dict[str, Rule] = {
+    "batch": _int(1, 64),
+    # with a pretrained backbone= and no ckpt= (no training)
+    "distance": Rule("choice", lambda v: v in ("cosine", "sqeuclidean"), "cosine or sqeuclidean",
+                     "cosine"),
+    "image_size": _int(1, 224, "a whole number of pixels"),
+}
 
 
 def _or_null(rules: Mapping[str, Rule]) -> dict[str, Rule]:
@@ -242,11 +248,13 @@ HYDRA_FOLDERS = {"hydra.run.dir": PathKey("new_folder", sweep=False),
                  "hydra.sweep.dir": PathKey("new_folder", sweep=False)}
 PATHS: dict[str, dict[str, PathKey]] = {  # every command's path keys, by command name
     "train": {"resume": PathKey("checkpoint", sweep=False), "init_from": PathKey("checkpoint"),
-              "dataset.root": PathKey("any"), **HYDRA_FOLDERS,
+              "dataset.root": PathKey("any"), "backbone.weights": PathKey("any"),
+              **HYDRA_FOLDERS,
               "hydra.launcher.submitit_folder": PathKey("new_folder", sweep=False)},
     "eval": {"ckpt": PathKey("checkpoint", CHECKPOINT), "dataset.root": PathKey("any"),
              **HYDRA_FOLDERS},
-    "predict": {"ckpt": PathKey("checkpoint", CHECKPOINT),
+    # ckpt= or, with no training, a pretrained backbone= (predict.py says which is missing)
+    "predict": {"ckpt": PathKey("checkpoint"), "backbone.weights": PathKey("any"),
                 "support": PathKey("folder", "a folder holding one sub-folder of images per "
                                              "class"),
                 "query": PathKey("file_or_folder", "an image, or a folder of images"),
