@@ -1,10 +1,10 @@
-"""The README's table of paper presets, generated from conf/experiment (each preset's paper
-figures and test shapes) and reproductions/ (our records, and the measured time per step that
+"""The table of paper presets in docs/results.md, generated from conf/experiment (each preset's
+paper figures and test shapes) and reproductions/ (our records, and the measured time per step that
 estimates a full run for a preset without one). Never edit the table by hand.
 
     python scripts/preset_table.py            # print the table
-    python scripts/preset_table.py --write    # rewrite the marked block of README.md
-    python scripts/preset_table.py --check    # exit 1 when README.md's block is out of date
+    python scripts/preset_table.py --write    # rewrite the marked block of docs/results.md
+    python scripts/preset_table.py --check    # exit 1 when docs/results.md's block is out of date
     python scripts/preset_table.py --add RUN  # copy RUN's reproduction.json and validation lines
                                               # into reproductions/<preset>/, then --write
 """
@@ -23,7 +23,7 @@ from typing import Any
 from fewshot_cli.reproduce import shown
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+PAGE = REPO / "docs" / "results.md"
 RECORDS = REPO / "reproductions"
 START, END = "<!-- preset-table: start -->", "<!-- preset-table: end -->"
 VALIDATION_LINE = re.compile(r"step \d+: val ")  # what the trainer logs after each validation
@@ -92,7 +92,7 @@ def _run(record: dict[str, Any] | None, cfg: dict[str, Any], timing: dict | None
 
 
 def render() -> str:
-    """The Markdown block between the README's markers."""
+    """The Markdown block between the page's markers."""
     configs, records = presets(), _records()
     timings_file = RECORDS / "step_times.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
@@ -123,12 +123,12 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def readme_block(text: str) -> str:
-    """The generated block of README.md's ``text`` (between the markers)."""
+def page_block(text: str) -> str:
+    """The generated block of docs/results.md's ``text`` (between the markers)."""
     try:
         return text.split(START, 1)[1].split(END, 1)[0].strip("\n")
     except IndexError:
-        sys.exit(f"README.md has no {START} ... {END} block")
+        sys.exit(f"docs/results.md has no {START} ... {END} block")
 
 
 def add(run: Path) -> Path:
@@ -154,16 +154,16 @@ def main() -> None:
     if args.add:
         print(f"record copied into {add(args.add)}")
     table = render()
-    text = README.read_text()
+    text = PAGE.read_text()
     if args.check:
-        if readme_block(text) != table:
-            sys.exit("README.md's preset table is out of date: python scripts/preset_table.py "
-                     "--write")
+        if page_block(text) != table:
+            sys.exit("docs/results.md's preset table is out of date: "
+                     "python scripts/preset_table.py --write")
         return
     if args.write or args.add:
         before, rest = text.split(START, 1)
-        README.write_text(f"{before}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
-        print(f"{README} rewritten")
+        PAGE.write_text(f"{before}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
+        print(f"{PAGE} rewritten")
         return
     print(table)
 

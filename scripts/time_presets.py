@@ -1,5 +1,5 @@
 """Seconds per meta-training step (and per validation episode) of every preset, measured briefly
-on the generated glyphs at the preset's shape, so the README's preset table can state how long a
+on the generated glyphs at the preset's shape, so the preset table (docs/results.md) can state how long a
 full run would take here. Writes ``reproductions/step_times.json`` (merging with the presets
 already timed there), with the machine, torch's thread count and the load average.
 

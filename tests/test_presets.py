@@ -3,7 +3,7 @@ name says, its full config is the one it composed to before the presets became d
 bases (tests/data/presets_before.json) but for the intended differences, it states only what
 differs from its base, its paper figures are well-formed data, and it builds its data set and
 algorithm (an Omniglot preset on the offline glyphs too). Also: the device options, the preset
-files' length, `fewshot --help` and the README's generated preset table."""
+files' length, `fewshot --help` and the generated preset table of docs/results.md."""
 
 from __future__ import annotations
 
@@ -163,5 +163,6 @@ def test_readme_preset_table_is_the_generated_one():
     sys.path.insert(0, str(REPO / "scripts"))
     import preset_table
 
-    assert preset_table.readme_block((REPO / "README.md").read_text()) == preset_table.render(), \
+    page = (REPO / "docs" / "results.md").read_text()
+    assert preset_table.page_block(page) == preset_table.render(), \
         "run: python scripts/preset_table.py --write"

@@ -8,7 +8,12 @@ import torch
 from fewshot_cli.algorithms.maml import MAML
 from fewshot_cli.algorithms.protonet import ProtoNet
 from fewshot_cli.backbones.conv4 import Conv4
-from fewshot_cli.engine.runtime import episodes_per_batch, memory_format_for, pad_host_heap
+from fewshot_cli.engine.runtime import (
+    episodes_per_batch,
+    memory_format_for,
+    native_bf16,
+    pad_host_heap,
+)
 from fewshot_cli.errors import FewshotError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -54,3 +59,62 @@ def test_pad_host_heap_is_harmless():
     applied = pad_host_heap(1 << 20)
     assert isinstance(applied, bool)
     assert torch.ones(1000).sum() == 1000  # allocation still works after the change
+
+
+def test_bf16_runs_on_a_cpu_with_native_bfloat16_and_is_refused_elsewhere(monkeypatch):
+    from fewshot_cli.engine import runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    with runtime.autocast_for(CPU, "bf16")():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    with pytest.raises(FewshotError, match="native bfloat16"):
+        runtime.autocast_for(CPU, "bf16")
+    assert runtime.autocast_for(CPU, "fp32") is not None
+
+
+@pytest.mark.skipif(not native_bf16(),
+                    reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
+def test_a_bf16_protonet_step_on_the_cpu_keeps_float32_weights_and_learns():
+    from fewshot_cli.engine.runtime import autocast_for
+    from fewshot_cli.episode import Episode
+
+    torch.manual_seed(0)
+    algo = ProtoNet(Conv4(hidden=16), ways=5).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(algo.parameters(), 1e-2)
+    # five well-separated "classes": constant images at five grey levels, plus noise
+    levels = torch.linspace(0, 1, 5).view(1, 5, 1, 1, 1, 1)
+    noisy = lambda per: (levels + 0.05 * torch.randn(1, 5, per, 1, 28, 28)).flatten(1, 2)
+    labels = lambda per: torch.arange(5).repeat_interleave(per)[None]
+    losses = []
+    for _ in range(20):
+        tasks = Episode(noisy(1), labels(1), noisy(3), labels(3), 5, 1, 3)
+        with autocast_for(CPU, "bf16")():
+            loss, metrics = algo.meta_loss(tasks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(p.dtype == torch.float32 for p in algo.parameters())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_conv4_pools_before_its_relu_with_the_same_values_and_gradients():
+    """Pooling first (4x less ReLU work) gives what the textbook order gives, bit for bit, also
+    where a whole pooling window is negative."""
+    torch.manual_seed(0)
+    net = Conv4(hidden=8)
+    order = [type(m).__name__ for m in net.encoder[0]]
+    assert order == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"]
+    textbook = Conv4(hidden=8)
+    textbook.load_state_dict(net.state_dict())  # the parameter names did not change
+    for block in textbook.encoder:
+        block[2], block[3] = block[3], block[2]
+    images = torch.randn(10, 1, 28, 28)
+    out, ref = net(images), textbook(images)
+    assert torch.equal(out, ref) and (ref == 0).any()  # some windows were all negative
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), list(net.parameters()))
+    ref_grads = torch.autograd.grad((ref * weights).sum(), list(textbook.parameters()))
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.equal(g, r)

@@ -27,17 +27,31 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, slower than float32, so bf16 is refused there."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def autocast_for(device: torch.device,
                  precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the autocast context for ``device.precision`` (fp32 or bf16)."""
+    """A factory of the autocast context for ``device.precision`` (fp32 or bf16).
+
+    bf16 is autocast to bfloat16: matrix products and convolutions in bfloat16, reductions and
+    the loss in float32, the weights and their optimizer state in float32. On CUDA, and on a CPU
+    with native bfloat16 (``native_bf16``); the speed and the meta-gradient error against float64
+    are measured by ``scripts/profile_preset.py``.
+    """
     if precision == "fp32":
         return contextlib.nullcontext
     if precision != "bf16":
         raise FewshotError(f"device.precision={precision} is unknown; choose fp32 or bf16")
-    if device.type != "cuda":
-        raise FewshotError("device.precision=bf16 needs a CUDA device; use device.precision=fp32 "
-                           "on the CPU")
-    return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and not native_bf16():
+        raise FewshotError("device.precision=bf16 needs a GPU or a CPU with native bfloat16 "
+                           "(AVX512-BF16 or AMX), which this one lacks; use "
+                           "device.precision=fp32")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 M_TOP_PAD = -2  # glibc's mallopt parameter: extra bytes to grow (and keep) the heap by
