@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from image_folder import make_image_folder
 from PIL import Image
+from test_bad_input import ok, one_sentence
 
 from fewshot_cli.config import conf_dir
 from fewshot_cli.data.cross_domain import as_model_input, luminance
@@ -36,19 +36,6 @@ GLYPHS = ["dataset=glyphs", "dataset.classes.train=20", "dataset.classes.val=8",
 # 20 species: Chen et al.'s rule (index % 4 == 3) puts 5 of them in the test split
 SPECIES = [f"{i + 1:03d}.Species_{i + 1}" for i in range(20)]
 
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def one_sentence(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fewshot: error:")]
-    assert len(errors) == 1, proc.stderr
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-    return errors[0]
 
 
 def entries(run: Path) -> dict[str, dict]:

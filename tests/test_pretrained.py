@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import subprocess
 import urllib.error
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torchvision
 from conftest import run_cli
 from image_folder import make_image_folder
+from test_bad_input import ok, one_sentence
 from torch.func import vmap
 from torchvision.models import ResNet18_Weights
 
@@ -27,19 +27,6 @@ GLYPHS = ["dataset=glyphs", "dataset.classes.train=20", "dataset.classes.val=8",
           "dataset.classes.test=8", "train.queries=3", "eval.queries=3", "train.val_episodes=4",
           "eval.episodes=8", "device=cpu", "train.steps=2", "train.val_every=2"]
 
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def one_sentence(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fewshot: error:")]
-    assert len(errors) == 1, proc.stderr
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
