@@ -26,6 +26,7 @@ from fewshot_cli.data.augment import IDENTITY
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.splits import record_split
 from fewshot_cli.data.store import ClassStore
+from fewshot_cli.engine.checkpoint import init_backbone
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch, memory_format_for
 from fewshot_cli.engine.trainer import MetaTrainer, RunParts, TrainSettings
@@ -164,7 +165,14 @@ def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
 
 def build_optimizer(cfg: DictConfig, algo: MetaAlgorithm
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """The meta-optimizer over all of the algorithm's parameters, and its schedule (or None)."""
+    """The meta-optimizer over all of the algorithm's parameters, and its schedule (or None).
+    One sentence when none of them is trainable (a frozen backbone under an algorithm with no
+    weights of its own)."""
+    if not any(p.requires_grad for p in algo.parameters()):
+        raise FewshotError(f"algo={_choice(cfg, 'algo')} has no weights of its own and "
+                           "backbone.freeze=true fixes the backbone's, so there is nothing to "
+                           "train; classify with the frozen features directly (fewshot predict "
+                           "backbone=... with no ckpt), or set backbone.freeze=false")
     return _optimizer_and_schedule(cfg, algo.parameters())
 
 
@@ -273,7 +281,9 @@ def train_settings(cfg: DictConfig, val_batch: int) -> TrainSettings:
     return TrainSettings(steps=t.steps, meta_batch=t.meta_batch, log_every=t.log_every,
                          val_every=t.val_every, val_episodes=t.val_episodes,
                          val_batch=val_batch, val_seed=e.seed + 1, seed=cfg.seed,
-                         grad_clip=t.grad_clip)
+                         grad_clip=t.grad_clip, batch_size=t.get("batch_size"),
+                         max_minutes=t.get("max_minutes"),
+                         budget_clock=t.get("budget_clock") or "wall")
 
 
 def wire_run(cfg: DictConfig, device: torch.device, run_dir: Path,
@@ -290,13 +300,31 @@ def wire_run(cfg: DictConfig, device: torch.device, run_dir: Path,
     dataset = build_dataset(cfg)
     inputs = dict(dataset.input_spec())
     algo = procs.prepare(build_algorithm(cfg, inputs, device))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # init_from= (a new run only: a resume restores every weight from its own checkpoint)
+    init_from = init_backbone(algo, cfg.init_from, config) \
+        if cfg.get("init_from") and not cfg.get("resume") else None
     record_split(dataset, run_dir, write=procs.main, resuming=bool(cfg.get("resume")))
-    train_tasks = dataset.sampler("train", task_shape(t), t.meta_batch, device, seed=cfg.seed,
-                                  augment=build_augment(cfg))
+    train_tasks = training_data(cfg, dataset, algo, device, procs)
     val_batch = episodes_per_batch(device, e.batch)
     val_tasks = dataset.sampler("val", task_shape(e), val_batch, device, prefix="eval")
     optimizer, scheduler = build_optimizer(cfg, algo)
     parts = RunParts(dataset, algo, train_tasks, val_tasks, optimizer, scheduler, autocast,
-                     inputs)
-    return MetaTrainer(parts, train_settings(cfg, val_batch),
-                       OmegaConf.to_container(cfg, resolve=True), device, run_dir, procs)
+                     inputs, init_from)
+    return MetaTrainer(parts, train_settings(cfg, val_batch), config, device, run_dir, procs)
+
+
+def training_data(cfg: DictConfig, dataset: FewShotDataset, algo: MetaAlgorithm,
+                  device: torch.device, procs: Processes) -> Any:
+    """The training sampler: the data set's tasks (episodes), or, for an algorithm that trains
+    on labelled minibatches (transfer baselines), ``train.batch_size`` images of the training
+    split with their class, whose count then sizes the algorithm's head."""
+    t = cfg.train
+    if algo.trains_on == "batches":
+        procs.check_meta_batch(t.batch_size, "train.batch_size")
+        batches = dataset.batches("train", t.batch_size, device, seed=cfg.seed,
+                                  augment=build_augment(cfg))
+        algo.set_base_classes(batches.classes)
+        return batches
+    return dataset.sampler("train", task_shape(t), t.meta_batch, device, seed=cfg.seed,
+                           augment=build_augment(cfg))

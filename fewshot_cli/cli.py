@@ -434,8 +434,8 @@ def _unreadable(args: list[str]) -> str | None:
 # What a resumed run may change: how long it runs, how often it validates and logs, where its
 # data lives and how (not what) it computes. Anything else would make the checkpoint's weights,
 # optimizer state or random state belong to a config other than the one it records.
-RESUMABLE = ("train.steps", "train.val_every", "train.val_episodes", "train.log_every",
-             "eval.batch", "eval.episodes", "dataset.root", "dataset.download",
+RESUMABLE = ("train.steps", "train.max_minutes", "train.val_every", "train.val_episodes",
+             "train.log_every", "eval.batch", "eval.episodes", "dataset.root", "dataset.download",
              "dataset.allow_duplicates", "device",
              "device.type", "device.precision", "device.memory_format", "algo.batching",
              "algo.task_chunk", "algo.checkpoint_steps")
@@ -481,7 +481,9 @@ def resume(args: list[str]) -> float:
         else:
             OmegaConf.update(cfg, key, o.value(), merge=False)
     cfg.resume = str(path)
-    check_command("train", cfg)
+    # its init_from only records where the run began (the checkpoint holds every weight since):
+    # that file may have moved or gone
+    check_command("train", OmegaConf.merge(cfg, {"init_from": None}))
     check_optimizer(cfg)
     _check_latest(path, state)
     logging.getLogger(__name__).info("resuming %s at step %d%s", path, state["step"],

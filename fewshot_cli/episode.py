@@ -136,3 +136,17 @@ class BanditTrials:
     def to(self, device: torch.device | str) -> BanditTrials:
         return replace(self, means=self.means.to(device), draws=self.draws.to(device),
                        choices=self.choices.to(device))
+
+
+@dataclass
+class LabelledBatch:
+    """A minibatch of ``M`` images of the base classes with their global labels, for the
+    non-episodic pretraining of transfer baselines (Chen et al. 2019; Tian et al. 2020).
+
+    images ``float [M, C, H, W]`` in [0, 1]; labels ``long [M]``, each image's class index in
+    its split (0..classes-1); classes: how many classes the split holds.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: int

@@ -1,20 +1,26 @@
-"""``fewshot eval ckpt=PATH``: rebuild the run from its checkpoint and test on fixed tasks."""
+"""``fewshot eval ckpt=PATH``: rebuild the run from its checkpoint and test on fixed tasks, on
+the data set it was trained on or, with ``dataset=<option>``, on another one's test split
+(cross-domain, as Chen et al. 2019 test miniImageNet models on CUB)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm, MetaAlgorithm
-from fewshot_cli.build import build_algorithm, build_dataset, task_shape
+from fewshot_cli.backbones import restoring
+from fewshot_cli.build import _options, build_algorithm, build_dataset, task_kind, task_shape
 from fewshot_cli.data.base import FewShotDataset
-from fewshot_cli.data.splits import check_split
+from fewshot_cli.data.cross_domain import ModelInput
+from fewshot_cli.data.splits import check_split, fingerprints
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.metrics import score_tasks
 from fewshot_cli.engine.runtime import (
@@ -23,11 +29,12 @@ from fewshot_cli.engine.runtime import (
     pad_host_heap,
     resolve_device,
 )
+from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import write_failure
 from fewshot_cli.intervals import format_mean_ci, normal_ci95
 from fewshot_cli.options import DEVICE_RULES, EVAL_RULES, check
-from fewshot_cli.results import key_words, merge_result, protocol
+from fewshot_cli.results import dataset_name, key_words, merge_result, protocol
 
 log = logging.getLogger(__name__)
 #: the inner-loop family's ``algo.batchnorm`` policy that gives each kind of query statistics
@@ -37,15 +44,70 @@ POLICIES = {"transductive": "task", "inductive": "support"}
 def run_config(stored: dict[str, Any], cfg: DictConfig) -> DictConfig:
     """The checkpoint's config with this command's non-null ``eval.*`` keys, its device (by
     default ``auto``: a checkpoint trained on a GPU evaluates on a CPU) and, if given,
-    ``dataset.root`` laid over it."""
+    ``dataset.root`` laid over it; with a ``dataset=`` choice, that data set instead
+    (:func:`other_dataset`)."""
     run = OmegaConf.create(stored)
     for key, value in cfg.eval.items():
         if value is not None:
             run.eval[key] = value
-    if cfg.dataset.root is not None:
+    if "_target_" in cfg.dataset:
+        run.dataset = cfg.dataset
+        if run.dataset.root is None and "root" not in signature(
+                get_class(run.dataset._target_)).parameters:
+            del run.dataset["root"]  # this command's own key, for readers of files
+        run.choices = {**(run.get("choices") or {}), "dataset": chosen_dataset(cfg)}
+    elif cfg.dataset.root is not None:
         run.dataset.root = cfg.dataset.root
     run.device = cfg.device
     return run
+
+
+def chosen_dataset(cfg: DictConfig) -> str:
+    """The ``dataset=`` option this command was given (its class name outside Hydra's app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() \
+        else None
+    return choice or str(cfg.dataset._target_).rsplit(".", 1)[-1].lower()
+
+
+def other_dataset(run: DictConfig, state: dict[str, Any]) -> ModelInput:
+    """The data set of ``run`` (another than the checkpoint's) as the checkpoint's model reads
+    it: decoded at the model's image size, channels converted (see data.cross_domain). One
+    sentence for a model of bandit tasks, or a data set of another kind of task than the
+    model's."""
+    stored = OmegaConf.create(state["config"])
+    name, model = dataset_name(run), dataset_name(stored)
+    kind, wanted = task_kind(run.dataset._target_), task_kind(stored.algo._target_)
+    if wanted != IMAGE_TASKS:
+        raise FewshotError(f"dataset={name}: cross-domain tests are for few-shot image "
+                           f"classifiers, but this checkpoint's model (trained on "
+                           f"dataset={model}) solves {wanted} tasks; evaluate it without dataset=")
+    if kind != wanted:
+        raise FewshotError(f"dataset={name} holds {kind} tasks, but this checkpoint's model "
+                           f"(trained on dataset={model}) classifies images; test it on "
+                           f"{_options('dataset', wanted)}")
+    inputs = state.get("inputs") or build_dataset(stored).input_spec()
+    if "image_size" in run.dataset:  # the reader decodes at the model's size itself
+        run.dataset.image_size = inputs["image_size"]
+    log.info("cross-domain test of a model trained on dataset=%s: dataset=%s's test split at "
+             "the model's input, %d px, %d channel(s)", model, name, inputs["image_size"],
+             inputs["in_channels"])
+    return ModelInput(build_dataset(run), **inputs)
+
+
+def enough_classes(dataset: FewShotDataset, name: str, ways: int, fixed: bool) -> None:
+    """One sentence when the test split of the cross-domain data set ``name`` holds fewer
+    classes than ``ways``, the task's (for a model with a ``fixed`` number of outputs, the
+    only one it can classify)."""
+    classes = dataset.load("test").num_classes
+    if classes >= ways:
+        return
+    fix = f"this model's head classifies exactly {ways} classes, so test it on a data set " \
+        f"with at least {ways} test classes" if fixed else \
+        f"lower eval.ways to at most {classes}, or test on a data set with more test classes"
+    raise FewshotError(f"dataset={name}'s test split holds {classes} classes, fewer than "
+                       f"eval.ways={ways}; {fix}")
 
 
 def load_model(run: DictConfig, state: dict[str, Any], ckpt: Path, device: torch.device,
@@ -53,7 +115,8 @@ def load_model(run: DictConfig, state: dict[str, Any], ckpt: Path, device: torch
     """The checkpoint's algorithm with its trained weights, on ``device``, in evaluation mode;
     its input shape as stored at training time (or, for older checkpoints, from ``dataset``)."""
     inputs = state.get("inputs") or (dataset or build_dataset(run)).input_spec()
-    algo = build_algorithm(run, inputs, device)
+    with restoring():  # the checkpoint holds every weight: no pretrained file is read
+        algo = build_algorithm(run, inputs, device)
     try:
         algo.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as err:
@@ -126,9 +189,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     autocast = autocast_for(device, run.device.precision)
     e = run.eval
 
-    dataset = build_dataset(run)
-    check_split(dataset, ckpt.parent)  # the test classes are the ones the run recorded
+    cross = "_target_" in cfg.dataset  # another data set: its classes differ by design
+    if cross:
+        dataset = other_dataset(run, state)
+    else:
+        dataset = build_dataset(run)
+        check_split(dataset, ckpt.parent)  # the test classes are the ones the run recorded
     algo = load_model(run, state, ckpt, device, dataset)
+    if cross and isinstance(algo, FewShotAlgorithm):
+        enough_classes(dataset, dataset_name(run), e.ways, algo.fixed_ways)
     own_statistics = query_statistics(algo)
     statistics = use_query_statistics(algo, e.get("query_statistics"))
     batch = episodes_per_batch(device, e.batch)
@@ -144,8 +213,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                          on_batch)
     result = summary(run, state, algo.score_name, scores, baselines)
     plain = OmegaConf.to_container(run, resolve=True)
+    tested = fingerprints(dataset.load("test")) if cross else None
+    record = protocol(plain, statistics, ckpt.parent, tested)
     result.update(query_statistics=statistics, model_query_statistics=own_statistics,
-                  protocol=protocol(plain, statistics, ckpt.parent))
+                  protocol=record)
+    if cross and record != protocol(state["config"], statistics, ckpt.parent):
+        result["trained_on"] = dataset_name(state["config"])  # not the run's own test
     shape = dataset.describe(task_shape(e))
     print(report(ckpt.name, state["step"], shape, result))  # first: the figure is never lost
     print(f"results written to {write_result(ckpt, key_words(shape, result), result)}")
@@ -201,7 +274,9 @@ def report(name: str, step: int, shape: str, result: dict[str, Any]) -> str:
         return format_mean_ci(mean, ci, metric, alone=" ± n/a (one episode)")
 
     statistics = result.get("query_statistics")
-    lines = [f"{name} (step {step}): {shape} test {metric} "
+    where = f"{result['dataset']} test (cross-domain: trained on {result['trained_on']})" \
+        if result.get("trained_on") else "test"
+    lines = [f"{name} (step {step}): {shape} {where} {metric} "
              f"{shown(result[metric], result['ci95'])} (95% CI, {result['episodes']} episode"
              f"{'s' if result['episodes'] != 1 else ''}"
              f"{f', {statistics} query statistics' if statistics else ''})"]

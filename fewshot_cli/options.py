@@ -53,7 +53,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "seed": _int(0, 0, "a whole number (0 or more)"),
     **{f"train.{k}": r for k, r in EPISODE.items()},
     "train.meta_batch": _int(1, 4),
+    "train.batch_size": _int(1, 64),
     "train.steps": _int(1, 2000),
+    "train.max_minutes": Rule("float_or_null", lambda v: v > 0 and math.isfinite(v),
+                              "a positive number of minutes or null", "30"),
+    "train.budget_clock": Rule("choice", lambda v: v in ("wall", "cpu"), "wall or cpu", "cpu"),
     "train.val_every": _int(1, 500),
     "train.val_episodes": _int(1, 200),
     "train.log_every": _int(1, 10),
@@ -107,7 +111,13 @@ DEVICE_RULES: dict[str, Rule] = {
 }
 
 
-PREDICT_RULES: dict[str, Rule] = {"batch": _int(1, 64)}
+PREDICT_RULES: dict[str, Rule] = {
+    "batch": _int(1, 64),
+    # with a pretrained backbone= and no ckpt= (no training)
+    "distance": Rule("choice", lambda v: v in ("cosine", "sqeuclidean"), "cosine or sqeuclidean",
+                     "cosine"),
+    "image_size": _int(1, 224, "a whole number of pixels"),
+}
 
 
 def _or_null(rules: Mapping[str, Rule]) -> dict[str, Rule]:
@@ -181,9 +191,24 @@ def check(cfg: Mapping, rules: Mapping[str, Rule]) -> None:
                                f"{key}={rule.example})")
 
 
+# A preset's second stage says which run it starts from with ``init_from: "required: <what>"``
+# (OmegaConf's ``???`` cannot do it: merged over train.yaml's null it leaves the null).
+REQUIRED = "required:"
+
+
 def check_train(cfg: Mapping) -> None:
-    """The options of ``fewshot train`` (the optimizer's and schedule's included)."""
+    """The options of ``fewshot train`` (the optimizer's and schedule's included), and an
+    ``init_from`` a preset requires."""
+    check_required(cfg)
     check(cfg, RULES["train"])
+
+
+def check_required(cfg: Mapping) -> None:
+    """Raise a FewshotError when a preset's ``init_from`` still says which run it needs."""
+    init = cfg.get("init_from")
+    if isinstance(init, str) and init.startswith(REQUIRED):
+        raise FewshotError(f"this preset starts from another run's checkpoint: add "
+                           f"init_from=PATH, {init.removeprefix(REQUIRED).strip()}")
 
 
 def check_command(command: str, cfg: Mapping) -> None:
@@ -193,6 +218,8 @@ def check_command(command: str, cfg: Mapping) -> None:
     Raises:
         FewshotError: one sentence naming the first bad key, what it must be and an example.
     """
+    if "init_from" in PATHS.get(command, {}):
+        check_required(cfg)  # before check_paths reads "required: ..." as a missing file
     check(cfg, RULES.get(command, {}))
     check_paths(command, cfg)
 
@@ -243,11 +270,13 @@ HYDRA_FOLDERS = {"hydra.run.dir": PathKey("new_folder", sweep=False),
                  "hydra.sweep.dir": PathKey("new_folder", sweep=False)}
 PATHS: dict[str, dict[str, PathKey]] = {  # every command's path keys, by command name
     "train": {"resume": PathKey("checkpoint", sweep=False), "init_from": PathKey("checkpoint"),
-              "dataset.root": PathKey("any"), **HYDRA_FOLDERS,
+              "dataset.root": PathKey("any"), "backbone.weights": PathKey("any"),
+              **HYDRA_FOLDERS,
               "hydra.launcher.submitit_folder": PathKey("new_folder", sweep=False)},
     "eval": {"ckpt": PathKey("checkpoint", CHECKPOINT), "dataset.root": PathKey("any"),
              **HYDRA_FOLDERS},
-    "predict": {"ckpt": PathKey("checkpoint", CHECKPOINT),
+    # ckpt= or, with no training, a pretrained backbone= (predict.py says which is missing)
+    "predict": {"ckpt": PathKey("checkpoint"), "backbone.weights": PathKey("any"),
                 "support": PathKey("folder", "a folder holding one sub-folder of images per "
                                              "class"),
                 "query": PathKey("file_or_folder", "an image, or a folder of images"),

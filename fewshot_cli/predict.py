@@ -3,8 +3,12 @@ examples of your own classes.
 
 ``support`` holds one folder per class (any number of images each, unequal counts allowed);
 ``query`` is a folder of images or one image. Images of any size and mode are decoded as the
-training data was (same size, channels and filter). Every input is checked and decoded before
-anything is written; the predictions go to ``predictions.csv`` (or ``out=``) in one atomic write.
+training data was (same size, channels and filter). With no training at all, ``backbone=``
+instead of ``ckpt=`` classifies with a pretrained backbone's features (``backbone=torchvision
+backbone.weights=DEFAULT``: torchvision's ImageNet weights), each query going to the nearest
+class prototype: five photos of each class are enough to start. Every input is checked and
+decoded before anything is written; the predictions go to ``predictions.csv`` (or ``out=``) in
+one atomic write.
 
 Predictions are inductive: a file's answer depends only on the support set and that file, not on
 which other files are in the query folder or how they are batched (:func:`inductive_rule`).
@@ -24,6 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.algorithms.protonet import ProtoNet
+from fewshot_cli.build import build
 from fewshot_cli.data.images import decode_files, list_images
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.checkpoint import load_checkpoint
@@ -133,11 +139,78 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(head), *(line(cells) for cells in shown)])
 
 
+@dataclass(frozen=True)
+class Model:
+    """What classifies the queries, and how images are decoded for it (size, PIL mode)."""
+
+    algo: FewShotAlgorithm
+    image_size: int
+    mode: str
+
+
+def trained_model(cfg: DictConfig, classes: int, device: torch.device) -> Model:
+    """The model of the run checkpoint ``ckpt=``, for ``classes`` support classes; images
+    decoded as its training data was."""
+    ckpt = Path(cfg.ckpt).expanduser().resolve()
+    state = load_checkpoint(ckpt)
+    run = OmegaConf.create(state["config"])
+    run.device = cfg.device
+    algo = load_model(run, state, ckpt, device)
+    if not isinstance(algo, FewShotAlgorithm):
+        raise FewshotError(f"fewshot predict classifies images, but {ckpt} holds a model of "
+                           f"{algo.score_name}; evaluate it with fewshot eval")
+    if algo.fixed_ways and classes != algo.ways:
+        raise FewshotError(f"this model's head was trained for {algo.ways} classes but "
+                           f"support={cfg.support} holds {classes} class folders; "
+                           f"give it {algo.ways} classes, or use a model that takes any number "
+                           "(protonet, matching, relation, siamese, weightgen)")
+    inputs = state.get("inputs") or {}
+    return Model(algo, int(run.dataset.image_size),
+                 "L" if inputs.get("in_channels", 1) == 1 else "RGB")
+
+
+def pretrained_model(cfg: DictConfig, classes: int, device: torch.device) -> Model:
+    """No training: the nearest class prototype (mean support feature; Snell et al. 2017's
+    rule, by ``distance=`` cosine or squared Euclidean) in the feature space of the
+    pretrained ``backbone=``; RGB images decoded at ``image_size=`` px. One sentence for a
+    backbone without pretrained weights (its features would classify at random)."""
+    size = cfg.image_size  # distance and image_size: checked with every option (options.py)
+    name = backbone_choice(cfg)
+    run = OmegaConf.create({"backbone": cfg.backbone, "choices": {"backbone": name},
+                            "algo": {"_target_": f"{ProtoNet.__module__}.ProtoNet",
+                                     "distance": cfg.distance}})
+    backbone = build(run, "backbone", in_channels=3, image_size=size)
+    if not getattr(backbone, "pretrained", False):
+        raise FewshotError(f"backbone={name} has no pretrained weights, so its features would "
+                           "classify at random; use backbone=torchvision backbone.weights="
+                           "DEFAULT (or a PATH to a saved state dict), or ckpt= a trained run")
+    log.info("no training: %s prototypes in the features of backbone=%s %s", cfg.distance,
+             name, " ".join(f"{k}={v}" for k, v in cfg.backbone.items() if k != "_target_"))
+    return Model(build(run, "algo", backbone=backbone, ways=classes).to(device).eval(), size,
+                 "RGB")
+
+
+def backbone_choice(cfg: DictConfig) -> str:
+    """The ``backbone=`` option of this command (its class name outside Hydra's app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = HydraConfig.get().runtime.choices.get("backbone") if HydraConfig.initialized() \
+        else None
+    return choice or str(cfg.backbone._target_).rsplit(".", 1)[-1].lower()
+
+
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Predict the class of every query image; print the table, write the CSV."""
-    for key in ("ckpt", "support", "query"):
+    """Predict the class of every query image, with the model of a run (``ckpt=``) or, with
+    no training, a pretrained backbone's features (``backbone=``); print the table, write the
+    CSV."""
+    pretrained = cfg.get("backbone") is not None
+    if pretrained and cfg.get("ckpt"):
+        raise FewshotError("fewshot predict takes ckpt= (a trained run) or backbone= (a "
+                           "pretrained backbone, no training), not both; drop one")
+    for key in ("support", "query") if pretrained else ("ckpt", "support", "query"):
         if not cfg.get(key):
-            raise FewshotError(f"fewshot predict needs {key}=PATH: ckpt= a best.pt of a run, "
+            raise FewshotError(f"fewshot predict needs {key}=PATH: ckpt= a best.pt of a run (or "
+                               "backbone=torchvision for a pretrained one, no training), "
                                "support= a folder of class folders, query= an image or a folder")
     pad_host_heap()
     support_files = support_classes(Path(cfg.support).expanduser())
@@ -146,24 +219,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     if out.is_dir():
         raise FewshotError(f"out={out} is a folder; give the path of the CSV file to write")
 
-    ckpt = Path(cfg.ckpt).expanduser().resolve()
-    state = load_checkpoint(ckpt)
-    run = OmegaConf.create(state["config"])
-    run.device = cfg.device
-    device = resolve_device(run.device.type)
-    algo = load_model(run, state, ckpt, device)
-    if not isinstance(algo, FewShotAlgorithm):
-        raise FewshotError(f"fewshot predict classifies images, but {ckpt} holds a model of "
-                           f"{algo.score_name}; evaluate it with fewshot eval")
-    if algo.fixed_ways and len(support_files) != algo.ways:
-        raise FewshotError(f"this model's head was trained for {algo.ways} classes but "
-                           f"support={cfg.support} holds {len(support_files)} class folders; "
-                           f"give it {algo.ways} classes, or use a model that takes any number "
-                           "(protonet, matching, relation, siamese, weightgen)")
-
-    size = int(run.dataset.image_size)
-    inputs = state.get("inputs") or {}
-    mode = "L" if inputs.get("in_channels", 1) == 1 else "RGB"
+    device = resolve_device(cfg.device.type)
+    model = (pretrained_model if pretrained else trained_model)(cfg, len(support_files), device)
+    algo, size, mode = model.algo, model.image_size, model.mode
     support = decode_files(support_files, size, mode, what="support image",
                            fix="replace or remove it")
     query = decode_files({"query": queries}, size, mode, what="query image",
@@ -172,7 +230,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
 
     rule = inductive_rule(algo)
     probabilities = classify(algo, support, query_x, device,
-                             autocast_for(device, run.device.precision), int(cfg.batch))
+                             autocast_for(device, cfg.device.precision), int(cfg.batch))
     top = probabilities.topk(2, dim=-1)
     rows = [{"file": str(f), "predicted": support.names[int(i[0])], "probability": float(p[0]),
              "runner_up": support.names[int(i[1])], "runner_up_probability": float(p[1])}

@@ -36,6 +36,13 @@ def dataset_name(config: Mapping[str, Any]) -> str:
         str(config["dataset"].get("_target_", "?")).rsplit(".", 1)[-1]
 
 
+def classes_digest(classes: Mapping[str, Any]) -> str:
+    """A digest of test classes: class name -> the fingerprint of its images' contents (a
+    split of ``split.json``, or ``data.splits.fingerprints`` of a store)."""
+    text = json.dumps(classes, sort_keys=True).encode()
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
+
+
 def recorded_test_classes(run_dir: Path) -> str | None:
     """A digest of the test classes and their images' fingerprints that the run recorded in
     its ``split.json`` (what ``dataset.root`` holds matters too: two folders of images under
@@ -44,24 +51,25 @@ def recorded_test_classes(run_dir: Path) -> str | None:
         classes = read_record(Path(run_dir) / RECORD).get("test")
     except FewshotError:
         return None
-    if classes is None:
-        return None
-    text = json.dumps(classes, sort_keys=True).encode()
-    return hashlib.blake2b(text, digest_size=8).hexdigest()
+    return None if classes is None else classes_digest(classes)
 
 
 def protocol(config: Mapping[str, Any], query_statistics: str | None,
-             run_dir: Path | None = None) -> dict[str, Any]:
+             run_dir: Path | None = None, tested: Mapping[str, Any] | None = None
+             ) -> dict[str, Any]:
     """Everything that changes a test figure of a run with the plain (resolved) ``config``:
-    the data set and its options (where it lives aside), the split and the test classes the
-    run in ``run_dir`` recorded, the ``eval.*`` task settings, and ``query_statistics``
-    ("inductive", "transductive"; None for tasks without queries). The one place to add a new
-    ingredient of a result's identity."""
+    the data set and its options (where it lives aside), the split and the test classes (the
+    run in ``run_dir`` recorded them; a cross-domain test gives the fingerprints of those it
+    ``tested``), the ``eval.*`` task settings, and ``query_statistics`` ("inductive",
+    "transductive"; None for tasks without queries). The one place to add a new ingredient of
+    a result's identity."""
     dataset = config["dataset"]
+    classes = classes_digest(tested) if tested is not None else \
+        recorded_test_classes(run_dir) if run_dir is not None else None
     return {"dataset": dataset_name(config),
             "dataset_options": {k: v for k, v in dataset.items() if k not in LOCATION_KEYS},
             "split": "test",
-            "test_classes": recorded_test_classes(run_dir) if run_dir is not None else None,
+            "test_classes": classes,
             **{key: config["eval"].get(key) for key in EVAL_KEYS},
             "query_statistics": query_statistics}
 
@@ -69,10 +77,16 @@ def protocol(config: Mapping[str, Any], query_statistics: str | None,
 def key_words(shape: str, record: Mapping[str, Any]) -> str:
     """The entry's key in results.json: the protocol in words, e.g. ``5-way 1-shot (15
     queries), 600 episodes, seed 2024, inductive query statistics``; ``shape`` is the data
-    set's description of the task shape."""
+    set's description of the task shape. A cross-domain test (an entry with ``trained_on``)
+    starts with its data set and test classes: ``cub test (cross-domain, classes 1f0e...):
+    5-way ...``, so that tests on two data sets never share a key."""
     statistics = record.get("query_statistics")
-    return f"{shape}, {record['episodes']} episodes, seed {record['seed']}" + \
+    words = f"{shape}, {record['episodes']} episodes, seed {record['seed']}" + \
         (f", {statistics} query statistics" if statistics else "")
+    if record.get("trained_on"):
+        classes = (record.get("protocol") or {}).get("test_classes")
+        words = f"{record['dataset']} test (cross-domain, classes {classes}): {words}"
+    return words
 
 
 def entry_protocol(entry: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 :func:`meta_train` is the whole training loop, top to bottom: one meta-update per step
 (``MetaTrainer.train_step``: sample a meta-batch, meta-loss, backward, optimizer step), metrics
 to TensorBoard every ``train.log_every`` steps, validation on fixed tasks and checkpoints every
-``train.val_every`` steps, a clean stop on Ctrl-C, or when a validation hook (a search's
-pruner) asks for it.
+``train.val_every`` steps, a clean stop on Ctrl-C, once the steps have spent
+``train.max_minutes`` (validated and saved first), or when a validation hook (a search's pruner)
+asks for it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ HPARAM_SECTIONS = ("train", "algo", "backbone", "dataset", "device", "augment")
 # last); returns why the run should stop early (a search pruning a hopeless trial), or None.
 ValidationHook = Callable[[int, float, bool], "str | None"]
 STOPPED_EARLY = "stopped early at step %d of %d: %s"  # train.log's line; report.py reads it
+OUT_OF_TIME = "train.max_minutes=%g of training spent (%s clock) at step %d of %d"
 
 
 def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, str] | None = None,
@@ -94,6 +96,10 @@ def meta_train(trainer: MetaTrainer, on_validation: ValidationHook | None = None
         log.info("nothing to do: the run is already at step %d of train.steps=%d; resume with a "
                  "larger train.steps to continue", trainer.step, t.steps)
         return trainer.best["score"]
+    if trainer.out_of_time():
+        log.info("nothing to do: the run has spent train.max_minutes=%g at step %d; resume with "
+                 "a larger train.max_minutes to continue", t.max_minutes, trainer.step)
+        return trainer.best["score"]
     main = trainer.procs.main
     writer = SummaryWriter(str(run_dir), purge_step=trainer.step or None) if main else None
     try:
@@ -145,20 +151,23 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
             metrics = trainer.train_step(step, stop.requested)
             bar.update(1)
             done = step + 1
+            out_of_time = trainer.out_of_time()  # validate and save as at the end, then stop
 
             if done % t.log_every == 0 or done == t.steps:
                 trainer.check_finite()
                 now = time.perf_counter()
-                speed = (done - last_log) * t.meta_batch / max(now - clock, 1e-9)
+                count, unit = trainer.per_step
+                speed = (done - last_log) * count / max(now - clock, 1e-9)
                 clock, last_log = now, done
                 values = {name: float(value) for name, value in metrics.items()}
                 scalars({**{f"train/{k}": v for k, v in values.items()},
                          "train/lr": trainer.optimizer.param_groups[0]["lr"],
-                         "train/episodes_per_s": speed}, done)
+                         f"train/{unit}_per_s": speed}, done)
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()},
-                                 "eps": f"{speed:.0f}/s"}, refresh=False)
+                                 "eps" if unit == "episodes" else "img": f"{speed:.0f}/s"},
+                                refresh=False)
 
-            if done % t.val_every == 0 or done == t.steps:
+            if done % t.val_every == 0 or done == t.steps or out_of_time:
                 trainer.check_finite()
                 mean, ci, improved = trainer.validate(validation_bar)
                 scalars({f"val/{metric}": mean, "val/ci95": ci}, done)
@@ -176,6 +185,9 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
                     if reason and not last:  # last.pt is saved: stop as after a Ctrl-C
                         log.info(STOPPED_EARLY, done, t.steps, reason)
                         return reason
+                if out_of_time and done < t.steps:
+                    log.info(OUT_OF_TIME, t.max_minutes, t.budget_clock, done, t.steps)
+                    return "out of time"
                 clock = time.perf_counter()  # validation time is not training speed
     return None
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fewshot_cli.build import build_algorithm, build_augment, build_dataset, build_optimizer
 from fewshot_cli.config import group_targets
+from fewshot_cli.data.batches import BatchSampler
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.episode import BanditTrials, Episode
@@ -66,6 +67,8 @@ BACKBONES = {
     "resnet12_dropblock": ["backbone=resnet12", "backbone.widths=[4,4,4,4]",
                            "backbone.keep_prob=0.9"],
     "resnet12_map": ["backbone=resnet12", "backbone.widths=[4,4,4,4]", "backbone.avg_pool=false"],
+    # untrained (weights=null): nothing is downloaded
+    "torchvision": ["backbone=torchvision", "backbone.arch=resnet18", "backbone.weights=null"],
 }
 # The options of each algorithm that change its graph, crossed with each other.
 BATCHING = {"algo.batching": ["vmap", "loop"]}
@@ -76,6 +79,7 @@ OPTIONS: dict[str, dict[str, list]] = {
     "fomaml": BATCHING, "metasgd": BATCHING, "anil": {**BATCHNORM, **BATCHING},
     "meta_lstm": {**BATCHNORM, **BATCHING}, "reptile": {**BATCHNORM, **BATCHING},
     "weightgen": {"algo.finetune_steps": [0, 1], **BATCHING},
+    "baseline": {"algo.classifier": ["linear", "cosine"]}, "rfs": {},
 }
 # ... and MAML's memory options: chunks of vmapped tasks, recomputed inner steps. Inner loops
 # are short (the graph of one step is the graph of twelve).
@@ -85,11 +89,14 @@ EXTRA = {"maml": [{"algo.task_chunk": 1, "algo.batching": "vmap"},
                   {"algo.checkpoint_steps": True, "algo.batching": "vmap"}]}
 # Backbones whose graph under the options is another row's: conv4_32 is conv4 at these widths,
 # resnet12 is resnet12_dropblock without the random layers, resnet12_map ends in a flatten as
-# conv4 does. They run each algorithm with its defaults.
-DEFAULTS_ONLY = {"conv4_32", "resnet12", "resnet12_map"}
+# conv4 does; torchvision's networks are plain stacks of such layers. They run each algorithm
+# with its defaults.
+DEFAULTS_ONLY = {"conv4_32", "resnet12", "resnet12_map", "torchvision"}
 # Relation Networks compare feature maps of at least 4x4; only conv4_relation keeps one at 16 px.
-REFUSED = {("relation", name): "backbone=conv4_relation" for name in BACKBONES
-           if name != "conv4_relation"}
+# Meta-LSTM's coordinate-wise LSTM on a full ResNet-18 learner would need tens of GiB per task.
+REFUSED = {**{("relation", name): "backbone=conv4_relation" for name in BACKBONES
+              if name != "conv4_relation"},
+           ("meta_lstm", "torchvision"): "backbone=conv4_32"}
 
 
 def option_sets(algo: str, backbone: str) -> list[dict]:
@@ -120,13 +127,25 @@ def tiny_episode(size: int) -> Episode:
                           seed=0).sample()
 
 
+@functools.cache
+def tiny_batch(size: int) -> Any:
+    """Labelled images of the episode's six classes, for the transfer baselines' training."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 1, size, size), generator=g, dtype=torch.uint8)
+    return BatchSampler(ClassStore(images, [f"c{i}" for i in range(6)]), 4, seed=0)
+
+
 def step_and_evaluate(cfg: DictConfig, inputs: dict, tasks: Any) -> None:
-    """What the trainer does for one meta-step, then what the evaluator does."""
+    """What the trainer does for one meta-step (a minibatch step for an algorithm that trains
+    on labelled minibatches), then what the evaluator does."""
     algo = build_algorithm(cfg, inputs, torch.device("cpu"))
+    batches = tiny_batch(inputs["image_size"]) if algo.trains_on == "batches" else None
+    if batches is not None:
+        algo.set_base_classes(batches.classes)
     optimizer, _ = build_optimizer(cfg, algo)
     algo.train()
     algo.set_step(1)
-    loss, metrics = algo.meta_loss(tasks)
+    loss, metrics = algo.meta_loss(batches.sample() if batches is not None else tasks)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -214,7 +233,8 @@ def plain(value: Any) -> bool:
 def test_algorithms_and_backbones_are_given_plain_values(algo: str, backbone: str | None,
                                                          monkeypatch) -> None:
     cfg = compose([f"algo={algo}", "dataset=bandits" if algo == "rl2" else "dataset=glyphs",
-                   *([f"backbone={backbone}"] if backbone else [])])
+                   *([f"backbone={backbone}"] if backbone else []),
+                   *(["backbone.weights=null"] if backbone == "torchvision" else [])])
     given = recorded_arguments(monkeypatch, cfg.algo._target_, cfg.backbone._target_)
     inputs = {"arms": 5} if algo == "rl2" else {"in_channels": 1,
                                                   "image_size": 65 if backbone == "koch" else 28}

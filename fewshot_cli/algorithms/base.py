@@ -34,6 +34,10 @@ class MetaAlgorithm(nn.Module):
     prefers_channels_last: bool = True
     #: the kind of task it learns; ``build_algorithm`` refuses a data set of another kind
     task_kind: str = IMAGE_TASKS
+    #: what ``meta_loss`` trains on: ``episodes`` (the data set's task sampler) or ``batches``
+    #: (labelled minibatches of the training split, for transfer baselines; the trainer then
+    #: calls ``set_base_classes(classes)`` before building the optimizer)
+    trains_on: str = "episodes"
 
     def check_tasks(self, train: TaskShape, eval: TaskShape) -> None:
         """Raise a FewshotError when the ``train.*``/``eval.*`` task shapes cannot work with

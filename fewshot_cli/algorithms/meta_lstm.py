@@ -13,6 +13,7 @@ support set: the paper's batch sizes (5 for 5-way 1-shot, 25 for 5-way 5-shot) a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -50,6 +51,7 @@ class MetaLSTM(InnerLoopLearner):
                                       input_bias=tuple(input_bias))
         super().__init__(backbone, ways, inner_steps, inner_steps, "all", batchnorm, batching,
                          checkpoint_steps, task_chunk)
+        refuse_large_learner(self.fast_shapes(), hidden, inner_steps)
         self.meta_learner = rule(self.fast_shapes(), inner_steps)  # "meta_learner.*" weights
 
     @property
@@ -60,3 +62,27 @@ class MetaLSTM(InnerLoopLearner):
     def loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean query cross-entropy after ``inner_steps`` meta-learner updates on each task."""
         return self.adapted_loss(episode, self.inner_steps, first_order=True)
+
+
+#: The LSTM activations one task may keep for the meta-gradient, in bytes: above it a run would
+#: exhaust a machine's memory (the process is killed, no sentence) rather than train.
+MEMORY_BUDGET = 16 * 2**30
+
+
+def refuse_large_learner(shapes: dict[str, torch.Size], hidden: int, inner_steps: int) -> None:
+    """Refuse a learner too large for a coordinate-wise meta-learner: the LSTM runs on every
+    weight at every update and keeps its four gates of ``hidden`` units (float32) for the
+    backward pass: about ``weights x 64 x hidden x inner_steps`` bytes per task (gates, cell
+    and their products in float32; a 2-step ResNet-18 learner exhausted 24 GiB).
+
+    Raises:
+        FewshotError: the estimate is above MEMORY_BUDGET (e.g. a ResNet learner).
+    """
+    weights = sum(math.prod(shape) for shape in shapes.values())
+    need = weights * 64 * hidden * inner_steps
+    if need > MEMORY_BUDGET:
+        raise FewshotError(
+            f"algo=meta_lstm would keep about {need / 2**30:.0f} GiB of LSTM activations per "
+            f"task: its meta-learner updates each of the learner's {weights:,} weights for "
+            f"algo.inner_steps={inner_steps} updates; use the paper's small learner "
+            "(backbone=conv4_32) or fewer algo.inner_steps")

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from fewshot_cli.data.batches import BatchSampler
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore, unrotated
 from fewshot_cli.episode import IMAGE_TASKS, TaskShape
@@ -76,6 +77,14 @@ class FewShotDataset:
                               meta_batch, device, seed=seed, split=split, prefix=prefix,
                               augment=augment, within_group=shape.within_group,
                               distinct_drawers=shape.distinct_drawers)
+
+    def batches(self, split: str, batch_size: int, device: torch.device, seed: int = 0,
+                prefix: str = "train",
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BatchSampler:
+        """Labelled minibatches of ``split``'s images (every class of the split, global labels)
+        for the pretraining of transfer baselines; ``augment`` is applied to every batch."""
+        return BatchSampler(self.load(split), batch_size, device, seed=seed, prefix=prefix,
+                            augment=augment)
 
     def describe(self, shape: TaskShape) -> str:
         """The task shape in words, as printed and as part of a result's key in results.json:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import pickle
+import re
 import subprocess
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fewshot_cli.config import check_stored_config
+from fewshot_cli.config import check_stored_config, conf_dir
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import atomic_torch_save, write_failure
 
@@ -90,3 +92,76 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                            f"{state.get('version')}, this fewshot reads version {VERSION}")
     check_stored_config(state.get("config"), path)
     return state
+
+
+def init_backbone(algo: torch.nn.Module, path: str | Path, run: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+    """Copy the backbone weights (and BatchNorm statistics) of the checkpoint at ``path`` into
+    ``algo.backbone`` before training (``init_from=``): a metric learner started from a
+    classifier-pretrained backbone (Meta-Baseline, Chen et al. 2021). ``run`` is this run's
+    config, to name the settings that differ when the weights do not fit. Returns what the run
+    records about its start: the checkpoint's resolved path, step and algorithm.
+
+    Raises:
+        FewshotError: the file is not a fewshot checkpoint, holds no backbone, or its backbone
+            does not fit this run's (another architecture, width or image size).
+    """
+    source = Path(path).expanduser().resolve()
+    try:
+        state = load_checkpoint(source)
+    except FewshotError as err:
+        raise FewshotError(f"init_from={path}: {err}") from None
+    config = state["config"]
+    algo_name = (config.get("choices") or {}).get("algo") or \
+        str(config.get("algo", {}).get("_target_", "?")).rsplit(".", 1)[-1]
+    weights = {k.removeprefix("backbone."): v for k, v in state["model"].items()
+               if k.startswith("backbone.")}
+    if not weights or not hasattr(algo, "backbone"):
+        holder = f"{source} (algo={algo_name})" if not weights else "this run's algorithm"
+        raise FewshotError(f"init_from={path}: {holder} has no backbone weights to start from; "
+                           "give the best.pt of an image run with a backbone (e.g. algo=baseline)")
+    try:
+        algo.backbone.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = _mismatch(str(err))
+        fix = " ".join(_differences(config, run)) or "the same backbone and image size"
+        raise FewshotError(f"init_from={path}: its backbone does not fit this run's ({detail}); "
+                           f"train with the settings it was trained with: {fix}") from None
+    return {"path": str(source), "step": state["step"], "algo": algo_name}
+
+
+def _mismatch(text: str) -> str:
+    """torch's first complaint about a state dict, short: ``encoder.0.0.weight is [8, 1, 3, 3]
+    there, [16, 1, 3, 3] here`` or ``missing encoder.4.weight``."""
+    size = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(("
+                     r"\[[^]]*\])\) from checkpoint, the shape in current model is "
+                     r"torch\.Size\((\[[^]]*\])\)", text)
+    if size:
+        return f"{size.group(1)} is {size.group(2)} there, {size.group(3)} here"
+    keys = re.search(r"(Missing|Unexpected) key\(s\) in state_dict: \"([^\"]+)\"", text)
+    if keys:
+        return f"{keys.group(1).lower()} {keys.group(2)}"
+    return text.strip().splitlines()[-1][:120]
+
+
+def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
+    """``backbone=...``, ``backbone.<key>=...`` and ``dataset.image_size=...`` overrides that
+    make ``ours`` build the backbone of ``theirs`` (keys compared with our backbone's, or with
+    the defaults of theirs when the backbones differ)."""
+    import yaml  # PyYAML comes with omegaconf
+
+    out = []
+    choice = (theirs.get("choices") or {}).get("backbone")
+    mine, other = ours.get("backbone") or {}, theirs.get("backbone") or {}
+    option = conf_dir() / "backbone" / f"{choice}.yaml"
+    if mine.get("_target_") != other.get("_target_") and choice and option.is_file():
+        out.append(f"backbone={choice}")
+        mine = yaml.safe_load(option.read_text()) or {}
+    shown = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else \
+        str(v).replace(" ", "")
+    out += [f"backbone.{key}={shown(value)}" for key, value in other.items()
+            if key != "_target_" and mine.get(key) != value]
+    size = (theirs.get("dataset") or {}).get("image_size")
+    if size != (ours.get("dataset") or {}).get("image_size"):
+        out.append(f"dataset.image_size={size}")
+    return out

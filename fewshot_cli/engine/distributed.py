@@ -136,9 +136,9 @@ class Processes:
 
     # ---- what each rank trains on
 
-    def check_meta_batch(self, meta_batch: int) -> None:
+    def check_meta_batch(self, meta_batch: int, key: str = "train.meta_batch") -> None:
         if meta_batch % self.world:
-            raise FewshotError(f"train.meta_batch={meta_batch} cannot be split evenly over "
+            raise FewshotError(f"{key}={meta_batch} cannot be split evenly over "
                                f"{self.world} processes; choose a multiple of {self.world}")
 
     def prepare(self, algo: nn.Module) -> nn.Module:

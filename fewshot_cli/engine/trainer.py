@@ -8,6 +8,7 @@ which the checkpoints store."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +41,18 @@ class TrainSettings:
     val_seed: int
     seed: int
     grad_clip: float | None = None
+    batch_size: int | None = None    # images per step of a minibatch-trained algorithm
+    max_minutes: float | None = None  # stop once the training steps have spent this long
+    budget_clock: str = "wall"        # wall | cpu: the clock max_minutes is measured on
 
 
 @dataclass
 class RunParts:
     """The objects a run trains with, built by ``build.wire_run``: the data set, the algorithm
     (on its device; wrapped for data parallelism under torchrun), the training and validation
-    task samplers, the optimizer and its schedule, the mixed-precision context, and the input
-    shape the model was sized for (kept in checkpoints for ``fewshot predict``)."""
+    task samplers (labelled minibatches for a transfer baseline), the optimizer and its
+    schedule, the mixed-precision context, the input shape the model was sized for (kept in
+    checkpoints for ``fewshot predict``), and the record of ``init_from=`` (kept in checkpoints)."""
 
     dataset: FewShotDataset
     algo: MetaAlgorithm
@@ -57,6 +62,7 @@ class RunParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     autocast: Callable
     inputs: dict[str, Any]
+    init_from: dict[str, Any] | None = None  # the pretrained backbone a new run started from
 
 
 class MetaTrainer:
@@ -70,13 +76,23 @@ class MetaTrainer:
         self.dataset, self.algo, self.inputs = parts.dataset, parts.algo, parts.inputs
         self.train_tasks, self.val_tasks = parts.train_tasks, parts.val_tasks
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
-        self.autocast = parts.autocast
+        self.autocast, self.init_from = parts.autocast, parts.init_from
         self.step = 0
         self.best = {"score": -math.inf, "ci95": math.nan, "step": 0}
         self.code = [code_version()]  # every version of the code that trained this run, in order
+        # Seconds spent in training steps (validation and checkpoints not counted), on the clock
+        # of train.budget_clock; kept in checkpoints, so train.max_minutes spans resumes.
+        self.trained_seconds = 0.0
+        self._clock = time.process_time if settings.budget_clock == "cpu" else time.perf_counter
         # The first step whose loss was not finite, kept on the device so that steps which do
         # not log never wait for it; -1 while every loss has been finite.
         self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    @property
+    def per_step(self) -> tuple[int, str]:
+        """What one training step consumes, for the speed logged: (how many, of what)."""
+        return (self.settings.batch_size, "images") if self.algo.trains_on == "batches" \
+            else (self.settings.meta_batch, "episodes")
 
     # ---- one meta-training step
 
@@ -84,6 +100,7 @@ class MetaTrainer:
         """Sample a meta-batch, meta-update once on this process's share of its tasks; the
         step's metrics as device tensors. ``stop`` (a Ctrl-C here) travels with the gradients
         to the other processes of a torchrun job."""
+        start = self._clock()
         self.algo.train()
         self.algo.set_step(step)
         tasks = self.procs.shard(self.train_tasks.sample())
@@ -101,7 +118,15 @@ class MetaTrainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.step = step + 1
+        self.trained_seconds += self._clock() - start
         return metrics
+
+    def out_of_time(self) -> bool:
+        """Whether the training steps have spent ``train.max_minutes`` (rank 0's clock decides
+        for every process of a torchrun job, so that all stop at the same step)."""
+        limit = self.settings.max_minutes
+        return limit is not None and bool(self.procs.broadcast(
+            self.trained_seconds >= 60 * limit))
 
     def check_finite(self) -> None:
         """Stop (without saving) if a loss since the last check was NaN or infinite."""
@@ -153,6 +178,8 @@ class MetaTrainer:
                     "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
             "inputs": self.inputs,
             "code": self.code,
+            "trained_seconds": self.trained_seconds,
+            "init_from": self.init_from,
             "best": {"accuracy" if self.algo.score_name == "accuracy" else "score":
                      self.best["score"], "ci95": self.best["ci95"], "step": self.best["step"],
                      "metric": self.algo.score_name},
@@ -174,5 +201,7 @@ class MetaTrainer:
         now = code_version()
         self.code = trained_by if trained_by[-1] == now else [*trained_by, now]
         self.step = state["step"]
+        self.trained_seconds = float(state.get("trained_seconds", 0.0))
+        self.init_from = state.get("init_from")
         self.best = {"score": best.get("score", best.get("accuracy")), "ci95": best["ci95"],
                      "step": best["step"]}
