@@ -50,7 +50,6 @@ def reproduce(cfg: DictConfig, train_new: Callable[[DictConfig], Any],
     if hydra_cfg.mode == RunMode.MULTIRUN:
         raise FewshotError("fewshot reproduce runs one preset at a time; run it once per preset "
                            "instead of with -m")
-    started = time.perf_counter()
     if cfg.get("resume"):
         discard_if_empty(out)  # the folder Hydra claimed: the run continues in its own
         run_dir = _continue(Path(str(cfg.resume)), overrides, resume_run)
@@ -62,8 +61,7 @@ def reproduce(cfg: DictConfig, train_new: Callable[[DictConfig], Any],
             raise
         train_new(cfg)
         run_dir = out
-    train_s = time.perf_counter() - started
-    return evaluate_and_record(run_dir, cfg, overrides, train_s)
+    return evaluate_and_record(run_dir, cfg, overrides)
 
 
 def _require_preset(cfg: DictConfig) -> None:
@@ -97,10 +95,12 @@ def _continue(ckpt: Path, overrides: list[str], resume_run: Callable[[list[str]]
 # ---------------------------------------------------------------- evaluation and the record
 
 
-def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str],
-                        train_s: float) -> dict[str, Any]:
+def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str]
+                        ) -> dict[str, Any]:
     """Test ``run_dir/best.pt`` at every shape of its preset's ``paper.shapes``, print paper
-    against ours and write ``reproduction.json`` (atomically, once everything is measured)."""
+    against ours and write ``reproduction.json`` (atomically, once everything is measured).
+    The training time is the one ``last.pt`` records over every command that trained the run
+    (null for a run whose checkpoints did not record it)."""
     from fewshot_cli.engine.checkpoint import code_version, load_checkpoint
 
     best = run_dir / "best.pt"
@@ -109,7 +109,9 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str],
     now = preset_config(preset)
     # A checkpoint written before presets carried their figures takes them from the preset.
     paper = state["config"].get("paper") or OmegaConf.to_container(now.paper)
-    steps = {"done": load_checkpoint(run_dir / "last.pt")["step"], "planned": now.train.steps}
+    last = load_checkpoint(run_dir / "last.pt")
+    steps = {"done": last["step"], "planned": now.train.steps}
+    train_s = last.get("wall_seconds")
     changed = changes(run_dir, overrides)
     started = time.perf_counter()
     figures = [figure(shape, (paper.get("figures") or {}).get(shape),
@@ -121,7 +123,8 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str],
         "checkpoint": {"file": best.name, "step": state["step"]}, "steps": steps,
         "changed": changed, "figures": figures,
         "differences": list(paper.get("differences") or []),
-        "wall_s": {"train": round(train_s, 1), "eval": round(time.perf_counter() - started, 1)},
+        "wall_s": {"train": None if train_s is None else round(train_s, 1),
+                   "eval": round(time.perf_counter() - started, 1)},
         "hardware": hardware(cfg.device.type), "torch": _torch_version(),
         "code": {"trained": state.get("code") or "not recorded", "evaluated": code_version()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -220,11 +223,11 @@ def verdict(paper: Mapping[str, Any] | None, ours: Mapping[str, Any],
 
 def table(record: Mapping[str, Any]) -> str:
     """What the command prints: the run, then paper against ours, one test shape a row."""
-    steps, ckpt = record["steps"], record["checkpoint"]
+    steps, ckpt, wall = record["steps"], record["checkpoint"], record["wall_s"]
+    trained = "not recorded" if wall["train"] is None else f"{wall['train']:.0f} s"
     lines = [f"{record['preset']}: {record['cite']}",
              f"{ckpt['file']} from step {ckpt['step']}; {steps['done']} of {steps['planned']} "
-             f"steps trained; training {record['wall_s']['train']:.0f} s, evaluation "
-             f"{record['wall_s']['eval']:.0f} s", "",
+             f"steps trained; training {trained}, evaluation {wall['eval']:.0f} s", "",
              "| test | paper | ours (95% CI) | episodes | verdict |", "|---|---:|---:|---:|---|"]
     for row in record["figures"]:
         lines.append(f"| {row['shape']} | {shown(row['paper'])} | {shown(row['ours'], 2)} | "

@@ -81,7 +81,9 @@ def _ours(row: dict[str, Any] | None) -> str:
 def _run(record: dict[str, Any] | None, cfg: dict[str, Any], timing: dict | None) -> str:
     if record is not None:
         h, wall = record["hardware"], record["wall_s"]
-        return (f"{_duration(wall['train'])} training + {_duration(wall['eval'])} tests, "
+        trained = "training time not recorded" if wall["train"] is None \
+            else f"{_duration(wall['train'])} training"
+        return (f"{trained} + {_duration(wall['eval'])} tests, "
                 f"{record['steps']['done']} of {record['steps']['planned']} steps, {h['cpu']} "
                 f"({h['torch_threads']} threads{', ' + h['gpu'] if h.get('gpu') else ''}), "
                 f"torch {record['torch']}")

@@ -115,6 +115,8 @@ def test_resuming_a_finished_run_only_evaluates_it(reproduced, cli, tmp_path):
     record = json.loads((run / "reproduction.json").read_text())
     assert record["command"] == f"fewshot reproduce resume={run / 'last.pt'}"
     assert record["changed"][0] == "dataset=glyphs"  # from the command that started the run
+    # the run's training time, as last.pt records it, not this command's
+    assert record["wall_s"]["train"] == round(load_checkpoint(run / "last.pt")["wall_seconds"], 1)
     assert not any(tmp_path.iterdir()), "the folder Hydra claimed for the command was left"
 
 
@@ -141,12 +143,13 @@ def test_a_checkpoint_from_before_code_versions_and_figures_is_reproduced(reprod
     old.mkdir()
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(run / name)
-        del state["code"], state["config"]["paper"]
+        del state["code"], state["config"]["paper"], state["wall_seconds"]
         save_checkpoint(old / name, {k: v for k, v in state.items()
                                      if k not in ("format", "version")})
     ok(cli("reproduce", f"resume={old / 'last.pt'}"))
     record = json.loads((old / "reproduction.json").read_text())
     assert record["code"]["trained"] == "not recorded"
+    assert record["wall_s"]["train"] is None  # its training time was not recorded either
     assert [f["paper"]["value"] for f in record["figures"]] == [98.8, 96.0]
     # resumed by this code: both versions, in order (and device=cpu, now auto.yaml with one key
     # changed, is composed the way Hydra composes it, not read as a file)
@@ -154,6 +157,7 @@ def test_a_checkpoint_from_before_code_versions_and_figures_is_reproduced(reprod
            "device=cpu"))
     state = load_checkpoint(old / "last.pt")
     assert state["code"] == ["not recorded", code_version()]
+    assert state["wall_seconds"] is None  # part of its training time is unknown
     assert state["config"]["device"] == {"type": "cpu", "precision": "fp32",
                                          "memory_format": "auto"}
 

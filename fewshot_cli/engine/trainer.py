@@ -83,6 +83,11 @@ class MetaTrainer:
         # Seconds spent in training steps (validation and checkpoints not counted), on the clock
         # of train.budget_clock; kept in checkpoints, so train.max_minutes spans resumes.
         self.trained_seconds = 0.0
+        # Wall seconds of the whole training (steps, validation, checkpoints) over every command
+        # that trained the run, for reproduction records; None once a checkpoint that did not
+        # record it was resumed.
+        self._wall_before: float | None = 0.0
+        self._wall_start = time.perf_counter()
         self._clock = time.process_time if settings.budget_clock == "cpu" else time.perf_counter
         # The first step whose loss was not finite, kept on the device so that steps which do
         # not log never wait for it; -1 while every loss has been finite.
@@ -120,6 +125,13 @@ class MetaTrainer:
         self.step = step + 1
         self.trained_seconds += self._clock() - start
         return metrics
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """Wall seconds this run has trained for, resumes included (None: not recorded)."""
+        if self._wall_before is None:
+            return None
+        return self._wall_before + time.perf_counter() - self._wall_start
 
     def out_of_time(self) -> bool:
         """Whether the training steps have spent ``train.max_minutes`` (rank 0's clock decides
@@ -179,6 +191,7 @@ class MetaTrainer:
             "inputs": self.inputs,
             "code": self.code,
             "trained_seconds": self.trained_seconds,
+            "wall_seconds": self.wall_seconds,
             "init_from": self.init_from,
             "best": {"accuracy" if self.algo.score_name == "accuracy" else "score":
                      self.best["score"], "ci95": self.best["ci95"], "step": self.best["step"],
@@ -202,6 +215,8 @@ class MetaTrainer:
         self.code = trained_by if trained_by[-1] == now else [*trained_by, now]
         self.step = state["step"]
         self.trained_seconds = float(state.get("trained_seconds", 0.0))
+        self._wall_before = state.get("wall_seconds", None if self.step else 0.0)
+        self._wall_start = time.perf_counter()
         self.init_from = state.get("init_from")
         self.best = {"score": best.get("score", best.get("accuracy")), "ci95": best["ci95"],
                      "step": best["step"]}
