@@ -85,7 +85,8 @@ def _run(record: dict[str, Any] | None, cfg: dict[str, Any], timing: dict | None
             else f"{_duration(wall['train'])} training"
         return (f"{trained} + {_duration(wall['eval'])} tests, "
                 f"{record['steps']['done']} of {record['steps']['planned']} steps, {h['cpu']} "
-                f"({h['torch_threads']} threads{', ' + h['gpu'] if h.get('gpu') else ''}), "
+                f"({h['torch_threads']} thread{'s' if h['torch_threads'] != 1 else ''}"
+                f"{', ' + h['gpu'] if h.get('gpu') else ''}), "
                 f"torch {record['torch']}")
     if timing is None:
         return "not timed"
