@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 from conftest import REPO
-from helpers import compose, plain
+from helpers import ADDED_KEYS, compose, plain
 
 from fewshot_cli.build import build_algorithm, build_dataset
 from fewshot_cli.config import conf_dir, group_option
@@ -29,8 +29,7 @@ BEFORE = json.loads((REPO / "tests" / "data" / "presets_before.json").read_text(
 # added since: the paper data each preset gained, the duplicate-image switch of the split checks
 # (issue 19), those of the transfer baselines (issue 22: train.yaml's, ProtoNet's cosine scale).
 REMOVED = {"dataset.augment", "algo.distortions", "algo.distortion_prob"}
-ADDED = {"paper", "dataset.allow_duplicates", "init_from", "train.batch_size",
-         "train.max_minutes", "train.budget_clock", "algo.scale", "algo.learn_scale"}
+ADDED = {"paper", *ADDED_KEYS}
 # The test shape a name does not spell as its last part.
 NAME_SHAPES = {"protonet_omniglot_lake_minimal": "20w1s",
                "meta_baseline_miniimagenet_classifier": "5w1s"}

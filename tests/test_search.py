@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import REPO
-from helpers import SMALL, compose, ok, one_sentence
+from helpers import ADDED_KEYS, SMALL, compose, ok, one_sentence
 from omegaconf import OmegaConf
 
 from fewshot_cli.config import conf_dir
@@ -38,12 +38,6 @@ BAD_OR_GOOD = ["hparams_search=protonet_omniglot", *SMALL, "train.ways=5",
                "+hydra.sweeper.pruner_args.n_warmup_steps=4"]
 
 
-# Keys the config tree gained after the golden files: the split checks' duplicate switch (issue
-# 19), the transfer baselines' train.yaml keys, init_from and ProtoNet's cosine scale (issue 22).
-ADDED = ("dataset.allow_duplicates", "init_from", "train.batch_size", "train.max_minutes",
-         "train.budget_clock", "algo.scale", "algo.learn_scale")
-
-
 def composed(space: str, *overrides: str):
     return compose([f"hparams_search={space}", *overrides], hydra=True)
 
@@ -62,7 +56,7 @@ def test_each_space_composes_as_before_over_the_shared_base(space):
     cfg = composed(space)
     golden = OmegaConf.load(GOLDEN / f"{space}.yaml")
     task = OmegaConf.create({k: v for k, v in cfg.items() if k not in ("hydra", "choices")})
-    for key in ADDED:  # keys added since the golden files were written, where they lack them
+    for key in ADDED_KEYS:  # added since the golden files were written, where they lack them
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(task, parent) if parent else task
         if OmegaConf.select(golden.task, key, default="<absent>") == "<absent>" and node:
