@@ -138,7 +138,8 @@ def check_task_kinds(cfg: DictConfig) -> None:
 def task_shape(section: DictConfig) -> TaskShape:
     """The task shape of the ``train`` or ``eval`` section (``eval`` has no meta-batch: 1)."""
     return TaskShape(section.ways, section.shots, section.queries, section.get("meta_batch", 1),
-                     bool(section.get("within_group")), bool(section.get("distinct_drawers")))
+                     bool(section.get("within_group")), bool(section.get("distinct_drawers")),
+                     tuple(int(r) for r in section.get("rotations") or (0,)))
 
 
 def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,

@@ -50,7 +50,10 @@ class TaskShape:
     """The tasks a model is trained or tested on: ``ways`` classes of ``shots`` support and
     ``queries`` query images each, ``meta_batch`` tasks at a time (``train.*``, ``eval.*``);
     ``within_group``/``distinct_drawers`` choose Lake et al.'s protocol (Omniglot: the classes
-    of a task from one alphabet, its support and queries by different drawers)."""
+    of a task from one alphabet, its support and queries by different drawers); ``rotations``
+    (degrees) make each rotation of a class a class of its own, as Snell et al. and Vinyals et
+    al. test Omniglot (423 test characters x 4 = 1692 classes); ``(0,)``: the classes as they
+    are."""
 
     ways: int
     shots: int
@@ -58,6 +61,7 @@ class TaskShape:
     meta_batch: int = 1
     within_group: bool = False
     distinct_drawers: bool = False
+    rotations: tuple[int, ...] = (0,)
 
     def describe(self) -> str:
         """In words, as printed and as part of a result's key in results.json:
@@ -65,6 +69,8 @@ class TaskShape:
         protocol = "".join(f", {words}" for words, on in (
             ("within group", self.within_group), ("distinct drawers", self.distinct_drawers))
             if on)
+        if self.rotations != (0,):
+            protocol += f", classes rotated by {'/'.join(map(str, self.rotations))} degrees"
         return f"{self.ways}-way {self.shots}-shot ({self.queries} queries){protocol}"
 
 

@@ -97,6 +97,10 @@ EVAL_RULES: dict[str, Rule] = {
     "eval.batch": Rule("int_or_auto", lambda v: v >= 1, "auto or a whole number of at least 1",
                        "auto"),
     "eval.seed": _int(0, 2024, "a whole number (0 or more)"),
+    "eval.rotations": Rule("int_list", lambda v: len(v) > 0 and len(set(v)) == len(v) and
+                           all(r % 90 == 0 and 0 <= r < 360 for r in v),
+                           "a list of distinct multiples of 90 degrees below 360",
+                           "[0,90,180,270]"),
     "eval.query_statistics": Rule("choice", lambda v: v in ("inductive", "transductive"),
                                   "inductive or transductive (null: as the model was trained)",
                                   "inductive"),

@@ -113,15 +113,16 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str]
     steps = {"done": last["step"], "planned": now.train.steps}
     train_s = last.get("wall_seconds")
     changed = changes(run_dir, overrides)
+    filled = preset_protocol(state["config"], now)
     started = time.perf_counter()
     figures = [figure(shape, (paper.get("figures") or {}).get(shape),
-                      _evaluate(best, shape, cfg, overrides), **steps, changed=changed)
+                      _evaluate(best, shape, cfg, overrides, filled), **steps, changed=changed)
                for shape in paper["shapes"]]
     record = {
         "preset": preset, "cite": paper.get("cite"), "run": str(run_dir),
         "command": " ".join(["fewshot reproduce", *overrides]),
         "checkpoint": {"file": best.name, "step": state["step"]}, "steps": steps,
-        "changed": changed, "figures": figures,
+        "changed": changed, "protocol_from_preset": filled, "figures": figures,
         "differences": list(paper.get("differences") or []),
         "wall_s": {"train": None if train_s is None else round(train_s, 1),
                    "eval": round(time.perf_counter() - started, 1)},
@@ -145,12 +146,28 @@ def preset_config(preset: str) -> DictConfig:
                            "this fewshot; reproduce it with the fewshot that trained it") from None
 
 
-def _evaluate(best: Path, shape: str, cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    """``fewshot eval`` of ``best`` at ``shape`` on this command's device: its result entry."""
+def preset_protocol(stored: Mapping[str, Any], now: DictConfig) -> dict[str, Any]:
+    """The test settings (``eval.*`` keys that change a figure) the preset sets now and the
+    run's config lacks, having been written before the key existed: the run is tested with
+    the preset's protocol for them (``eval.rotations``, added for Snell et al.'s rotated
+    Omniglot test), and the record lists them."""
+    from fewshot_cli.results import EVAL_KEYS
+
+    preset = OmegaConf.to_container(now.eval, resolve=True)
+    return {f"eval.{key}": preset[key] for key in EVAL_KEYS
+            if key in preset and key not in stored.get("eval", {})}
+
+
+def _evaluate(best: Path, shape: str, cfg: DictConfig, overrides: list[str],
+              filled: Mapping[str, Any]) -> dict[str, Any]:
+    """``fewshot eval`` of ``best`` at ``shape`` on this command's device, with the test
+    settings ``filled`` from the preset: its result entry."""
     from fewshot_cli.evaluate import evaluate
 
     ev = compose("eval")
     ev.ckpt, ev.device = str(best), cfg.device
+    for key, value in filled.items():
+        ev.eval[key.removeprefix("eval.")] = value
     if match := SHAPE.fullmatch(shape):
         ev.eval.ways, ev.eval.shots = int(match[1]), int(match[2])
     if any(o.startswith("dataset.root=") for o in overrides):
@@ -232,9 +249,17 @@ def table(record: Mapping[str, Any]) -> str:
     for row in record["figures"]:
         lines.append(f"| {row['shape']} | {shown(row['paper'])} | {shown(row['ours'], 2)} | "
                      f"{row['ours']['episodes']} | {row['verdict']['text']} |")
+    if record.get("protocol_from_preset"):
+        keys = " ".join(f"{k}={_listed(v)}" for k, v in record["protocol_from_preset"].items())
+        lines += ["", f"tested with the preset's {keys} (the run was trained before the key "
+                  "existed)"]
     if record["differences"]:
         lines += ["", "known protocol differences:", *(f"- {d}" for d in record["differences"])]
     return "\n".join(lines)
+
+
+def _listed(value: Any) -> str:
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
 
 
 def shown(figure: Mapping[str, Any] | None, decimals: int | None = None,

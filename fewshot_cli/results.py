@@ -23,7 +23,10 @@ from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import MovedAside, merge_json
 
 #: the eval.* settings that change a test's figure (eval.batch only changes its speed)
-EVAL_KEYS = ("ways", "shots", "queries", "episodes", "seed", "within_group", "distinct_drawers")
+EVAL_KEYS = ("ways", "shots", "queries", "episodes", "seed", "within_group", "distinct_drawers",
+             "rotations")
+#: what an eval.* key of EVAL_KEYS was before configs held it (a run trained before it existed)
+EVAL_DEFAULTS: dict[str, Any] = {"rotations": [0]}
 #: dataset keys that say where the data lives or how it arrives, not what it is
 LOCATION_KEYS = ("_target_", "root", "download")
 #: how a query's score may depend on the other queries tested with it (see evaluate.py)
@@ -70,8 +73,14 @@ def protocol(config: Mapping[str, Any], query_statistics: str | None,
             "dataset_options": {k: v for k, v in dataset.items() if k not in LOCATION_KEYS},
             "split": "test",
             "test_classes": classes,
-            **{key: config["eval"].get(key) for key in EVAL_KEYS},
+            **{key: _plain(config["eval"].get(key, EVAL_DEFAULTS.get(key))) for key in EVAL_KEYS},
             "query_statistics": query_statistics}
+
+
+def _plain(value: Any) -> Any:
+    """A list as a list (OmegaConf's ListConfig and tuples too), so protocols compare equal."""
+    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == \
+        "ListConfig" else value
 
 
 def key_words(shape: str, record: Mapping[str, Any]) -> str:

@@ -88,6 +88,7 @@ def plain(overrides: list[str]) -> dict[str, Any]:
 
 # Keys the config tree gained after the saved snapshots of composed configs were written: the
 # split checks' duplicate switch (issue 19), the transfer baselines' train.yaml keys, init_from
-# and ProtoNet's cosine scale (issue 22). Snapshot tests set them aside where a snapshot lacks them.
+# and ProtoNet's cosine scale (issue 22), the rotated test protocol (issue 20). Snapshot tests
+# set them aside where a snapshot lacks them.
 ADDED_KEYS = ("dataset.allow_duplicates", "init_from", "train.batch_size", "train.max_minutes",
-              "train.budget_clock", "algo.scale", "algo.learn_scale")
+              "train.budget_clock", "algo.scale", "algo.learn_scale", "eval.rotations")

@@ -21,7 +21,8 @@ TINY = ["experiment=protonet_omniglot_5w1s", "dataset=glyphs", "dataset.classes.
         "train.ways=5", "train.steps=4", "train.val_every=4", "train.val_episodes=4",
         "eval.episodes=8", "device=cpu"]
 RECORD_KEYS = {"preset", "cite", "run", "command", "checkpoint", "steps", "changed", "figures",
-               "differences", "wall_s", "hardware", "torch", "code", "date"}
+               "differences", "wall_s", "hardware", "torch", "code", "date",
+               "protocol_from_preset"}
 
 
 # ---------------------------------------------------------------- the verdict
@@ -92,6 +93,7 @@ def test_reproduce_prints_paper_against_ours_and_records_everything(reproduced):
     assert record["steps"] == {"done": 4, "planned": 20000}
     assert record["checkpoint"] == {"file": "best.pt", "step": 4}
     assert record["changed"][0] == "dataset=glyphs" and "train.steps=4" not in record["changed"]
+    assert record["protocol_from_preset"] == {}  # the run's config holds every test setting
     assert [f["shape"] for f in record["figures"]] == ["5w1s", "20w1s"]
     for row, paper in zip(record["figures"], (98.8, 96.0), strict=True):
         assert row["paper"]["value"] == paper and row["paper"]["verified"] is True
@@ -136,18 +138,25 @@ def test_what_cannot_be_reproduced_is_one_sentence(reproduced, fewshot, tmp_path
 
 def test_a_checkpoint_from_before_code_versions_and_figures_is_reproduced(reproduced, cli,
                                                                           tmp_path):
-    """A preset's run trained before checkpoints kept the code version and the paper figures:
-    its code is "not recorded", its figures come from the preset it names."""
+    """A preset's run trained before checkpoints kept the code version, the paper figures and
+    eval.rotations: its code is "not recorded", its figures come from the preset it names, and
+    it is tested with the preset's rotated test classes, which the record and the output say."""
     run, _ = reproduced
     old = tmp_path / "old"
     old.mkdir()
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(run / name)
         del state["code"], state["config"]["paper"], state["wall_seconds"]
+        del state["config"]["eval"]["rotations"]
         save_checkpoint(old / name, {k: v for k, v in state.items()
                                      if k not in ("format", "version")})
-    ok(cli("reproduce", f"resume={old / 'last.pt'}"))
+    done = ok(cli("reproduce", f"resume={old / 'last.pt'}"))
+    assert "tested with the preset's eval.rotations=[0,90,180,270] (the run was trained " \
+        "before the key existed)" in done.stdout
     record = json.loads((old / "reproduction.json").read_text())
+    assert record["protocol_from_preset"] == {"eval.rotations": [0, 90, 180, 270]}
+    tested = json.loads((old / "results.json").read_text())["best.pt"].values()
+    assert [e["protocol"]["rotations"] for e in tested] == [[0, 90, 180, 270]] * 2
     assert record["code"]["trained"] == "not recorded"
     assert record["wall_s"]["train"] is None  # its training time was not recorded either
     assert [f["paper"]["value"] for f in record["figures"]] == [98.8, 96.0]

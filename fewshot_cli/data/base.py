@@ -12,6 +12,7 @@ from fewshot_cli.data.batches import BatchSampler
 from fewshot_cli.data.sampler import EpisodeSampler
 from fewshot_cli.data.store import ClassStore, unrotated
 from fewshot_cli.episode import IMAGE_TASKS, TaskShape
+from fewshot_cli.errors import FewshotError
 
 SPLITS = ("train", "val", "test")
 
@@ -43,6 +44,8 @@ class FewShotDataset:
     root: Path | None = None
     #: accept image files with identical content in two splits (``dataset.allow_duplicates``)
     allow_duplicates: bool = False
+    #: whether a rotated class is a class of its own (characters), for ``eval.rotations``
+    rotatable: bool = False
     #: pairs of splits that hold the same classes by design (Omniglot's ``minimal`` split)
     shared_splits: frozenset[tuple[str, str]] = frozenset()
 
@@ -72,8 +75,20 @@ class FewShotDataset:
                 device: torch.device, seed: int = 0, prefix: str = "train",
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpisodeSampler:
         """Tasks of ``split`` shaped by ``shape`` (``meta_batch`` of them at a time);
-        ``augment`` is applied to the images of training episodes."""
-        return EpisodeSampler(self.load(split), shape.ways, shape.shots, shape.queries,
+        ``augment`` is applied to the images of training episodes.
+
+        Raises:
+            FewshotError: ``shape.rotations`` asks for rotated classes of a data set whose
+                rotated images are not other classes (photographs)."""
+        store = self.load(split)
+        if shape.rotations != (0,):
+            if not self.rotatable:
+                raise FewshotError(
+                    f"eval.rotations={list(shape.rotations)} makes each rotation of a class a "
+                    f"class of its own, which only character data sets (omniglot, glyphs) "
+                    f"have; remove it (eval.rotations=[0])")
+            store = store.rotated(list(shape.rotations))
+        return EpisodeSampler(store, shape.ways, shape.shots, shape.queries,
                               meta_batch, device, seed=seed, split=split, prefix=prefix,
                               augment=augment, within_group=shape.within_group,
                               distinct_drawers=shape.distinct_drawers)

@@ -55,7 +55,7 @@ class ModelInput(FewShotDataset):
     def __init__(self, dataset: FewShotDataset, in_channels: int, image_size: int) -> None:
         self.dataset = dataset
         self.channels, self.image_size = in_channels, image_size
-        self.root = dataset.root
+        self.root, self.rotatable = dataset.root, dataset.rotatable
         self._stores: dict[str, ClassStore] = {}
 
     def load(self, split: str) -> ClassStore:

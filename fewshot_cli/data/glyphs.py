@@ -155,6 +155,8 @@ def split_seed(seed: int, split: str) -> int:
 class Glyphs(FewShotDataset):
     """Generated characters: ``classes[split]`` programs, ``images_per_class`` drawings each."""
 
+    rotatable = True  # a rotated character is another character (eval.rotations)
+
     def __init__(self, classes: dict, images_per_class: int = 20, image_size: int = 28,
                  seed: int = 0, rotations: list[int] | tuple[int, ...] = (0,),
                  allow_duplicates: bool = False) -> None:

@@ -182,6 +182,8 @@ def download(root: Path, name: str) -> Path:
 class Omniglot(FewShotDataset):
     """Omniglot characters as classes, 20 drawings each: uint8 ``[chars, 20, 1, S, S]``."""
 
+    rotatable = True  # a rotated character is another character (eval.rotations)
+
     def __init__(self, root: str, split: str = "vinyals", alphabets: dict | None = None,
                  image_size: int = 28, rotations: list[int] | tuple[int, ...] = (0,),
                  download: bool = True, allow_duplicates: bool = False) -> None:
