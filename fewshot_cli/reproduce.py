@@ -112,6 +112,7 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str]
     last = load_checkpoint(run_dir / "last.pt")
     steps = {"done": last["step"], "planned": now.train.steps}
     train_s = last.get("wall_seconds")
+    logged = logged_training_seconds(run_dir / "train.log") if train_s is None else None
     changed = changes(run_dir, overrides)
     filled = preset_protocol(state["config"], now)
     started = time.perf_counter()
@@ -125,6 +126,7 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str]
         "changed": changed, "protocol_from_preset": filled, "figures": figures,
         "differences": list(paper.get("differences") or []),
         "wall_s": {"train": None if train_s is None else round(train_s, 1),
+                   "train_from_log": logged,
                    "eval": round(time.perf_counter() - started, 1)},
         "hardware": hardware(cfg.device.type), "torch": _torch_version(),
         "code": {"trained": state.get("code") or "not recorded", "evaluated": code_version()},
@@ -135,6 +137,38 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str]
     print(table(record))
     print(f"reproduction written to {path}")
     return record
+
+
+LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
+STARTS = ("run folder: ", "resuming from step ")
+VALIDATION = re.compile(r" - step \d+: val ")
+
+
+def logged_training_seconds(log: Path) -> float | None:
+    """For a run whose checkpoints predate ``wall_seconds``: the training wall time read from
+    the timestamps of its ``train.log``, summed over the commands that trained it, each from
+    its start to its last validation line (the steps a killed command made after its last
+    checkpoint are not counted: they were made again). None without a readable log or with
+    no validation line."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    total, start, last = 0.0, None, None
+    for line in lines:
+        stamp = LOG_LINE.match(line)
+        if stamp is None:
+            continue
+        when = datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S").timestamp() + int(stamp[2]) / 1e3
+        if any(s in line for s in STARTS):
+            if start is not None and last is not None:
+                total += last - start
+            start, last = when, None
+        elif VALIDATION.search(line) and start is not None:
+            last = when
+    if start is not None and last is not None:
+        total += last - start
+    return round(total, 1) if total > 0 else None
 
 
 def preset_config(preset: str) -> DictConfig:
@@ -241,7 +275,9 @@ def verdict(paper: Mapping[str, Any] | None, ours: Mapping[str, Any],
 def table(record: Mapping[str, Any]) -> str:
     """What the command prints: the run, then paper against ours, one test shape a row."""
     steps, ckpt, wall = record["steps"], record["checkpoint"], record["wall_s"]
-    trained = "not recorded" if wall["train"] is None else f"{wall['train']:.0f} s"
+    trained = f"{wall['train']:.0f} s" if wall["train"] is not None else \
+        f"{wall['train_from_log']:.0f} s (from train.log's timestamps)" \
+        if wall.get("train_from_log") else "not recorded"
     lines = [f"{record['preset']}: {record['cite']}",
              f"{ckpt['file']} from step {ckpt['step']}; {steps['done']} of {steps['planned']} "
              f"steps trained; training {trained}, evaluation {wall['eval']:.0f} s", "",

@@ -81,8 +81,9 @@ def _ours(row: dict[str, Any] | None) -> str:
 def _run(record: dict[str, Any] | None, cfg: dict[str, Any], timing: dict | None) -> str:
     if record is not None:
         h, wall = record["hardware"], record["wall_s"]
-        trained = "training time not recorded" if wall["train"] is None \
-            else f"{_duration(wall['train'])} training"
+        trained = f"{_duration(wall['train'])} training" if wall["train"] is not None else \
+            f"{_duration(wall['train_from_log'])} training (from train.log)" \
+            if wall.get("train_from_log") else "training time not recorded"
         return (f"{trained} + {_duration(wall['eval'])} tests, "
                 f"{record['steps']['done']} of {record['steps']['planned']} steps, {h['cpu']} "
                 f"({h['torch_threads']} thread{'s' if h['torch_threads'] != 1 else ''}"

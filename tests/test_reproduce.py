@@ -13,7 +13,7 @@ import pytest
 from helpers import ok, one_sentence
 
 from fewshot_cli.engine.checkpoint import code_version, load_checkpoint, save_checkpoint
-from fewshot_cli.reproduce import figure, verdict
+from fewshot_cli.reproduce import figure, logged_training_seconds, verdict
 
 # A 5-way 1-shot ProtoNet Omniglot preset run, shortened and shrunk to seconds on the glyphs.
 TINY = ["experiment=protonet_omniglot_5w1s", "dataset=glyphs", "dataset.classes.train=20",
@@ -60,6 +60,29 @@ def test_a_shortened_or_changed_run_says_so_first():
     reward = figure("k5_n10", {"value": 6.7, "ci95": None}, {"metric": "total_reward",
                     "total_reward": 6.5, "ci95": 0.1, "episodes": 1000}, 3000, 3000)
     assert reward["verdict"]["text"] == "below the paper by 0.20"
+
+
+def test_training_time_of_an_older_run_is_read_from_its_log(tmp_path):
+    """Each training command from its start to its last validation line: a killed command's
+    steps after its last validation are made again by the next and not counted twice; a
+    resume with nothing to do counts nothing."""
+    log = tmp_path / "train.log"
+    lines = (
+        ("05:00:00", "decoding images_background at 28 px once"),
+        ("05:00:10", "run folder: /runs/a"),
+        ("05:10:10", "step 500: val accuracy 96.00% ± 0.60% (best ...)"),
+        ("06:00:10", "step 1000: val accuracy 97.00% ± 0.50% (best ...)"),
+        ("07:00:00", "resuming from step 1000 in /runs/a"),
+        ("07:00:00", "run folder: /runs/a"),
+        ("07:30:00", "step 1500: val accuracy 97.50% ± 0.50% (best ...)"),
+        ("08:00:00", "resuming from step 1500 in /runs/a"),
+        ("08:00:00", "nothing to do: the run is already at step 1500"))
+    log.write_text("".join(f"[2026-11-30 {t},000][fewshot_cli.train][INFO] - {words}\n"
+                           for t, words in lines))
+    assert logged_training_seconds(log) == 3600 + 1800
+    log.write_text("[2026-11-30 05:00:10,000][x][INFO] - run folder: /runs/a\n")
+    assert logged_training_seconds(log) is None  # killed before its first validation
+    assert logged_training_seconds(tmp_path / "missing.log") is None
 
 
 # ---------------------------------------------------------------- the real CLI
