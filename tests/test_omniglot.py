@@ -17,7 +17,7 @@ from PIL import Image
 
 from fewshot_cli.data import images, omniglot
 from fewshot_cli.data.omniglot import Omniglot
-from fewshot_cli.data.splits import record_split
+from fewshot_cli.data.splits import integrity_problems, record_split
 from fewshot_cli.errors import FewshotError
 
 # source -> alphabet -> characters; Greek and Latin are in both small sets, as in the release
@@ -163,7 +163,8 @@ def test_corrupt_image_names_the_file(tmp_path, monkeypatch, zipped):
 
 
 def test_unknown_split_and_alphabet(fake_root):
-    with pytest.raises(FewshotError, match=r"dataset\.split=tiny .*vinyals, lake, minimal"):
+    with pytest.raises(FewshotError, match=r"dataset\.split=tiny .*vinyals, vinyals_trainval, "
+                                           r"lake, minimal"):
         Omniglot(fake_root, split="tiny")
     with pytest.raises(FewshotError, match=r"dataset\.alphabets.* needs alphabets"):
         Omniglot(fake_root, split="custom", alphabets={"train": ["Alpha"]})
@@ -317,6 +318,22 @@ def test_real_vinyals(omniglot_root):
     assert len(base | set(val.names) | set(test.names)) == 1623
     # black strokes on white: mostly white pixels, some dark ones
     assert test.images.float().mean() > 200 and test.images.min() < 50
+
+
+def test_real_vinyals_trainval(omniglot_root):
+    """Snell et al.'s second stage: Vinyals et al.'s train and val characters together (1200,
+    x4 rotations), val the same 172 by design (no false alarm), test unchanged."""
+    ds = Omniglot(omniglot_root, split="vinyals_trainval", rotations=[0, 90, 180, 270],
+                  download=False)
+    plain = Omniglot(omniglot_root, split="vinyals", rotations=[0, 90, 180, 270], download=False)
+    stores = {s: ds.load(s) for s in ("train", "val", "test")}
+    assert [stores[s].num_classes for s in stores] == [1200 * 4, 172, 423]
+    assert set(stores["train"].names) == set(plain.load("train").names) | \
+        set(plain.load("val").rotated([0, 90, 180, 270]).names)
+    assert stores["val"].names == plain.load("val").names
+    assert stores["test"].names == plain.load("test").names
+    assert not [p for p in integrity_problems(ds, stores) if p.stops], \
+        integrity_problems(ds, stores)
 
 
 def test_real_lake(omniglot_root):

@@ -15,6 +15,10 @@ Splits (``dataset.split``):
   Early_Aramaic, Hebrew, Mkhedruli_(Georgian)), test = the last 423 characters of
   ``images_evaluation`` in sorted (alphabet, character) order (Gurmukhi/character42 to ULOG),
   train = the other 1028 (25 background alphabets + evaluation up to Gurmukhi/character41).
+* ``vinyals_trainval`` — Snell et al.'s second stage: train on Vinyals et al.'s train and val
+  characters together (1200, the authors' ``trainval.txt``), for as many steps as early stopping
+  chose in a first run on ``vinyals``; val is the same 172 characters (seen in training: by
+  design, its figure says nothing of new classes), test the same 423.
 * ``lake`` — train on all 30 ``images_background`` alphabets; as in Koch et al. 2015, the 20
   ``images_evaluation`` alphabets are halved in sorted order: val = the first 10 (Angelic ...
   Keble), test = the last 10 (Malayalam ... ULOG).
@@ -188,7 +192,8 @@ class Omniglot(FewShotDataset):
                  image_size: int = 28, rotations: list[int] | tuple[int, ...] = (0,),
                  download: bool = True, allow_duplicates: bool = False) -> None:
         self.rules: dict[str, Callable[[str], list[str]]] = {
-            "vinyals": self._vinyals, "lake": self._lake, "minimal": self._minimal,
+            "vinyals": self._vinyals, "vinyals_trainval": self._vinyals_trainval,
+            "lake": self._lake, "minimal": self._minimal,
             "lake_minimal": self._lake_minimal, "custom": self._custom,
         }
         if split not in self.rules:
@@ -201,8 +206,9 @@ class Omniglot(FewShotDataset):
         self.rotations = [int(r) for r in rotations]
         self.alphabets = self._check_alphabets(alphabets) if split == "custom" else None
         self.allow_duplicates = bool(allow_duplicates)
-        # minimal: val and test are the same characters by design
-        self.shared_splits = frozenset({("val", "test")}) if split == "minimal" else frozenset()
+        # minimal: val and test are the same characters by design; vinyals_trainval: train and val
+        self.shared_splits = frozenset({("val", "test")}) if split == "minimal" else \
+            frozenset({("train", "val")}) if split == "vinyals_trainval" else frozenset()
         self._sources: dict[str, Source] = {}
         self._stores: dict[str, ClassStore] = {}
 
@@ -280,7 +286,7 @@ class Omniglot(FewShotDataset):
 
     def present(self) -> bool:
         """Every source the split reads is in dataset.root (a folder or a zip)."""
-        needed = {"vinyals": FULL, "lake": FULL,
+        needed = {"vinyals": FULL, "vinyals_trainval": FULL, "lake": FULL,
                   "minimal": ("images_background_small1", "images_background_small2"),
                   "lake_minimal": ("images_background_small1", "images_background_small2",
                                    "images_evaluation")}.get(self.split)
@@ -313,6 +319,11 @@ class Omniglot(FewShotDataset):
             return evaluation[-VINYALS_TEST:]
         return [c for c in background if _alphabet(c) not in VINYALS_VAL] + \
             evaluation[:-VINYALS_TEST]
+
+    def _vinyals_trainval(self, split: str) -> list[str]:
+        if split == "train":
+            return self._vinyals("train") + self._vinyals("val")
+        return self._vinyals(split)
 
     def _lake(self, split: str) -> list[str]:
         if split == "train":
