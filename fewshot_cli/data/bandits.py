@@ -108,8 +108,9 @@ class Bandits(FewShotDataset):
         if augment is not None and not isinstance(augment, Identity):
             raise FewshotError("augment= transforms images and bandit trials hold none; leave "
                                "augment= out (augment=none) with dataset=bandits")
-        if shape is not None and shape.rotations != (0,):
-            raise FewshotError(f"eval.rotations={list(shape.rotations)} rotates image classes "
+        rotations = tuple(getattr(shape, "rotations", (0,)))  # callers may pass no TaskShape
+        if rotations != (0,):
+            raise FewshotError(f"eval.rotations={list(rotations)} rotates image classes "
                                "and bandit trials hold none; leave it out with dataset=bandits")
         return BanditSampler(self.arms, self.pulls, meta_batch, device, seed=seed, split=split)
 
