@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,7 @@ def protocol(config: Mapping[str, Any], query_statistics: str | None,
 
 def _plain(value: Any) -> Any:
     """A list as a list (OmegaConf's ListConfig and tuples too), so protocols compare equal."""
-    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == \
-        "ListConfig" else value
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
 
 
 def key_words(shape: str, record: Mapping[str, Any]) -> str:
