@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -28,7 +29,14 @@ from fewshot_cli.data.splits import record_split
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.checkpoint import init_backbone
 from fewshot_cli.engine.distributed import Processes
-from fewshot_cli.engine.runtime import autocast_for, episodes_per_batch, memory_format_for
+from fewshot_cli.engine.runtime import (
+    autocast_for,
+    choose_threads,
+    episodes_per_batch,
+    forward_flops,
+    memory_format_for,
+    usable_cores,
+)
 from fewshot_cli.engine.trainer import MetaTrainer, RunParts, TrainSettings
 from fewshot_cli.episode import IMAGE_TASKS, TaskShape
 from fewshot_cli.errors import FewshotError
@@ -329,3 +337,41 @@ def training_data(cfg: DictConfig, dataset: FewShotDataset, algo: MetaAlgorithm,
         return batches
     return dataset.sampler("train", task_shape(t), t.meta_batch, device, seed=cfg.seed,
                            augment=build_augment(cfg))
+
+
+def concurrent_jobs() -> int:
+    """How many fewshot processes this machine runs at once for the same command: torchrun's
+    local ranks (``LOCAL_WORLD_SIZE``) times the workers of a joblib sweep (its ``n_jobs``;
+    -1 is every core, -2 all but one, as joblib counts)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    jobs = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        launcher = hydra.get("launcher") or {}
+        if hydra.mode == RunMode.MULTIRUN and "joblib" in str(launcher.get("_target_", "")):
+            n = int(launcher.get("n_jobs") or -1)
+            jobs *= max(1, usable_cores() + 1 + n if n < 0 else n)
+    return max(1, jobs)
+
+
+def set_threads(choice: int | str, device: torch.device, algo: MetaAlgorithm,
+                inputs: Mapping[str, Any], images: int) -> str:
+    """Set torch's intra-op threads for ``device.threads`` (see
+    ``engine.runtime.choose_threads``) and return the line that says how many and why.
+    ``images``: how many images one step feeds the backbone (a training meta-batch, or an
+    evaluation batch). An ``OMP_NUM_THREADS`` in the environment is kept under ``auto``."""
+    if choice == "auto" and os.environ.get("OMP_NUM_THREADS"):
+        threads = torch.get_num_threads()
+        return f"CPU threads: {threads} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    flops = 0.0
+    network = getattr(getattr(algo, "module", algo), "backbone", None)
+    if choice == "auto" and device.type == "cpu" and network is not None and \
+            "image_size" in inputs:
+        size = int(inputs["image_size"])
+        example = torch.zeros(1, int(inputs["in_channels"]), size, size, device=device)
+        flops = 3 * images * forward_flops(network, example)  # forward and about 2x backward
+    threads, why = choose_threads(choice, device, concurrent_jobs(), flops)
+    torch.set_num_threads(threads)
+    return f"CPU threads: {threads} ({why})"

@@ -528,8 +528,16 @@ def _console_logging() -> None:
 # ---------------------------------------------------------------- entry point
 
 
+# OpenMP threads that wait for work sleep instead of spinning: on a busy machine (a sweep's
+# parallel jobs, other users) spinning threads took most of the CPU from the work itself
+# (scripts/bench_threads.py measures it). Read by OpenMP when torch loads, so set before any
+# torch import; an OMP_WAIT_POLICY of the user's own is kept.
+WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fewshot`` console script."""
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     try:
         _main(argv)
     except BrokenPipeError:  # `fewshot --help | head`: the reader left early, nothing is wrong

@@ -17,7 +17,14 @@ from tqdm import tqdm
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm, MetaAlgorithm
 from fewshot_cli.backbones import restoring
-from fewshot_cli.build import _options, build_algorithm, build_dataset, task_kind, task_shape
+from fewshot_cli.build import (
+    _options,
+    build_algorithm,
+    build_dataset,
+    set_threads,
+    task_kind,
+    task_shape,
+)
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.cross_domain import ModelInput
 from fewshot_cli.data.splits import check_split, fingerprints
@@ -201,6 +208,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     own_statistics = query_statistics(algo)
     statistics = use_query_statistics(algo, e.get("query_statistics"))
     batch = episodes_per_batch(device, e.batch)
+    if isinstance(algo, FewShotAlgorithm):
+        images = batch * e.ways * (e.shots + e.queries)
+        log.info(set_threads(run.device.get("threads", "auto"), device, algo,
+                             state.get("inputs") or {}, images))
     tasks = dataset.sampler("test", task_shape(e), batch, device, prefix="eval")
     baselines: dict[str, list[torch.Tensor | None]] = {}
 

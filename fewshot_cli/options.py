@@ -112,6 +112,8 @@ DEVICE_RULES: dict[str, Rule] = {
     "device.memory_format": Rule("choice",
                                  lambda v: v in ("auto", "channels_last", "contiguous"),
                                  "auto, channels_last or contiguous", "auto"),
+    "device.threads": Rule("int_or_auto", lambda v: 1 <= v <= 1024,
+                           "auto or a whole number of threads from 1 to 1024", "auto"),
 }
 
 

@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fewshot_cli.build import wire_run
+from fewshot_cli.build import set_threads, wire_run
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.run_folder import RunFolder
 from fewshot_cli.engine.runtime import StopRequest, pad_host_heap, resolve_device
@@ -62,6 +62,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, str] | None = N
         with folder:
             torch.manual_seed(cfg.seed)
             trainer = wire_run(cfg, procs.device, run_dir, procs)
+            log.info(set_threads(cfg.device.get("threads", "auto"), procs.device,
+                                 trainer.algo, trainer.inputs, step_images(cfg, trainer)))
             if state is not None:
                 trainer.restore(state)
                 log.info("resuming from step %d in %s", trainer.step, run_dir)
@@ -71,6 +73,15 @@ def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, str] | None = N
             return meta_train(trainer, on_validation)
     finally:
         procs.close()
+
+
+def step_images(cfg: DictConfig, trainer: MetaTrainer) -> int:
+    """Images one training step feeds the backbone (per process)."""
+    t = cfg.train
+    if getattr(trainer.algo, "trains_on", "episodes") == "batches":
+        return int(t.batch_size) // trainer.procs.world
+    per_task = int(t.ways) * (int(t.shots) + int(t.queries))
+    return max(1, int(t.meta_batch) // trainer.procs.world) * per_task
 
 
 def sweeper_hook(sweeper: DictConfig) -> ValidationHook | None:

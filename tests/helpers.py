@@ -91,4 +91,5 @@ def plain(overrides: list[str]) -> dict[str, Any]:
 # and ProtoNet's cosine scale (issue 22), the rotated test protocol (issue 20). Snapshot tests
 # set them aside where a snapshot lacks them.
 ADDED_KEYS = ("dataset.allow_duplicates", "init_from", "train.batch_size", "train.max_minutes",
-              "train.budget_clock", "algo.scale", "algo.learn_scale", "eval.rotations")
+              "train.budget_clock", "algo.scale", "algo.learn_scale", "eval.rotations",
+              "device.threads")

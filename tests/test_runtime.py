@@ -1,4 +1,4 @@
-"""Device-dependent choices: weight layout, evaluation batch, and the host heap."""
+"""Device-dependent choices: weight layout, evaluation batch, threads, and the host heap."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ import torch
 from fewshot_cli.algorithms.maml import MAML
 from fewshot_cli.algorithms.protonet import ProtoNet
 from fewshot_cli.backbones.conv4 import Conv4
+from fewshot_cli.build import concurrent_jobs, set_threads
 from fewshot_cli.engine.runtime import (
+    SMALL_STEP_FLOPS,
+    choose_threads,
+    cpu_quota,
     episodes_per_batch,
+    forward_flops,
     memory_format_for,
     native_bf16,
     pad_host_heap,
+    usable_cores,
 )
 from fewshot_cli.errors import FewshotError
 
@@ -118,3 +124,95 @@ def test_conv4_pools_before_its_relu_with_the_same_values_and_gradients():
     ref_grads = torch.autograd.grad((ref * weights).sum(), list(textbook.parameters()))
     for g, r in zip(grads, ref_grads, strict=True):
         assert torch.equal(g, r)
+
+
+# ---------------------------------------------------------------- device.threads
+
+
+def test_cgroup_quotas_of_both_versions_are_read(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cpu_quota(str(v2)) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(str(v2)) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(str(tmp_path / "v1")) == 3.0
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota(str(tmp_path / "v1")) is None
+    assert cpu_quota(str(tmp_path / "none")) is None
+
+
+def test_auto_threads_share_the_cores_and_give_small_models_one(monkeypatch):
+    monkeypatch.setattr("fewshot_cli.engine.runtime.usable_cores", lambda: 8)
+    big = 10 * SMALL_STEP_FLOPS
+    assert choose_threads("auto", CPU, 1, big)[0] == 8
+    assert choose_threads("auto", CPU, 2, big)[0] == 4      # two torchrun ranks, or joblib jobs
+    assert choose_threads("auto", CPU, 16, big)[0] == 1     # more jobs than cores: one each
+    threads, why = choose_threads("auto", CPU, 1, SMALL_STEP_FLOPS / 10)
+    assert threads == 1 and "small model" in why
+    assert choose_threads("auto", CUDA, 1, 0.0)[0] == 8     # the host side of a GPU run
+    assert choose_threads(3, CPU, 4, big) == (3, "device.threads=3")
+    for bad in (0, -1, 2000, "many", True, 2.5):
+        with pytest.raises(FewshotError, match="device.threads="):
+            choose_threads(bad, CPU, 1, big)
+    assert 1 <= usable_cores()
+
+
+def test_flops_of_a_convolutional_backbone_leave_its_statistics_alone():
+    net = Conv4(in_channels=1, hidden=8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flops = forward_flops(net, torch.zeros(1, 1, 28, 28))
+    assert flops > 0 and net.training
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_set_threads_counts_the_step_and_keeps_omp_num_threads(monkeypatch):
+    net = ProtoNet(Conv4(in_channels=1, hidden=8), ways=5)
+    inputs = {"in_channels": 1, "image_size": 28}
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr("fewshot_cli.engine.runtime.usable_cores", lambda: 2)
+        assert set_threads("auto", CPU, net, inputs, 10) == (
+            "CPU threads: 1 (auto: 2 usable cores, 1 process at once, a small model "
+            f"({3 * 10 * forward_flops(net.backbone, torch.zeros(1, 1, 28, 28)) / 1e9:.2g} "
+            "GFLOP a step))")
+        assert torch.get_num_threads() == 1
+        assert set_threads("auto", CPU, net, inputs, 10 ** 6).startswith("CPU threads: 2 (")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_threads("auto", CPU, net, inputs, 10 ** 6) == (
+            f"CPU threads: {torch.get_num_threads()} (OMP_NUM_THREADS=1)")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_torchrun_ranks_on_one_machine_share_it(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert concurrent_jobs() == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert concurrent_jobs() == 1
+
+
+def test_the_fewshot_command_lets_waiting_threads_sleep():
+    """OpenMP's default wait policy spins: on a busy machine the spinning threads took most of
+    the CPU (scripts/bench_threads.py). The command sets the sleeping policy before torch loads,
+    and a user's own policy is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; sys.argv = ['fewshot', 'data', '--help']\n"
+            "from fewshot_cli import cli\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print('policy', os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "policy PASSIVE" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True)
+    assert "policy ACTIVE" in out.stdout, out.stdout + out.stderr

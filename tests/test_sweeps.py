@@ -23,8 +23,11 @@ def test_joblib_runs_four_runs_two_at_a_time(cli, tmp_path):
     plugin("hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
     ok(cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SHORT,
-           "train.shots=1,2", "seed=0,1", f"hydra.sweep.dir={sweep}"))
+           "train.shots=1,2", "seed=0,1", f"hydra.sweep.dir={sweep}",
+           env={"OMP_NUM_THREADS": ""}))  # device.threads=auto decides
     assert len(list(sweep.glob("*/best.pt"))) == 4
+    for log in sweep.glob("*/train.log"):  # the two workers share the cores
+        assert "2 processes at once" in log.read_text(), log.read_text()
     # TensorBoard names each event file after the process writing it: two workers wrote them.
     writers = {p.name.split(".")[-2] for p in sweep.glob("*/events.out.tfevents.*")}
     assert len(writers) == 2, writers

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -52,6 +54,91 @@ def autocast_for(device: torch.device,
                            "(AVX512-BF16 or AMX), which this one lacks; use "
                            "device.precision=fp32")
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# Below this many floating-point operations per step (forward and backward of the images a step
+# feeds the backbone), a second intra-op thread gains nothing: the kernels are too small to
+# split (``scripts/bench_threads.py`` measures where the gain starts on your machine).
+SMALL_STEP_FLOPS = 1e9
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs a cgroup CPU quota allows this process (cgroup v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``/``cpu.cfs_period_us``, e.g. 1.5 for 150000/100000), or None where no
+    quota is set or readable."""
+    candidates = ((f"{root}/cpu.max", None),
+                  (f"{root}/cpu/cpu.cfs_quota_us", f"{root}/cpu/cpu.cfs_period_us"))
+    for quota_file, period_file in candidates:
+        try:
+            with open(quota_file) as f:
+                fields = f.read().split()
+            if period_file is not None:
+                with open(period_file) as f:
+                    fields.append(f.read().strip())
+        except OSError:
+            continue
+        if len(fields) < 2 or fields[0] in ("max", "-1"):
+            return None
+        try:
+            return int(fields[0]) / int(fields[1])
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, SLURM's binding),
+    capped by a cgroup CPU quota (a container's ``--cpus``), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return max(1, cores)
+
+
+def choose_threads(choice: int | str, device: torch.device, jobs: int,
+                   step_flops: float) -> tuple[int, str]:
+    """``device.threads``: the intra-op thread count, and why, as logged at the start of a run.
+
+    ``auto`` gives each of the ``jobs`` processes that run at once on this machine (a joblib
+    sweep's workers, torchrun's local ranks) an equal share of :func:`usable_cores`, and one
+    thread to a model whose step is under ``SMALL_STEP_FLOPS`` (``step_flops``: floating-point
+    operations per training step; its kernels are too small to split, and a spare thread only
+    spins when the machine is busy). An integer is taken as it is. Raises FewshotError for
+    anything else.
+    """
+    if choice != "auto":
+        if isinstance(choice, bool) or not isinstance(choice, int) or not 1 <= choice <= 1024:
+            raise FewshotError(f"device.threads={choice} must be auto or a number of threads "
+                               "from 1 to 1024")
+        return choice, f"device.threads={choice}"
+    cores = usable_cores()
+    share = max(1, cores // max(1, jobs))
+    why = f"auto: {cores} usable cores, {jobs} process{'es' if jobs > 1 else ''} at once"
+    if device.type == "cpu" and step_flops < SMALL_STEP_FLOPS and share > 1:
+        return 1, f"{why}, a small model ({step_flops / 1e9:.2g} GFLOP a step)"
+    return share, why
+
+
+def forward_flops(network: torch.nn.Module, example: torch.Tensor) -> float:
+    """Floating-point operations of ``network(example)`` (PyTorch's own counter of matrix
+    products and convolutions; 0 for a network made of other operations), run in eval mode
+    without gradients, so no BatchNorm statistic or random state moves."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    training = network.training
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            network.eval()(example)
+    except Exception:  # a network that cannot take this example: count it as large
+        return math.inf
+    finally:
+        network.train(training)
+    return float(counter.get_total_flops())
 
 
 M_TOP_PAD = -2  # glibc's mallopt parameter: extra bytes to grow (and keep) the heap by
