@@ -109,11 +109,13 @@ def _reproduce_seeds(cfg: DictConfig, out: Path, overrides: list[str], seeds: li
     from fewshot_cli.cli import RESUMABLE, quoted
     from fewshot_cli.shell import arg, command
 
+    started = [seed for seed in seeds if (out / f"seed{seed}" / "last.pt").exists()]
+    for seed in started:  # every refusal before anything trains
+        _same_settings(out / f"seed{seed}", overrides, seed)
     records = []
     for seed in seeds:
         run_dir = out / f"seed{seed}"
-        if (run_dir / "last.pt").exists():
-            _same_settings(run_dir, overrides)
+        if seed in started:
             resume_run([f"resume={quoted(str(run_dir / 'last.pt'))}",
                         *(o for o in overrides if _key(o) in RESUMABLE)])
         else:
@@ -134,11 +136,18 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _same_settings(run_dir: Path, overrides: list[str]) -> None:
+def _same_settings(run_dir: Path, overrides: list[str], seed: int) -> None:
     """Refuse to continue the seed run ``run_dir`` with settings other than those that started
-    it (beyond the keys resume= may change and the list of seeds)."""
+    it (beyond the keys resume= may change and the list of seeds), or one trained with a seed
+    other than its folder's."""
     from fewshot_cli.cli import RESUMABLE
 
+    config = run_dir / ".hydra" / "config.yaml"
+    trained = OmegaConf.load(config).get("seed") if config.is_file() else seed
+    if trained != seed:
+        raise FewshotError(f"{run_dir} holds a run trained with seed={trained}, not {seed}; "
+                           f"move it to seed{trained}/ or give this reproduction its own "
+                           "hydra.run.dir")
     started = run_dir / ".hydra" / "overrides.yaml"
     first = [str(o) for o in OmegaConf.load(started)] if started.is_file() else []
     fixed = [o for o in first if _key(o) not in {*RESUMABLE, "seeds"}]

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from helpers import ok, one_sentence
 
+from fewshot_cli import reproduce
 from fewshot_cli.engine.checkpoint import code_version, load_checkpoint, save_checkpoint
 from fewshot_cli.reproduce import figure, logged_training_seconds, verdict
 
@@ -257,7 +259,7 @@ def test_reproduce_over_seeds_gives_the_t_interval_beside_each_runs(over_seeds):
     assert record["wall_s"]["train"] == round(sum(r["wall_s"]["train"] for r in record["runs"]), 1)
 
 
-def test_runs_of_other_settings_are_never_combined(over_seeds, fewshot):
+def test_runs_of_other_settings_are_never_combined(over_seeds, fewshot, tmp_path):
     """Runs differing in steps, overrides, test protocol or preset are refused in one sentence;
     so are a bad seed list, seeds= with resume=, and continuing a seed's run with other
     settings."""
@@ -282,19 +284,25 @@ def test_runs_of_other_settings_are_never_combined(over_seeds, fewshot):
                  "seeds= and resume= do not go together")
     one_sentence(fewshot("reproduce", *TINY, "train.shots=2", "seeds=[0,1]",
                          f"hydra.run.dir={run}"), "was started with", "train.shots=2")
+    moved = tmp_path / "moved" / "seed5"
+    shutil.copytree(run / "seed0" / ".hydra", moved / ".hydra")
+    (moved / "last.pt").touch()
+    one_sentence(fewshot("reproduce", *TINY, "seeds=[5]", f"hydra.run.dir={moved.parent}"),
+                 "trained with seed=0, not 5")
 
 
-def test_the_same_command_continues_the_seeds_and_adds_new_ones(over_seeds, cli, tmp_path,
+def test_the_same_command_continues_the_seeds_and_adds_new_ones(over_seeds, fewshot, tmp_path,
                                                               monkeypatch):
     """Rerun with its hydra.run.dir, the command only evaluates the finished seeds (their
-    checkpoints untouched) and trains the new one; the table shows the record over seeds."""
+    checkpoints untouched) and trains the new one; the table shows the record over seeds, and
+    adding it to reproductions/ keeps each seed's validation lines."""
     import sys
 
     from conftest import REPO
 
     run, _ = over_seeds
     before = {seed: digest(run / f"seed{seed}" / "last.pt") for seed in (0, 1)}
-    done = ok(cli("reproduce", *TINY, "seeds=[0,1,2]", f"hydra.run.dir={run}"))
+    done = ok(fewshot("reproduce", *TINY, "seeds=[0,1,2]", f"hydra.run.dir={run}"))
     assert done.stdout.count("nothing to do") == 2
     assert {seed: digest(run / f"seed{seed}" / "last.pt") for seed in (0, 1)} == before
     record = json.loads((run / "reproduction.json").read_text())
@@ -303,9 +311,12 @@ def test_the_same_command_continues_the_seeds_and_adds_new_ones(over_seeds, cli,
     sys.path.insert(0, str(REPO / "scripts"))
     import preset_table
 
-    monkeypatch.setattr(preset_table, "RECORDS", tmp_path)
+    monkeypatch.setattr(preset_table, "RECORDS", tmp_path / "records")
     folder = preset_table.add(run)
     assert sorted(p.name for p in folder.iterdir()) == [
         "reproduction.json", "validation.seed0.log", "validation.seed1.log", "validation.seed2.log"]
-    rows = [r for r in preset_table.render().splitlines() if "`protonet_omniglot_5w1s`" in r]
-    assert len(rows) == 2 and all("over 3 seeds (Student t); per seed " in r for r in rows)
+    assert (folder / "validation.seed2.log").read_text().count("step 4: val accuracy") == 1
+    row = record["figures"][0]
+    each = "; ".join(reproduce.shown(r, 2) for r in row["ours"]["runs"])
+    assert preset_table._ours(row) == (f"{reproduce.shown(row['ours'], 2)} over 3 seeds (Student "
+                                       f"t); per seed {each} (8 episodes each)")
