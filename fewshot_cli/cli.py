@@ -38,7 +38,9 @@ _failures: list[str] = []  # runs of a sweep that failed (the sweep goes on with
 HELD: HeldStderr | None = None  # Hydra's stderr until the task starts (see main)
 
 
-def _train(cfg: DictConfig) -> float:
+def _train(cfg: DictConfig, run_dir: Path | None = None) -> float:
+    """Train a new run in ``run_dir`` (default: the folder Hydra claimed for the command;
+    ``fewshot reproduce seeds=[...]`` gives one per seed)."""
     from fewshot_cli.build import check_optimizer  # after the torch-free checks (Guarded)
     from fewshot_cli.train import sweeper_hook, train
 
@@ -47,7 +49,8 @@ def _train(cfg: DictConfig) -> float:
     with open_dict(cfg):  # the group options chosen: names for hparams, results and errors
         cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
     hook = sweeper_hook(hydra_cfg.sweeper) if hydra_cfg.mode == RunMode.MULTIRUN else None
-    return train(cfg, Path(hydra_cfg.runtime.output_dir), _hydra_files(cfg), on_validation=hook)
+    return train(cfg, run_dir or Path(hydra_cfg.runtime.output_dir), _hydra_files(cfg),
+                 on_validation=hook)
 
 
 def _hydra_files(cfg: DictConfig) -> dict[str, str]:

@@ -2,6 +2,12 @@
 it with ``resume=<run>/last.pt``; a finished run is only evaluated), test its best checkpoint at
 every shape the paper reports, and set the paper's figures against ours with a verdict.
 
+``seeds=[0,1,2]`` trains one run per seed in ``<run folder>/seed<N>`` (or continues the ones
+there: the same command with the same ``hydra.run.dir`` picks up where it stopped), records
+each, and sets the paper against the mean and Student-t 95% interval over the seeds, beside each
+run's interval over its test episodes (as MAML++ and later papers report). Runs of different
+presets, overrides, test protocols or steps are refused, never combined.
+
 A preset's ``paper`` block (``conf/experiment/base/*.yaml``) holds the figures, per test shape
 (``5w1s``; ``k5_n10`` for bandits), and the preset's ``paper.shapes`` the shapes its model is
 tested at. The run's folder gets ``reproduction.json`` (format: ``reproductions/README.md``).
@@ -10,9 +16,11 @@ tested at. The run's folder gets ``reproduction.json`` (format: ``reproductions/
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
+import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -28,20 +36,22 @@ from omegaconf import DictConfig, OmegaConf
 from fewshot_cli.config import conf_dir
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import atomic_write_text
-from fewshot_cli.intervals import format_mean_ci
+from fewshot_cli.intervals import format_mean_ci, student_t_ci95
 
 SHAPE = re.compile(r"(\d+)w(\d+)s")  # "20w1s": 20-way 1-shot; other shapes keep the stored eval
 RECORD = "reproduction.json"
 
 
-def reproduce(cfg: DictConfig, train_new: Callable[[DictConfig], Any],
+def reproduce(cfg: DictConfig, train_new: Callable[[DictConfig, Path], Any],
               resume_run: Callable[[list[str]], Any]) -> dict[str, Any]:
-    """Train (``train_new``: the train command's task) or continue (``resume_run``: the train
-    command's ``resume=`` path) the preset of ``cfg``, then evaluate and record it.
+    """Train (``train_new(cfg, run_dir)``: the train command's task) or continue
+    (``resume_run``: the train command's ``resume=`` path) the preset of ``cfg``, then evaluate
+    and record it; with ``seeds=`` one run per seed, and the record over them.
 
     Returns the record written to ``<run>/reproduction.json``. Raises FewshotError when no paper
     preset is given, when ``resume=`` names a run of another preset or one trained without
-    a preset, and for every error of training and evaluation.
+    a preset, when ``seeds=`` is not a list of distinct seeds or its runs cannot be combined,
+    and for every error of training and evaluation.
     """
     from fewshot_cli.engine.run_folder import discard_if_empty
 
@@ -50,6 +60,14 @@ def reproduce(cfg: DictConfig, train_new: Callable[[DictConfig], Any],
     if hydra_cfg.mode == RunMode.MULTIRUN:
         raise FewshotError("fewshot reproduce runs one preset at a time; run it once per preset "
                            "instead of with -m")
+    if cfg.get("seeds") is not None:
+        try:
+            seeds = _seed_list(cfg)
+            _require_preset(cfg)
+        except FewshotError:
+            discard_if_empty(out)
+            raise
+        return _reproduce_seeds(cfg, out, overrides, seeds, train_new, resume_run)
     if cfg.get("resume"):
         discard_if_empty(out)  # the folder Hydra claimed: the run continues in its own
         run_dir = _continue(Path(str(cfg.resume)), overrides, resume_run)
@@ -59,9 +77,152 @@ def reproduce(cfg: DictConfig, train_new: Callable[[DictConfig], Any],
         except FewshotError:
             discard_if_empty(out)
             raise
-        train_new(cfg)
+        train_new(cfg, out)
         run_dir = out
     return evaluate_and_record(run_dir, cfg, overrides)
+
+
+# ---------------------------------------------------------------- several seeds
+
+
+def _seed_list(cfg: DictConfig) -> list[int]:
+    """``seeds=`` as distinct whole numbers, in the order given (FewshotError otherwise, and
+    with ``resume=``, which continues one run)."""
+    seeds = cfg.get("seeds")
+    if cfg.get("resume"):
+        raise FewshotError("seeds= and resume= do not go together: to continue a reproduction "
+                           "over seeds, run the command that started it again with its "
+                           "hydra.run.dir")
+    values = list(seeds) if isinstance(seeds, Sequence) and not isinstance(seeds, str) else []
+    if not values or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                             for s in values) or len(set(values)) != len(values):
+        raise FewshotError(f"seeds={seeds} must be a list of distinct whole numbers, e.g. "
+                           "seeds=[0,1,2]")
+    return values
+
+
+def _reproduce_seeds(cfg: DictConfig, out: Path, overrides: list[str], seeds: list[int],
+                     train_new: Callable[[DictConfig, Path], Any],
+                     resume_run: Callable[[list[str]], Any]) -> dict[str, Any]:
+    """Train or continue ``out/seed<N>`` for each seed, record each run, then write the record
+    over the seeds to ``out/reproduction.json`` and print it."""
+    from fewshot_cli.cli import RESUMABLE, quoted
+    from fewshot_cli.shell import arg, command
+
+    started = [seed for seed in seeds if (out / f"seed{seed}" / "last.pt").exists()]
+    for seed in started:  # every refusal before anything trains
+        _same_settings(out / f"seed{seed}", overrides, seed)
+    records = []
+    for seed in seeds:
+        run_dir = out / f"seed{seed}"
+        if seed in started:
+            resume_run([f"resume={quoted(str(run_dir / 'last.pt'))}",
+                        *(o for o in overrides if _key(o) in RESUMABLE)])
+        else:
+            seeded = cfg.copy()
+            seeded.seed = seed
+            train_new(seeded, run_dir)
+        records.append({"seed": seed, **evaluate_and_record(run_dir, cfg, overrides)})
+    record = over_seeds(records, out, overrides)
+    path = out / RECORD
+    atomic_write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", path)
+    print(table(record))
+    print(f"reproduction over {len(seeds)} seeds written to {path}; to continue it or add "
+          f"seeds: {command('reproduce', *map(shlex.quote, overrides), arg('hydra.run.dir', out))}")
+    return record
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _same_settings(run_dir: Path, overrides: list[str], seed: int) -> None:
+    """Refuse to continue the seed run ``run_dir`` with settings other than those that started
+    it (beyond the keys resume= may change and the list of seeds), or one trained with a seed
+    other than its folder's."""
+    from fewshot_cli.cli import RESUMABLE
+
+    config = run_dir / ".hydra" / "config.yaml"
+    trained = OmegaConf.load(config).get("seed") if config.is_file() else seed
+    if trained != seed:
+        raise FewshotError(f"{run_dir} holds a run trained with seed={trained}, not {seed}; "
+                           f"move it to seed{trained}/ or give this reproduction its own "
+                           "hydra.run.dir")
+    started = run_dir / ".hydra" / "overrides.yaml"
+    first = [str(o) for o in OmegaConf.load(started)] if started.is_file() else []
+    fixed = [o for o in first if _key(o) not in {*RESUMABLE, "seeds"}]
+    asked = [o for o in overrides if _key(o) not in {*RESUMABLE, "seeds"}]
+    if sorted(fixed) != sorted(asked):
+        raise FewshotError(f"{run_dir} was started with {' '.join(fixed) or 'no overrides'}, "
+                           f"not {' '.join(asked) or 'no overrides'}; run the command that "
+                           "started it (only the keys resume= may change can differ), or give "
+                           "the new settings their own hydra.run.dir")
+
+
+# What runs combined over seeds must share, and what the refusal calls it.
+SHARED = (("preset", "presets"), ("steps", "steps (done and planned)"),
+          ("changed", "overrides"), ("protocol_from_preset", "test protocols"))
+
+
+def over_seeds(records: Sequence[Mapping[str, Any]], out: Path, overrides: list[str]
+               ) -> dict[str, Any]:
+    """The record over several runs of one preset (``records``, each with its ``seed``): per
+    test shape the mean and Student-t 95% half-width over the runs' means (``ours``, with each
+    run's own figure and episode interval under ``runs``), judged against the paper.
+
+    Raises FewshotError (one sentence) when two runs differ in preset, steps, overrides or test
+    protocol (test shapes, episodes, queries, test seed): their figures are not one
+    configuration's."""
+    from fewshot_cli.engine.checkpoint import code_version
+
+    first = records[0]
+    for other in records[1:]:
+        for key, what in SHARED:
+            if first[key] != other[key]:
+                raise FewshotError(_refusal(first, other, what, first[key], other[key]))
+        protocol = [[(f["shape"], f["ours"]["episodes"], f["ours"]["queries"], f["ours"]["seed"])
+                     for f in r["figures"]] for r in (first, other)]
+        if protocol[0] != protocol[1]:
+            raise FewshotError(_refusal(first, other, "test protocols (shapes, episodes, "
+                                        "queries, test seed)", *protocol))
+    figures = []
+    for i, row in enumerate(first["figures"]):
+        runs = [r["figures"][i]["ours"] for r in records]
+        mean, half = student_t_ci95([o["value"] for o in runs])
+        ours = {"value": round(mean, 4), "ci95": None if math.isnan(half) else round(half, 4),
+                "interval": "student_t_over_seeds", "seeds": [r["seed"] for r in records],
+                "runs": runs, "episodes": runs[0]["episodes"], "queries": runs[0]["queries"],
+                "seed": runs[0]["seed"]}
+        figures.append(judged(row["shape"], row["metric"], row["paper"], ours,
+                              **first["steps"], changed=first["changed"]))
+    walls = [r["wall_s"] for r in records]
+    return {
+        "preset": first["preset"], "cite": first["cite"], "run": str(out),
+        "command": " ".join(["fewshot reproduce", *overrides]),
+        "checkpoint": {"file": "best.pt", "step": [r["checkpoint"]["step"] for r in records]},
+        "steps": first["steps"], "changed": first["changed"],
+        "protocol_from_preset": first["protocol_from_preset"], "figures": figures,
+        "differences": first["differences"],
+        "wall_s": {key: _total([w.get(key) for w in walls])
+                   for key in ("train", "train_from_log", "eval")},
+        "hardware": records[-1]["hardware"], "torch": records[-1]["torch"],
+        "code": {"trained": [r["code"]["trained"] for r in records],
+                 "evaluated": code_version()},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seeds": [r["seed"] for r in records], "runs": list(records),
+    }
+
+
+def _refusal(a: Mapping[str, Any], b: Mapping[str, Any], what: str, x: Any, y: Any) -> str:
+    return (f"the runs of seed {a['seed']} ({a['run']}) and seed {b['seed']} ({b['run']}) differ "
+            f"in their {what} ({json.dumps(x)} against {json.dumps(y)}), so their figures are "
+            "not combined; bring them to the same settings (finish each to the preset's "
+            "train.steps with the command that started them) or reproduce them apart")
+
+
+def _total(values: Sequence[float | None]) -> float | None:
+    """The sum of every run's seconds; None when one is unknown."""
+    return None if any(v is None for v in values) else round(sum(values), 1)
 
 
 def _require_preset(cfg: DictConfig) -> None:
@@ -219,7 +380,7 @@ def changes(run_dir: Path, overrides: list[str]) -> list[str]:
 
     started = run_dir / ".hydra" / "overrides.yaml"
     first = [str(o) for o in OmegaConf.load(started)] if started.is_file() else []
-    neutral = {*RESUMABLE, "experiment", "resume", "seed"}
+    neutral = {*RESUMABLE, "experiment", "resume", "seed", "seeds"}
     return [o for o in dict.fromkeys([*first, *overrides])
             if o.split("=", 1)[0].lstrip("+~") not in neutral]
 
@@ -235,6 +396,13 @@ def figure(shape: str, paper: Mapping[str, Any] | None, result: Mapping[str, Any
             "ci95": None if ci is None else round(scale * ci, 4),
             "episodes": result.get("episodes"), "queries": result.get("queries"),
             "seed": result.get("seed")}
+    return judged(shape, metric, paper, ours, done, planned, changed)
+
+
+def judged(shape: str, metric: str, paper: Mapping[str, Any] | None, ours: Mapping[str, Any],
+           done: int, planned: int, changed: Sequence[str] = ()) -> dict[str, Any]:
+    """A row of the record from ``ours`` (in the paper's unit): its verdict against ``paper``,
+    prefixed by whether the run was changed from its preset or shortened."""
     found = verdict(paper, ours, "points" if metric == "accuracy" else "")
     if done < planned:
         found = {**found, "shortened": True,
@@ -243,7 +411,7 @@ def figure(shape: str, paper: Mapping[str, Any] | None, result: Mapping[str, Any
         found = {**found, "changed": True,
                  "text": f"changed from the preset ({' '.join(changed)}); {found['text']}"}
     return {"shape": shape, "metric": metric, "paper": dict(paper) if paper else None,
-            "ours": ours, "verdict": found}
+            "ours": dict(ours), "verdict": found}
 
 
 def verdict(paper: Mapping[str, Any] | None, ours: Mapping[str, Any],
@@ -278,13 +446,28 @@ def table(record: Mapping[str, Any]) -> str:
     trained = f"{wall['train']:.0f} s" if wall["train"] is not None else \
         f"{wall['train_from_log']:.0f} s (from train.log's timestamps)" \
         if wall.get("train_from_log") else "not recorded"
-    lines = [f"{record['preset']}: {record['cite']}",
-             f"{ckpt['file']} from step {ckpt['step']}; {steps['done']} of {steps['planned']} "
-             f"steps trained; training {trained}, evaluation {wall['eval']:.0f} s", "",
-             "| test | paper | ours (95% CI) | episodes | verdict |", "|---|---:|---:|---:|---|"]
-    for row in record["figures"]:
-        lines.append(f"| {row['shape']} | {shown(row['paper'])} | {shown(row['ours'], 2)} | "
-                     f"{row['ours']['episodes']} | {row['verdict']['text']} |")
+    if "seeds" in record:
+        lines = [f"{record['preset']}: {record['cite']}",
+                 f"{len(record['seeds'])} runs (seeds {', '.join(map(str, record['seeds']))}), "
+                 f"{ckpt['file']} from steps {', '.join(map(str, ckpt['step']))}; "
+                 f"{steps['done']} of {steps['planned']} steps trained each; training {trained}"
+                 f", evaluation {wall['eval']:.0f} s", "",
+                 "| test | paper | ours: mean ± t 95% CI over seeds | each seed ± 95% CI over "
+                 "its episodes | episodes | verdict |", "|---|---:|---:|---:|---:|---|"]
+        for row in record["figures"]:
+            lines.append(f"| {row['shape']} | {shown(row['paper'])} | {shown(row['ours'], 2)} | "
+                         f"{', '.join(shown(r, 2) for r in row['ours']['runs'])} | "
+                         f"{row['ours']['episodes']} | {row['verdict']['text']} |")
+    else:
+        lines = [f"{record['preset']}: {record['cite']}",
+                 f"{ckpt['file']} from step {ckpt['step']}; {steps['done']} of "
+                 f"{steps['planned']} steps trained; training {trained}, evaluation "
+                 f"{wall['eval']:.0f} s", "",
+                 "| test | paper | ours (95% CI) | episodes | verdict |",
+                 "|---|---:|---:|---:|---|"]
+        for row in record["figures"]:
+            lines.append(f"| {row['shape']} | {shown(row['paper'])} | {shown(row['ours'], 2)} "
+                         f"| {row['ours']['episodes']} | {row['verdict']['text']} |")
     if record.get("protocol_from_preset"):
         keys = " ".join(f"{k}={_listed(v)}" for k, v in record["protocol_from_preset"].items())
         lines += ["", f"tested with the preset's {keys} (the run was trained before the key "

@@ -6,7 +6,9 @@ estimates a full run for a preset without one). Never edit the table by hand.
     python scripts/preset_table.py --write    # rewrite the marked block of docs/results.md
     python scripts/preset_table.py --check    # exit 1 when docs/results.md's block is out of date
     python scripts/preset_table.py --add RUN  # copy RUN's reproduction.json and validation lines
-                                              # into reproductions/<preset>/, then --write
+                                              # (each seed's, for a run folder of
+                                              # reproduce seeds=[...]) into
+                                              # reproductions/<preset>/, then --write
 """
 
 from __future__ import annotations
@@ -75,7 +77,16 @@ def _figure(fig: dict[str, Any] | None, notes: list[str]) -> str:
 
 
 def _ours(row: dict[str, Any] | None) -> str:
-    return f"{shown(row['ours'], 2)} ({row['ours']['episodes']} episodes)" if row else "not run"
+    """Our figure: ± over the test episodes of one run, or over a record's seeds (Student t),
+    each seed's own figure and episode interval beside it."""
+    if row is None:
+        return "not run"
+    ours = row["ours"]
+    if "runs" not in ours:
+        return f"{shown(ours, 2)} ({ours['episodes']} episodes)"
+    each = "; ".join(shown(r, 2) for r in ours["runs"])
+    return (f"{shown(ours, 2)} over {len(ours['runs'])} seeds (Student t); per seed {each} "
+            f"({ours['episodes']} episodes each)")
 
 
 def _run(record: dict[str, Any] | None, cfg: dict[str, Any], timing: dict | None) -> str:
@@ -137,14 +148,21 @@ def page_block(text: str) -> str:
 
 def add(run: Path) -> Path:
     """Copy ``run``'s reproduction.json and the validation lines of its train.log into
-    ``reproductions/<preset>/``; returns that folder."""
+    ``reproductions/<preset>/`` (a record over seeds: each seed's lines into
+    ``validation.seed<N>.log``); returns that folder. The record and validation logs replace
+    the preset's earlier ones; other files there (NOTES.md) stay."""
     record = json.loads((run / "reproduction.json").read_text())
     folder = RECORDS / record["preset"]
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("validation*.log"):
+        old.unlink()
     shutil.copyfile(run / "reproduction.json", folder / "reproduction.json")
-    log = (run / "train.log").read_text().splitlines() if (run / "train.log").exists() else []
-    (folder / "validation.log").write_text(
-        "".join(line + "\n" for line in log if VALIDATION_LINE.search(line)))
+    logs = {f"validation.seed{r['seed']}.log": run / f"seed{r['seed']}" / "train.log"
+            for r in record["runs"]} if "runs" in record else {"validation.log": run / "train.log"}
+    for name, log in logs.items():
+        lines = log.read_text().splitlines() if log.exists() else []
+        (folder / name).write_text(
+            "".join(line + "\n" for line in lines if VALIDATION_LINE.search(line)))
     return folder
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from helpers import ok, one_sentence
 
+from fewshot_cli import reproduce
 from fewshot_cli.engine.checkpoint import code_version, load_checkpoint, save_checkpoint
 from fewshot_cli.reproduce import figure, logged_training_seconds, verdict
 
@@ -211,3 +213,110 @@ def test_a_record_added_to_reproductions_shows_in_the_table(reproduced, tmp_path
     rows = [r for r in preset_table.render().splitlines() if "`protonet_omniglot_5w1s`" in r]
     assert len(rows) == 2 and all("(8 episodes)" in r and "shortened (4 of 20000" in r
                                   for r in rows)
+
+
+# ---------------------------------------------------------------- several seeds
+
+
+@pytest.fixture(scope="module")
+def over_seeds(tmp_path_factory):
+    """``fewshot reproduce seeds=[0,1]``: its folder (one run per seed) and the output."""
+    from conftest import run_cli
+
+    root = tmp_path_factory.mktemp("seeds")
+    run = root / "seeds"
+    done = ok(run_cli(["reproduce", *TINY, "seeds=[0,1]", f"hydra.run.dir={run}"], root))
+    return run, done.stdout
+
+
+def test_reproduce_over_seeds_gives_the_t_interval_beside_each_runs(over_seeds):
+    """One run per seed in seed<N>/, each recorded as a single run is; the record over them
+    holds every run, and per shape the mean ± Student-t 95% CI over the runs' figures, judged
+    against the paper, beside each run's interval over its episodes."""
+    from fewshot_cli.intervals import student_t_ci95
+
+    run, out = over_seeds
+    assert "| test | paper | ours: mean ± t 95% CI over seeds | each seed ± 95% CI over its " \
+        "episodes | episodes | verdict |" in out
+    assert " reproduce experiment=protonet_omniglot_5w1s dataset=glyphs" in out
+    assert f"'seeds=[0,1]' hydra.run.dir={run}" in out.split("to continue it or add seeds: ")[1]
+    record = json.loads((run / "reproduction.json").read_text())
+    assert set(record) == RECORD_KEYS | {"seeds", "runs"} and record["run"] == str(run)
+    assert record["seeds"] == [0, 1] and record["steps"] == {"done": 4, "planned": 20000}
+    for seed, each in zip((0, 1), record["runs"], strict=True):
+        alone = json.loads((run / f"seed{seed}" / "reproduction.json").read_text())
+        assert each == {"seed": seed, **alone}
+        assert load_checkpoint(run / f"seed{seed}" / "last.pt")["config"]["seed"] == seed
+    for i, row in enumerate(record["figures"]):
+        runs = [each["figures"][i]["ours"] for each in record["runs"]]
+        mean, half = student_t_ci95([r["value"] for r in runs])
+        assert row["ours"]["runs"] == runs and all(r["ci95"] for r in runs)
+        assert (row["ours"]["value"], row["ours"]["ci95"]) == (round(mean, 4), round(half, 4))
+        assert row["ours"]["interval"] == "student_t_over_seeds"
+        assert row["verdict"] == verdict(row["paper"], row["ours"]) | {
+            "text": row["verdict"]["text"], "shortened": True, "changed": True}
+        assert row["verdict"]["text"].startswith("changed from the preset (dataset=glyphs")
+    assert record["wall_s"]["train"] == round(sum(r["wall_s"]["train"] for r in record["runs"]), 1)
+
+
+def test_runs_of_other_settings_are_never_combined(over_seeds, fewshot, tmp_path):
+    """Runs differing in steps, overrides, test protocol or preset are refused in one sentence;
+    so are a bad seed list, seeds= with resume=, and continuing a seed's run with other
+    settings."""
+    from fewshot_cli.errors import FewshotError
+    from fewshot_cli.reproduce import over_seeds as combine
+
+    run, _ = over_seeds
+    record = json.loads((run / "reproduction.json").read_text())
+    a, b = record["runs"]
+    for key, value, words in (("steps", {"done": 2, "planned": 20000}, "steps"),
+                              ("changed", ["dataset=glyphs"], "overrides"),
+                              ("preset", "maml_omniglot_5w1s", "presets")):
+        with pytest.raises(FewshotError, match=f"differ in their {words}"):
+            combine([a, {**b, key: value}], run, [])
+    other = json.loads(json.dumps(b))
+    other["figures"][0]["ours"]["episodes"] = 600
+    with pytest.raises(FewshotError, match="differ in their test protocols"):
+        combine([a, other], run, [])
+    for seeds in ("[0,0]", "[]", "3", "[-1]"):
+        one_sentence(fewshot("reproduce", *TINY, f"seeds={seeds}"), "must be a list of distinct")
+    one_sentence(fewshot("reproduce", f"resume={run / 'seed0' / 'last.pt'}", "seeds=[0,1]"),
+                 "seeds= and resume= do not go together")
+    one_sentence(fewshot("reproduce", *TINY, "train.shots=2", "seeds=[0,1]",
+                         f"hydra.run.dir={run}"), "was started with", "train.shots=2")
+    moved = tmp_path / "moved" / "seed5"
+    shutil.copytree(run / "seed0" / ".hydra", moved / ".hydra")
+    (moved / "last.pt").touch()
+    one_sentence(fewshot("reproduce", *TINY, "seeds=[5]", f"hydra.run.dir={moved.parent}"),
+                 "trained with seed=0, not 5")
+
+
+def test_the_same_command_continues_the_seeds_and_adds_new_ones(over_seeds, fewshot, tmp_path,
+                                                              monkeypatch):
+    """Rerun with its hydra.run.dir, the command only evaluates the finished seeds (their
+    checkpoints untouched) and trains the new one; the table shows the record over seeds, and
+    adding it to reproductions/ keeps each seed's validation lines."""
+    import sys
+
+    from conftest import REPO
+
+    run, _ = over_seeds
+    before = {seed: digest(run / f"seed{seed}" / "last.pt") for seed in (0, 1)}
+    done = ok(fewshot("reproduce", *TINY, "seeds=[0,1,2]", f"hydra.run.dir={run}"))
+    assert done.stdout.count("nothing to do") == 2
+    assert {seed: digest(run / f"seed{seed}" / "last.pt") for seed in (0, 1)} == before
+    record = json.loads((run / "reproduction.json").read_text())
+    assert record["seeds"] == [0, 1, 2] and (run / "seed2" / "best.pt").exists()
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import preset_table
+
+    monkeypatch.setattr(preset_table, "RECORDS", tmp_path / "records")
+    folder = preset_table.add(run)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "reproduction.json", "validation.seed0.log", "validation.seed1.log", "validation.seed2.log"]
+    assert (folder / "validation.seed2.log").read_text().count("step 4: val accuracy") == 1
+    row = record["figures"][0]
+    each = "; ".join(reproduce.shown(r, 2) for r in row["ours"]["runs"])
+    assert preset_table._ours(row) == (f"{reproduce.shown(row['ours'], 2)} over 3 seeds (Student "
+                                       f"t); per seed {each} (8 episodes each)")
