@@ -322,28 +322,22 @@ EXCEPTIONS.update({
 })
 
 
-@pytest.mark.parametrize("name", ALGORITHM_CASES)
-def test_every_class_given_its_image_k_times_is_as_given_it_once(name: str) -> None:
-    """Each class's one support image given 3 times (a 3-shot task of copies) classifies as
-    the 1-shot task, to 1e-6 (float64)."""
-    exception("copies", name)
-    algo = trained(name)
-    support, support_y, query = one_shot_episode()
-    once = scores(algo, support, support_y, query)
-    thrice = scores(algo, *copied(support, support_y, [3, 3, 3]), query)
-    torch.testing.assert_close(thrice, once, atol=1e-6, rtol=0)
+# The copy patterns: each class's image given 3 times (a 3-shot task of copies), and one class's
+# image given 5 times with the others once (an unequal support, as fewshot predict takes).
+COPIES = {"copies": [3, 3, 3], "copies of one class": [5, 1, 1]}
 
 
 @pytest.mark.parametrize("name", ALGORITHM_CASES)
-def test_one_class_given_its_image_k_times_is_as_given_it_once(name: str) -> None:
-    """One class's support image given 5 times, the others once (an unequal support, as
-    fewshot predict takes): the same scores as each given once, to 1e-6 (float64)."""
-    exception("copies of one class", name)
+@pytest.mark.parametrize("prop", COPIES)
+def test_a_support_image_given_k_times_is_as_given_it_once(prop: str, name: str) -> None:
+    """The 1-shot task with support images copied as ``COPIES[prop]`` says classifies as the
+    1-shot task, to 1e-6 (float64)."""
+    exception(prop, name)
     algo = trained(name)
     support, support_y, query = one_shot_episode()
     once = scores(algo, support, support_y, query)
-    unequal = scores(algo, *copied(support, support_y, [5, 1, 1]), query)
-    torch.testing.assert_close(unequal, once, atol=1e-6, rtol=0)
+    torch.testing.assert_close(scores(algo, *copied(support, support_y, COPIES[prop]), query),
+                               once, atol=1e-6, rtol=0)
 
 
 # ================================================================ resume
