@@ -179,15 +179,16 @@ def test_the_order_of_the_support_images_changes_no_score(name: str, backbone: s
 
 # Where an algorithm legitimately depends on the labels or the order it is given (fewshot
 # predict removes both: content order, averaged assignments), with the paper's reason.
-BOUND_HEAD = ("the N-way head's output i is trained as label i (Finn et al. 2017, section 3.2); "
+BOUND_HEAD = ("the N-way head's output i is trained as label i (Finn et al. 2017, section 3.1); "
               "the meta-learned initialisation is symmetric over labels only in expectation over "
-              "the sampler's random assignments; fewshot predict averages over assignments")
+              "the sampler's random assignments (Ye & Chao 2022); fewshot predict averages over "
+              "assignments")
 NEW_HEAD = ("a new linear head is fine-tuned on the support from one seeded initialisation, row i "
             "for label i, by SGD on minibatches of 4 support images drawn by position (Chen et "
             "al. 2019, section 3.1)")
 MINIBATCHES = ("each inner step reads a minibatch of algo.eval_inner_batch support images drawn by "
-               "position from a fixed seed (Nichol et al. 2018, Algorithm 2: SGD on minibatches of "
-               "the task); another order is another draw")
+               "position from a fixed seed (Nichol et al. 2018, as openai/supervised-reptile's "
+               "_mini_batches); another order is another draw")
 FULL_CONTEXT = ("the full-context embedding g reads the support set in order with a bidirectional "
                 "LSTM (Vinyals et al. 2016, section 2.1.2)")
 EXCEPTIONS.update({
@@ -301,8 +302,9 @@ def copied(support: torch.Tensor, support_y: torch.Tensor, copies: list[int]
 KERNEL = ("a class's probability sums the attention over its support images (Vinyals et al. "
           "2016, eq. 1, a kernel density over the support set): a copy is one more example")
 MEAN_LOSS = ("the inner loss is the mean over the support images (Finn et al. 2017, section "
-             "3.2; Ravi & Larochelle 2017) and the support's BatchNorm statistics count every "
-             "image: a copy weighs its class more; every class copied equally changes nothing")
+             "3.1, eq. 3; Ravi & Larochelle 2017) and the support's BatchNorm statistics count "
+             "every image: a copy weighs its class more; every class copied equally changes "
+             "nothing")
 FINETUNED = ("the new head is fine-tuned for 100 epochs of the support set in minibatches of 4 "
              "(Chen et al. 2019): k copies give k times the steps, and weigh their class more")
 LOGISTIC = ("scikit-learn's L2-regularised logistic regression minimises C times the summed "
