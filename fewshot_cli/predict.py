@@ -11,7 +11,10 @@ decoded before anything is written; the predictions go to ``predictions.csv`` (o
 one atomic write.
 
 Predictions are inductive: a file's answer depends only on the support set and that file, not on
-which other files are in the query folder or how they are batched (:func:`inductive_rule`).
+which other files are in the query folder or how they are batched (:func:`inductive_rule`). Nor
+does it depend on the names of the class folders or files: the model is given the support set in
+an order of its pixels (:func:`in_content_order`), averaged over the assignments of classes to
+labels where its head binds them to outputs (the MAML family; :func:`assignments`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from fewshot_cli.algorithms.base import FewShotAlgorithm
 from fewshot_cli.algorithms.protonet import ProtoNet
 from fewshot_cli.build import build
-from fewshot_cli.data.images import decode_files, list_images
+from fewshot_cli.data.images import decode_files, list_images, pixel_digests
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.runtime import autocast_for, pad_host_heap, resolve_device
@@ -68,6 +71,28 @@ def query_files(path: Path) -> list[Path]:
     if not files:
         raise FewshotError(f"query={path} holds no images; give an image or a folder of images")
     return files
+
+
+def in_content_order(store: ClassStore) -> tuple[ClassStore, torch.Tensor]:
+    """The support set ``store`` in an order given by its pixels alone, and the index in
+    ``store`` of each class of it ``long [classes]``.
+
+    Each class's images are ordered by their content digests (of the decoded pixels, what the
+    model sees), and the classes by their sorted digests, so renaming the class folders or the
+    files changes nothing the model is given: not the order its support is read in (Matching
+    Networks' full-context LSTM, Reptile's and Baseline's minibatches), not the label each class
+    gets (a trained head whose outputs are bound to labels). Classes of the very same images
+    keep their order by name."""
+    digests = pixel_digests(store.images, store.counts)
+    counts = store.counts.tolist()
+    rows = [sorted(range(n), key=lambda i, c=c: int(digests[c, i])) for c, n in enumerate(counts)]
+    keys = [sorted(int(d) for d in digests[c, :n]) for c, n in enumerate(counts)]
+    classes = sorted(range(len(counts)), key=keys.__getitem__)
+    images = torch.zeros_like(store.images)
+    for new, c in enumerate(classes):
+        images[new, :counts[c]] = store.images[c, rows[c]]
+    order = torch.tensor(classes, dtype=torch.long)
+    return ClassStore(images, [store.names[c] for c in classes], store.counts[order]), order
 
 
 def as_task(store: ClassStore) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,23 +135,46 @@ def inductive_rule(algo: FewShotAlgorithm) -> QueryRule:
     return QueryRule("every query scored on its own, BatchNorm with the statistics of training")
 
 
+def assignments(algo: FewShotAlgorithm, classes: int) -> range:
+    """The label shifts fewshot predict averages over: the ``classes`` cyclic assignments of
+    classes to labels where ``algo.binds_classes_to_outputs`` (each class meets each output of
+    the head once), else the one assignment.
+
+    A MAML-family head is symmetric over labels only in expectation over the random assignments
+    of training, so one assignment's answer depends on which label each class happened to get
+    (before this, renaming the support folders changed 10 of 12 MAML answers); averaging the
+    probabilities over assignments is Ye & Chao's (ICLR 2022, "How to train your MAML to excel
+    in few-shot classification") permutation ensemble, over the cyclic ones, at ``classes``
+    adaptations instead of ``classes!``."""
+    return range(classes if algo.binds_classes_to_outputs else 1)
+
+
 def classify(algo: FewShotAlgorithm, support: ClassStore, query: torch.Tensor,
              device: torch.device, autocast: Any = contextlib.nullcontext, batch: int = 64
              ) -> torch.Tensor:
-    """Class probabilities ``[Q, classes]`` of query images ``float [Q, C, H, W]`` given the
-    support set, ``batch`` queries at a time (the support is re-used for each). Inductive
-    (:func:`inductive_rule`): a query's row does not depend on the other queries."""
+    """Class probabilities ``[Q, classes]`` (columns in ``support``'s class order) of query
+    images ``float [Q, C, H, W]`` given the support set, ``batch`` queries at a time (the
+    support is re-used for each). Inductive (:func:`inductive_rule`): a query's row does not
+    depend on the other queries. Independent of names and file order: the support is given to
+    the model in content order (:func:`in_content_order`), averaged over :func:`assignments`
+    where the model binds classes to its outputs."""
     rule = inductive_rule(algo)
     batch = min(batch, rule.most or batch)
-    support_x, support_y = (t.to(device) for t in as_task(support))
+    ordered, order = in_content_order(support)
+    ways = ordered.num_classes
+    support_x, support_y = (t.to(device) for t in as_task(ordered))
+    shifts = assignments(algo, ways)
     probabilities = []
     with torch.no_grad():
         for start in range(0, len(query), batch):
             chunk = query[start:start + batch].unsqueeze(0).to(device)
-            with autocast():
-                scores = algo.predict(support_x, support_y, chunk, support.num_classes)
-            probabilities.append(algo.class_probabilities(scores)[0].cpu())
-    return torch.cat(probabilities)
+            total = 0
+            for shift in shifts:  # class c gets label (c + shift) % ways; its column is put back
+                with autocast():
+                    scores = algo.predict(support_x, (support_y + shift) % ways, chunk, ways)
+                total = total + algo.class_probabilities(scores)[0].cpu().roll(-shift, dims=-1)
+            probabilities.append(total / len(shifts))
+    return torch.cat(probabilities)[:, order.argsort()]
 
 
 def table(rows: list[dict[str, Any]]) -> str:

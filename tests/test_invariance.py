@@ -17,7 +17,22 @@ Properties (sections below, in this order):
 
 from __future__ import annotations
 
+import copy
+import csv
+import functools
+from pathlib import Path
+
 import pytest
+import torch
+from helpers import compose
+from image_folder import make_image_folder
+from test_matrix import tiny_batch, tiny_episode
+from test_predict import maml  # noqa: F401 (the fixture: a MAML run trained a few steps)
+
+from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.build import build_algorithm, build_optimizer
+from fewshot_cli.data.store import ClassStore
+from fewshot_cli.predict import classify
 
 # The image algorithms, each with the overrides that make it build on the tiny glyphs used
 # here (the options of the matrix in test_matrix.py choose the graph). A new algorithm joins
@@ -77,7 +92,185 @@ def exception(prop: str, name: str) -> None:
 # ================================================================ names and order
 # (section: names and order)
 
-# ================================================================ how the work is split
+# Every algorithm trained a few steps on tiny glyph-sized episodes (3 ways, 2 shots), then asked
+# the same question with its classes renamed, its support files reordered, its support images
+# copied. Scores are compared as ``predict`` returns them, computed in
+# float64: float32 rounding of sums taken in another order grows through an untrained network's
+# BatchNorm over a few 1x1 maps (5e-4 on ResNet-18 at 16 px, 0 in float64), and would hide a
+# real dependence as small as that.
+TRAINED_SHAPE = ["dataset=glyphs", "train.ways=3", "train.shots=2", "train.queries=1",
+                 "train.meta_batch=2", "eval.ways=3", "device=cpu"]
+
+
+@functools.cache
+def trained(name: str, backbone: str | None = None, steps: int = 3) -> FewShotAlgorithm:
+    """Algorithm ``name`` of ``ALGORITHMS`` (on ``BACKBONES[backbone]``, else its own tiny
+    default) after ``steps`` meta-steps on the tiny episodes of test_matrix.py, in eval mode and
+    float64."""
+    tiny = ["backbone.hidden=4"] if backbone is None else BACKBONES[backbone]
+    if backbone is None and name == "relation":
+        tiny = []  # its own encoder, conv4_relation, chosen in ALGORITHMS
+    cfg = compose([*algorithm_overrides(name), *tiny, *TRAINED_SHAPE])
+    torch.manual_seed(0)
+    algo = build_algorithm(cfg, {"in_channels": 1, "image_size": 16}, torch.device("cpu"))
+    batches = tiny_batch(16) if algo.trains_on == "batches" else None
+    if batches is not None:
+        algo.set_base_classes(batches.classes)
+    optimizer, _ = build_optimizer(cfg, algo)
+    algo.train()
+    for step in range(steps):
+        algo.set_step(step)
+        loss, _ = algo.meta_loss(batches.sample() if batches is not None else tiny_episode(16))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return algo.double().eval()
+
+
+def scores(algo: FewShotAlgorithm, support: torch.Tensor, support_y: torch.Tensor,
+           query: torch.Tensor, ways: int = 3) -> torch.Tensor:
+    """The scores ``[B, Q, ways]`` of one seeded (random layers) forward pass in float64:
+    logits, log-probabilities or relation scores, whatever ``predict`` returns."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return algo.predict(support.double(), support_y, query.double(), ways).double()
+
+
+ALGORITHM_CASES = list(ALGORITHMS)
+# The backbone matters to the order of the support only through its BatchNorm statistics and
+# random layers: each backbone under one metric and one inner-loop algorithm.
+BACKBONE_CASES = [(name, backbone) for name in ("protonet", "maml") for backbone in BACKBONES]
+
+
+@pytest.mark.parametrize("name", ALGORITHM_CASES)
+def test_permuting_the_class_labels_permutes_the_scores(name: str) -> None:
+    """Labels given to the classes in another order: each class keeps its scores, to
+    1e-6 (float64; the float32 parts of an algorithm round)."""
+    exception("labels", name)
+    algo, episode = trained(name), tiny_episode(16)
+    before = scores(algo, episode.support, episode.support_y, episode.query)
+    relabel = torch.tensor([2, 0, 1])  # class c is now called relabel[c]
+    after = scores(algo, episode.support, relabel[episode.support_y], episode.query)
+    torch.testing.assert_close(after[..., relabel], before, atol=1e-6, rtol=0)
+
+
+def reorder_within_classes(support: torch.Tensor, support_y: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support rows in another order, each class's images reversed and the classes'
+    rows interleaved: ``[B, M, ...]`` and labels ``[B, M]``."""
+    order = torch.arange(support.shape[1]).flip(0)
+    return support[:, order], support_y[:, order]
+
+
+@pytest.mark.parametrize("name, backbone", [*((n, None) for n in ALGORITHM_CASES),
+                                            *BACKBONE_CASES])
+def test_the_order_of_the_support_images_changes_no_score(name: str, backbone: str | None
+                                                                ) -> None:
+    """The support images in another order (within each class and across classes): the same
+    scores to 1e-6 (float64)."""
+    exception("order", name)
+    # one meta-step on a backbone of BACKBONES: MAML on ResNet-18 takes seconds a step
+    algo, episode = trained(name, backbone, steps=1 if backbone else 3), tiny_episode(16)
+    before = scores(algo, episode.support, episode.support_y, episode.query)
+    after = scores(algo, *reorder_within_classes(episode.support, episode.support_y),
+                          episode.query)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+
+
+# Where an algorithm legitimately depends on the labels or the order it is given (fewshot
+# predict removes both: content order, averaged assignments), with the paper's reason.
+BOUND_HEAD = ("the N-way head's output i is trained as label i (Finn et al. 2017, section 3.1); "
+              "the meta-learned initialisation is symmetric over labels only in expectation over "
+              "the sampler's random assignments (Ye & Chao 2022); fewshot predict averages over "
+              "assignments")
+NEW_HEAD = ("a new linear head is fine-tuned on the support from one seeded initialisation, row i "
+            "for label i, by SGD on minibatches of 4 support images drawn by position (Chen et "
+            "al. 2019, section 3.1)")
+MINIBATCHES = ("each inner step reads a minibatch of algo.eval_inner_batch support images drawn by "
+               "position from a fixed seed (Nichol et al. 2018, as openai/supervised-reptile's "
+               "_mini_batches); another order is another draw")
+FULL_CONTEXT = ("the full-context embedding g reads the support set in order with a bidirectional "
+                "LSTM (Vinyals et al. 2016, section 2.1.2)")
+EXCEPTIONS.update({
+    **{("labels", name): BOUND_HEAD for name in ("maml", "fomaml", "metasgd", "anil",
+                                                 "meta_lstm", "reptile")},
+    ("labels", "baseline"): NEW_HEAD,
+    ("order", "matching_fce"): FULL_CONTEXT,
+    ("order", "reptile"): MINIBATCHES,
+    ("order", "baseline"): NEW_HEAD,
+})
+
+
+def test_the_label_exceptions_are_the_models_that_bind_classes_to_outputs() -> None:
+    """fewshot predict averages over assignments exactly where labels are an exception."""
+    bound = {name for name in ALGORITHMS if trained(name).binds_classes_to_outputs}
+    assert bound == {name for prop, name in EXCEPTIONS if prop == "labels"}
+
+
+def support_store(seed: int = 1) -> ClassStore:
+    """A support set of 3 classes of 2, 1 and 3 random 16 px images (unequal, as in predict)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (3, 3, 1, 16, 16), dtype=torch.uint8, generator=generator)
+    return ClassStore(pixels, ["cat", "dog", "owl"], counts=torch.tensor([2, 1, 3]))
+
+
+def renamed(store: ClassStore) -> tuple[ClassStore, torch.Tensor]:
+    """``store`` with its classes renamed so that they sort the other way round, and its files
+    in another order within each class; the index in ``store`` of each class of the result."""
+    order = torch.arange(store.num_classes).flip(0)
+    images = torch.zeros_like(store.images)
+    for new, c in enumerate(order.tolist()):
+        n = int(store.counts[c])
+        images[new, :n] = store.images[c, :n].flip(0)
+    names = [f"{chr(ord('z') - new)}_{store.names[c]}" for new, c in enumerate(order.tolist())]
+    return ClassStore(images, names, store.counts[order]), order
+
+
+@pytest.mark.parametrize("name", ALGORITHM_CASES)
+def test_fewshot_predict_gives_the_same_answers_whatever_the_names_and_file_order(name: str
+                                                                                    ) -> None:
+    """The function behind fewshot predict: the support folders renamed (another label for
+    each class) and their files in another order give each class the very same probability, to
+    1e-6 (float32; the model is given the same tensors)."""
+    algo = copy.deepcopy(trained(name)).float()
+    support = support_store()
+    query = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    before = classify(algo, support, query, cpu)
+    other, order = renamed(support)
+    torch.manual_seed(0)
+    after = classify(algo, other, query, cpu)
+    torch.testing.assert_close(after, before[:, order], atol=1e-6, rtol=0)
+
+
+def test_renaming_the_support_folders_changes_no_maml_answer(fewshot, maml, tmp_path  # noqa: F811
+                                                             ) -> None:
+    """Issue 28 through the CLI: renaming the support folders changed 10 of 12 MAML answers
+    (most queries went to whichever class sorted first). The folders renamed so that they sort
+    the other way round, and the files renamed so that they do too: the same class and the
+    same probability for every query, to 1e-6."""
+    support = make_image_folder(tmp_path / "support", {"round": 3, "square": 2}, seed=3)
+    query = make_image_folder(tmp_path / "query", {"q": 12}, seed=4) / "q"
+    other = tmp_path / "renamed"
+    for folder, new in (("round", "z_round"), ("square", "a_square")):
+        files = sorted((support / folder).iterdir())
+        (other / new).mkdir(parents=True)
+        for i, f in enumerate(files):  # reversed: the last file now sorts first
+            (other / new / f"{len(files) - i:03d}{f.suffix}").write_bytes(f.read_bytes())
+
+    def answers(folder: Path) -> dict[str, tuple[str, float]]:
+        out = tmp_path / f"{folder.name}.csv"
+        assert fewshot("predict", f"ckpt={maml}", f"support={folder}", f"query={query}",
+                       f"out={out}").returncode == 0
+        with open(out, newline="") as f:
+            return {Path(r["file"]).name: (r["predicted"].removeprefix("z_").removeprefix("a_"),
+                                           float(r["probability"])) for r in csv.DictReader(f)}
+
+    before, after = answers(support), answers(other)
+    assert {f: c for f, (c, _) in after.items()} == {f: c for f, (c, _) in before.items()}
+    assert {f: p for f, (_, p) in after.items()} == pytest.approx(
+        {f: p for f, (_, p) in before.items()}, abs=1e-6)
 # (section: how the work is split)
 
 # ================================================================ how the pixels are stored
@@ -85,6 +278,70 @@ def exception(prop: str, name: str) -> None:
 
 # ================================================================ copies
 # (section: copies)
+
+def one_shot_episode() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Support ``[1, 3, ...]`` (one image of each of 3 classes), its labels, queries ``[1, 3,
+    ...]``: the first task of the tiny episode."""
+    episode = tiny_episode(16)
+    first = episode.support_y[0].diff(prepend=torch.tensor([-1])) != 0  # the first shot of each
+    return episode.support[:1, first], episode.support_y[:1, first], episode.query[:1]
+
+
+def copied(support: torch.Tensor, support_y: torch.Tensor, copies: list[int]
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support image i given ``copies[i]`` times, in place."""
+    repeats = torch.tensor(copies)
+    return support.repeat_interleave(repeats, dim=1), support_y.repeat_interleave(repeats, dim=1)
+
+
+# Which class representation each paper defines. A mean (ProtoNet's prototype, Snell et al.
+# 2017; weightgen's averaged generator inputs, Gidaris & Komodakis 2018; Relation's class map,
+# the mean scaled to the trained shots), a maximum (Siamese's most similar support image, Koch
+# et al. 2015) or a mean loss with population BatchNorm statistics (the MAML family, every
+# class copied equally) counts a copy once. These count every support image as one example:
+KERNEL = ("a class's probability sums the attention over its support images (Vinyals et al. "
+          "2016, eq. 1, a kernel density over the support set): a copy is one more example")
+MEAN_LOSS = ("the inner loss is the mean over the support images (Finn et al. 2017, section "
+             "3.1, eq. 3; Ravi & Larochelle 2017) and the support's BatchNorm statistics count "
+             "every image: a copy weighs its class more; every class copied equally changes "
+             "nothing")
+FINETUNED = ("the new head is fine-tuned for 100 epochs of the support set in minibatches of 4 "
+             "(Chen et al. 2019): k copies give k times the steps, and weigh their class more")
+LOGISTIC = ("scikit-learn's L2-regularised logistic regression minimises C times the summed "
+            "losses plus half the squared weights (Tian et al. 2020): copies weigh the data "
+            "against the penalty as a larger C, and their class against the others")
+EXCEPTIONS.update({
+    ("copies", "matching_fce"): FULL_CONTEXT,
+    ("copies", "reptile"): MINIBATCHES,
+    ("copies", "baseline"): FINETUNED,
+    ("copies", "rfs"): LOGISTIC,
+    ("copies of one class", "matching"): KERNEL,
+    ("copies of one class", "matching_fce"): KERNEL,
+    **{("copies of one class", name): MEAN_LOSS for name in ("maml", "fomaml", "metasgd",
+                                                             "anil", "meta_lstm")},
+    ("copies of one class", "reptile"): MINIBATCHES,
+    ("copies of one class", "baseline"): FINETUNED,
+    ("copies of one class", "rfs"): LOGISTIC,
+})
+
+
+# The copy patterns: each class's image given 3 times (a 3-shot task of copies), and one class's
+# image given 5 times with the others once (an unequal support, as fewshot predict takes).
+COPIES = {"copies": [3, 3, 3], "copies of one class": [5, 1, 1]}
+
+
+@pytest.mark.parametrize("name", ALGORITHM_CASES)
+@pytest.mark.parametrize("prop", COPIES)
+def test_a_support_image_given_k_times_is_as_given_it_once(prop: str, name: str) -> None:
+    """The 1-shot task with support images copied as ``COPIES[prop]`` says classifies as the
+    1-shot task, to 1e-6 (float64)."""
+    exception(prop, name)
+    algo = trained(name)
+    support, support_y, query = one_shot_episode()
+    once = scores(algo, support, support_y, query)
+    torch.testing.assert_close(scores(algo, *copied(support, support_y, COPIES[prop]), query),
+                               once, atol=1e-6, rtol=0)
+
 
 # ================================================================ resume
 # (section: resume)

@@ -68,6 +68,12 @@ class FewShotAlgorithm(MetaAlgorithm):
     #: True where the trained head fixes the number of classes (the MAML family), so evaluation
     #: and prediction must use ``train.ways`` classes.
     fixed_ways: bool = False
+    #: True where a class's scores depend on which label (output position) it is given, not
+    #: only on its images: a trained head whose output i is bound to label i (the MAML family,
+    #: whose initialisation is symmetric over labels only in expectation over the sampler's
+    #: random assignments), or a new head initialised per position (Baseline's fine-tuning).
+    #: fewshot predict then averages over assignments (``predict.classify``).
+    binds_classes_to_outputs: bool = False
 
     def __init__(self, backbone: Backbone, ways: int) -> None:
         super().__init__()

@@ -129,6 +129,13 @@ class Baseline(FewShotAlgorithm):
         self.head = nn.ParameterDict({"weight": nn.Parameter(weight.to(device)),
                                       "bias_or_norm": nn.Parameter(other.to(device))})
 
+    @property
+    def binds_classes_to_outputs(self) -> bool:
+        """Fine-tuning starts each episode's new head from one seeded initialisation, row i
+        for label i (Chen et al. 2019); the logistic and centroid classifiers treat labels
+        alike."""
+        return self.support_classifier == "finetune"
+
     def head_scale(self, classes: int) -> float:
         """The cosine head's scale for ``classes`` classes (``algo.scale``, or Chen et al.'s)."""
         return chen_scale(classes) if self.scale == "auto" else float(self.scale)

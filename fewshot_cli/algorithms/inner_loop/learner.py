@@ -79,6 +79,7 @@ class InnerLoopLearner(FewShotAlgorithm):
     # input the first block stays NCHW, so max-pool's backward converts layouts.
     prefers_channels_last = False
     fixed_ways = True  # the linear head has train.ways outputs
+    binds_classes_to_outputs = True  # output i of the meta-learned head is label i
 
     def __init__(self, backbone: Backbone, ways: int, inner_steps: int, eval_inner_steps: int,
                  adapt: str = "all", batchnorm: str = "task", batching: str = "auto",
