@@ -7,7 +7,9 @@ another split (by the content digests decoded into the cache); identical copies 
 are reported. It then writes ``split.json`` into the run folder once: per split, each class name
 and a fingerprint of its images' contents. A resumed run, and ``fewshot eval`` through
 :func:`check_split`, compare the data with that record and stop with one sentence naming what
-moved before anything is trained or scored.
+moved before anything is trained or scored. A cross-domain ``fewshot eval`` (another data set)
+is compared with the record too, by content (:func:`check_unseen`): its test classes must not
+be classes the run trained on.
 """
 
 from __future__ import annotations
@@ -263,3 +265,36 @@ def check_split(dataset: FewShotDataset, run_dir: Path, splits: Iterable[str] = 
         return
     _moved(dataset, run_dir, splits, "restore the data as recorded (or point dataset.root at "
            "such a copy), or train a new run on the data as it is now")
+
+
+def check_unseen(dataset: FewShotDataset, run_dir: Path, name: str) -> None:
+    """Before a cross-domain ``fewshot eval`` (``dataset=name``, another data set than the
+    run's) scores: none of its test classes may be a class of the run's training split, by
+    content (each class's fingerprint of its images' digests, as ``split.json`` records them;
+    a rotated training class has its source's). Such a figure would be called cross-domain
+    while it tests classes the model was trained on (``dataset=omniglot_lake`` on a
+    ``split=vinyals`` run: 236 of Lake's test characters are Vinyals training characters).
+    A run folder without a record is said in a log line and not checked.
+
+    Raises:
+        FewshotError: one sentence naming how many test classes and images overlap.
+    """
+    path = Path(run_dir) / RECORD
+    if not checked(dataset):
+        return
+    if not path.exists():
+        log.info("%s has no %s (a run from before fewshot recorded its split): the cross-domain "
+                 "test classes are not checked against the classes it was trained on", run_dir,
+                 RECORD)
+        return
+    trained = {f for f in read_record(path).get("train", {}).values() if f is not None}
+    store = dataset.load("test")
+    seen = [c for c, f in enumerate(fingerprints(store).values()) if f in trained]
+    if seen:
+        images = int(store.counts[seen].sum())
+        shown = _examples([store.names[c] for c in seen])
+        raise FewshotError(
+            f"{len(seen)} of the {store.num_classes} test classes of dataset={name} ({images} "
+            f"images: {shown}) are classes this run was trained on (the train split of {path}, "
+            "by content), so its figure would not be cross-domain; test it on classes it never "
+            "saw (another data set or split), or drop dataset= to test its own test split")
