@@ -314,7 +314,11 @@ def test_predict_refuses_one_image_under_two_support_classes(tmp_path):
 
 def test_a_cross_domain_eval_on_the_runs_training_classes_is_refused(fewshot, tmp_path):
     """Lake et al.'s test alphabets holding three of the glyph run's training characters (as
-    236 of Lake's test characters are in Vinyals et al.'s training split)."""
+    236 of Lake's test characters are in Vinyals et al.'s training split) and one drawing of
+    a fourth among new drawings."""
+    import json
+
+    import torch
     from helpers import ok, one_sentence
     from PIL import Image
 
@@ -326,12 +330,13 @@ def test_a_cross_domain_eval_on_the_runs_training_classes_is_refused(fewshot, tm
               "train.steps=1", "train.val_every=1", "train.val_episodes=1", "device=cpu"]
     ok(fewshot("train", *glyphs, f"hydra.run.dir={tmp_path / 'run'}"))
     trained = Glyphs({"train": 6, "val": 3, "test": 3}, images_per_class=4).load("train")
-    novel = Glyphs({"train": 6, "val": 3, "test": 5}, images_per_class=4, seed=7).load("test")
+    novel = Glyphs({"train": 6, "val": 3, "test": 6}, images_per_class=4, seed=7).load("test")
     root = tmp_path / "omniglot"
+    mixed = torch.cat([novel.images[5, :3], trained.images[3, :1]])  # one trained drawing
     chars = {"images_background/Alpha": [novel.images[0]],
              "images_evaluation/Angelic": [novel.images[1], novel.images[2]],
              "images_evaluation/ULOG": [novel.images[3], novel.images[4],
-                                        *trained.images[:3]]}
+                                        *trained.images[:3], mixed]}
     for alphabet, drawings in chars.items():
         for c, images in enumerate(drawings):
             folder = root / alphabet / f"character{c + 1:02d}"
@@ -340,8 +345,15 @@ def test_a_cross_domain_eval_on_the_runs_training_classes_is_refused(fewshot, tm
                 Image.fromarray(image[0].numpy()).save(folder / f"{c + 1:02d}_{d + 1:02d}.png")
     proc = fewshot("eval", f"ckpt={tmp_path / 'run' / 'best.pt'}", "dataset=omniglot_lake",
                    f"dataset.root={root}", "dataset.download=false", "eval.episodes=2")
-    one_sentence(proc, "3 of the 5 test classes of dataset=omniglot_lake (12 images",
+    one_sentence(proc, "13 of the 24 test images of dataset=omniglot_lake, in 4 of its 6 classes",
                  "trained on", "not be cross-domain")
+    # a record from before image digests were kept: whole classes, by their fingerprints
+    record = tmp_path / "run" / "split.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                  if k != "train_images"}))
+    proc = fewshot("eval", f"ckpt={tmp_path / 'run' / 'best.pt'}", "dataset=omniglot_lake",
+                   f"dataset.root={root}", "dataset.download=false", "eval.episodes=2")
+    one_sentence(proc, "12 of the 24 test images of dataset=omniglot_lake, in 3 of its 6 classes")
     assert not (tmp_path / "run" / "results.json").exists() or \
         "omniglot" not in (tmp_path / "run" / "results.json").read_text()
 
