@@ -27,7 +27,7 @@ from fewshot_cli.build import (
 )
 from fewshot_cli.data.base import FewShotDataset
 from fewshot_cli.data.cross_domain import ModelInput
-from fewshot_cli.data.splits import check_split, fingerprints
+from fewshot_cli.data.splits import check_split, check_unseen, fingerprints
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.engine.metrics import score_tasks
 from fewshot_cli.engine.runtime import (
@@ -199,6 +199,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     cross = "_target_" in cfg.dataset  # another data set: its classes differ by design
     if cross:
         dataset = other_dataset(run, state)
+        check_unseen(dataset, ckpt.parent, dataset_name(run))  # not its own training classes
     else:
         dataset = build_dataset(run)
         check_split(dataset, ckpt.parent)  # the test classes are the ones the run recorded

@@ -47,6 +47,12 @@ def _number(low: float, strict: bool, example: str) -> Rule:
 
 
 POSITIVE_FLOAT = _number(0, True, "0.001")
+# Rotations that make classes (eval.rotations, dataset.rotations): each quarter turn once, named
+# one way, so [0,360] or [90,-270] cannot make two classes of one character.
+QUARTER_TURNS = Rule("int_list", lambda v: len(v) > 0 and len(set(v)) == len(v) and
+                     all(r % 90 == 0 and 0 <= r < 360 for r in v),
+                     "a list of distinct multiples of 90 degrees from 0 to 270",
+                     "[0,90,180,270]")
 EPISODE = {"ways": _int(2, 5), "shots": _int(1, 1), "queries": _int(1, 15)}
 
 TRAIN_RULES: dict[str, Rule] = {
@@ -97,14 +103,14 @@ EVAL_RULES: dict[str, Rule] = {
     "eval.batch": Rule("int_or_auto", lambda v: v >= 1, "auto or a whole number of at least 1",
                        "auto"),
     "eval.seed": _int(0, 2024, "a whole number (0 or more)"),
-    "eval.rotations": Rule("int_list", lambda v: len(v) > 0 and len(set(v)) == len(v) and
-                           all(r % 90 == 0 and 0 <= r < 360 for r in v),
-                           "a list of distinct multiples of 90 degrees below 360",
-                           "[0,90,180,270]"),
+    "eval.rotations": QUARTER_TURNS,
     "eval.query_statistics": Rule("choice", lambda v: v in ("inductive", "transductive"),
                                   "inductive or transductive (null: as the model was trained)",
                                   "inductive"),
 }
+# A data set's own options are checked by its reader's constructor; these too, before any
+# command reads a thing (fewshot data included).
+DATASET_RULES: dict[str, Rule] = {"dataset.rotations": QUARTER_TURNS}
 DEVICE_RULES: dict[str, Rule] = {
     "device.type": Rule("choice", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda",
                         "cpu"),
@@ -133,10 +139,10 @@ def _or_null(rules: Mapping[str, Rule]) -> dict[str, Rule]:
 
 
 RULES: dict[str, dict[str, Rule]] = {  # every command's rules, by command name
-    "train": {**TRAIN_RULES, **OPTIM_RULES, **EVAL_RULES, **DEVICE_RULES},
-    "eval": {**_or_null(EVAL_RULES), **DEVICE_RULES},
+    "train": {**TRAIN_RULES, **OPTIM_RULES, **EVAL_RULES, **DATASET_RULES, **DEVICE_RULES},
+    "eval": {**_or_null(EVAL_RULES), **DATASET_RULES, **DEVICE_RULES},
     "predict": {**PREDICT_RULES, **DEVICE_RULES},
-    "data": {},  # a data set's options are checked by its reader's constructor
+    "data": DATASET_RULES,  # the rest of a data set's options: its reader's constructor
     "report": {},
 }
 RULES["reproduce"] = RULES["train"]  # a preset's training run, then its tests
@@ -190,11 +196,18 @@ def check(cfg: Mapping, rules: Mapping[str, Rule]) -> None:
     """Raise a FewshotError for the first key of ``rules`` whose value breaks its rule."""
     for key, rule in rules.items():
         found, value = lookup(cfg, key)
-        if found and not _passes(rule, value):
-            shown = "null" if value is None else \
-                f"[{','.join(map(str, value))}]" if _is_list(value) else value
-            raise FewshotError(f"{key}={shown} must be {rule.words} (for example "
-                               f"{key}={rule.example})")
+        if found:
+            check_value(key, value, rule)
+
+
+def check_value(key: str, value: Any, rule: Rule) -> None:
+    """Raise a FewshotError naming ``key=value``, what it must be and an example, unless
+    ``value`` passes ``rule``."""
+    if not _passes(rule, value):
+        shown = "null" if value is None else \
+            f"[{','.join(map(str, value))}]" if _is_list(value) else value
+        raise FewshotError(f"{key}={shown} must be {rule.words} (for example "
+                           f"{key}={rule.example})")
 
 
 # A preset's second stage says which run it starts from with ``init_from: "required: <what>"``

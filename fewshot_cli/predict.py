@@ -95,6 +95,32 @@ def in_content_order(store: ClassStore) -> tuple[ClassStore, torch.Tensor]:
     return ClassStore(images, [store.names[c] for c in classes], store.counts[order]), order
 
 
+def decode_inputs(support_files: dict[str, list[Path]], queries: list[Path], size: int,
+                  mode: str) -> tuple[ClassStore, ClassStore]:
+    """The support classes and the query images decoded at ``size`` px in PIL ``mode`` by the
+    training readers' own function (:func:`~fewshot_cli.data.images.decode_files`: upright by
+    EXIF, the same Lanczos filter), so a file gives the model the pixels it gave in training.
+
+    Raises:
+        FewshotError: a file that cannot be decoded, or one image (by content) under two
+            support classes: the task would ask the model to tell a class from itself.
+    """
+    support = decode_files(support_files, size, mode, what="support image",
+                           fix="replace or remove it")
+    first: dict[int, tuple[str, int]] = {}
+    for c, (name, count) in enumerate(zip(support.names, support.counts.tolist(), strict=True)):
+        for i, digest in enumerate(support.digests[c, :count].tolist()):
+            other, j = first.setdefault(digest, (name, i))
+            if other != name:
+                raise FewshotError(
+                    f"the support images {support_files[other][j]} and {support_files[name][i]} "
+                    f"are the same image under two classes ({other} and {name}), so no model "
+                    "can tell those classes apart by it; keep it in the one class it shows")
+    query = decode_files({"query": queries}, size, mode, what="query image",
+                         fix="replace or remove it")
+    return support, query
+
+
 def as_task(store: ClassStore) -> tuple[torch.Tensor, torch.Tensor]:
     """The images of a (ragged) store as one task: ``float [1, M, C, H, W]`` and labels."""
     keep = torch.arange(store.images.shape[1]) < store.counts.unsqueeze(1)  # [classes, width]
@@ -270,10 +296,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     device = resolve_device(cfg.device.type)
     model = (pretrained_model if pretrained else trained_model)(cfg, len(support_files), device)
     algo, size, mode = model.algo, model.image_size, model.mode
-    support = decode_files(support_files, size, mode, what="support image",
-                           fix="replace or remove it")
-    query = decode_files({"query": queries}, size, mode, what="query image",
-                         fix="replace or remove it")
+    support, query = decode_inputs(support_files, queries, size, mode)
     query_x = as_task(query)[0][0]
 
     rule = inductive_rule(algo)

@@ -87,7 +87,7 @@ class FewShotDataset:
                     f"eval.rotations={list(shape.rotations)} makes each rotation of a class a "
                     f"class of its own, which only character data sets (omniglot, glyphs) "
                     f"have; remove it (eval.rotations=[0])")
-            store = store.rotated(list(shape.rotations))
+            store = store.rotated(list(shape.rotations), "eval.rotations")
         return EpisodeSampler(store, shape.ways, shape.shots, shape.queries,
                               meta_batch, device, seed=seed, split=split, prefix=prefix,
                               augment=augment, within_group=shape.within_group,

@@ -3,7 +3,8 @@
 
 The model fixes the input: its channels and image size. Images are decoded at the model's size
 by the reader itself where it has ``dataset.image_size`` (every image reader does), else resized
-here; channels are converted as an image viewer converts them: RGB to grey by luminance (PIL's
+here by the readers' own filter (:func:`~fewshot_cli.data.images.resize_pixels`); channels
+are converted as an image viewer converts them: RGB to grey by luminance (PIL's
 ``convert("L")``, ITU-R 601-2: L = R 299/1000 + G 587/1000 + B 114/1000), grey to RGB by
 repeating the one channel.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from fewshot_cli.data.base import FewShotDataset
+from fewshot_cli.data.images import resize_pixels
 from fewshot_cli.data.store import ClassStore
 
 #: PIL's fixed-point luminance weights (libImaging/Convert.c, L24): (R, G, B) / 2**16
@@ -34,12 +36,11 @@ def luminance(images: torch.Tensor) -> torch.Tensor:
 def as_model_input(store: ClassStore, channels: int, size: int) -> ClassStore:
     """``store`` with ``channels`` (1 or 3) channels of ``size`` x ``size`` px; the same store
     when it already is. Names, counts, groups, drawers and digests (of the source images) are
-    kept. Resizing here (bilinear, antialiased) is for readers without ``dataset.image_size``."""
+    kept. Resizing here (for readers without ``dataset.image_size``) is the readers' Lanczos
+    filter, so the pixels are those the reader would have decoded at ``size``."""
     images = store.images
     if images.shape[-1] != size or images.shape[-2] != size:
-        from torchvision.transforms.v2.functional import resize
-
-        flat = resize(images.flatten(0, 1), [size, size], antialias=True)
+        flat = resize_pixels(images.flatten(0, 1), size)
         images = flat.unflatten(0, images.shape[:2])
     if images.shape[2] == 3 and channels == 1:
         images = luminance(images)

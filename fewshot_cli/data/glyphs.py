@@ -19,7 +19,13 @@ import torch
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
 from fewshot_cli.data.images import PIL_MODES, pixel_digests
-from fewshot_cli.data.store import ClassStore, cache_file, cached_store, user_cache_dir
+from fewshot_cli.data.store import (
+    ClassStore,
+    cache_file,
+    cached_store,
+    quarter_turns,
+    user_cache_dir,
+)
 from fewshot_cli.errors import FewshotError
 
 VERSION = 1  # part of the cache key: bump it whenever the drawings change
@@ -170,7 +176,7 @@ class Glyphs(FewShotDataset):
                 raise FewshotError(f"dataset.{key}={value} must be an integer of at least 2")
         self.classes = {s: int(classes[s]) for s in SPLITS}
         self.images_per_class, self.image_size = images_per_class, image_size
-        self.seed, self.rotations = int(seed), [int(r) for r in rotations]
+        self.seed, self.rotations = int(seed), quarter_turns(rotations)
         self.allow_duplicates = bool(allow_duplicates)
 
     def load(self, split: str) -> ClassStore:

@@ -3,11 +3,14 @@ decode them in parallel at one size into a ClassStore, and name the file that ca
 
 A reader (Omniglot, miniImageNet, a user's folder) keeps only its layout and split rules: it
 lists ``class name -> image files`` and calls :func:`decode_files`; every image is decoded once
-as an image viewer shows it (:func:`as_seen`: transparency over a white page, deep grey scaled
-to 8 bits), squashed to ``size`` x ``size`` with a Lanczos filter, and packed into ``uint8
+as an image viewer shows it (:func:`decode_image`: upright by its EXIF orientation,
+transparency over a white page, deep grey scaled to 8 bits), squashed to ``size`` x ``size``
+with a Lanczos filter (:func:`squash`), and packed into ``uint8
 [classes, max_images, C, size, size]`` (short classes padded, ``counts`` marking the padding),
 with a content digest and the origin (mode, size, flags) of every file for the data checks.
-``fewshot predict`` decodes a user's images through the same function.
+``fewshot predict`` decodes a user's images through the same function, and images that come
+as pixels rather than files (a miniImageNet pickle, a cross-domain store at another size) are
+resized by the same :func:`squash` (:func:`resize_pixels`): one filter, whatever the layout.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from itertools import repeat
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.errors import FewshotError
 
-RESAMPLE = "lanczos"  # part of the readers' cache keys: another filter means another cache
+# Part of the readers' cache keys: another filter or decode means another cache. "lanczos2":
+# EXIF orientation applied, JPEGs decoded at full scale (no DCT draft) before the filter.
+RESAMPLE = "lanczos2"
 PARALLEL_FROM = 1000  # below this many images a process pool costs more than it saves
 MODES = {"L": 1, "RGB": 3}
 
@@ -151,14 +156,58 @@ def _digest(img: Image.Image) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says a viewer shows it (a phone photo taken
+    upright is stored sideways with orientation 6), by PIL's ``ImageOps.exif_transpose``; the
+    same image when it has no such tag."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in (1, None):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def squash(img: Image.Image, size: int) -> Image.Image:
+    """``img`` resized to ``size`` x ``size`` px with PIL's Lanczos filter, the one resize of
+    every reader, of ``fewshot predict`` and of pixels read from arrays (:func:`resize_pixels`)."""
+    if img.size == (size, size):
+        return img
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def decode_image(img: Image.Image, size: int, mode: str) -> tuple[bytes, int, int]:
+    """An opened image file as the readers store it: ``mode`` pixels at ``size`` x ``size``,
+    channel-major (``[C, H, W]`` bytes), the content digest of the source as seen (upright, in
+    ``mode``, before resizing, so equal images in two files and at any size are found), and
+    its origin flags (:func:`as_seen`). JPEGs are decoded at full scale (no DCT draft), so a
+    file and its decoded pixels in an array give the same tensor at every size."""
+    img, flags = as_seen(upright(img), mode)
+    digest = _digest(img)
+    pixels = b"".join(band.tobytes() for band in squash(img, size).split())
+    return pixels, digest, flags
+
+
+def resize_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` (C = 1 or 3) resized to ``[N, C, size, size]`` by :func:`squash`:
+    a pickle's or a store's pixels become exactly what the same pixels in a PNG decode to."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty(*images.shape[:2], size, size, dtype=torch.uint8)
+    mode = "L" if images.shape[1] == 1 else "RGB"
+    for i, image in enumerate(images):  # once per image, when a cache is built
+        array = image.permute(1, 2, 0).contiguous().numpy()
+        img = Image.fromarray(array[..., 0] if mode == "L" else array, mode)
+        resized = torch.frombuffer(bytearray(squash(img, size).tobytes()), dtype=torch.uint8)
+        out[i] = resized.view(size, size, -1).permute(2, 0, 1)
+    return out
+
+
 def _decode(paths: list[str], size: int, mode: str, archive: str | None, what: str,
             fix: str, collect: bool = False) -> tuple[bytes, list[tuple[int, ...]], list[str]]:
     """``mode`` pixels of each image at ``size`` x ``size``, channel-major, concatenated; each
     image's origin ``(digest, mode code, width, height, flags)``; and, when ``collect``, the
     sentences of files that could not be decoded (left blank) instead of raising at the first.
 
-    A pool worker's job: ``paths`` are files, or members of the zip ``archive``. The digest is
-    of the source pixels as seen, before resizing, so equal images in two files are found.
+    A pool worker's job: ``paths`` are files, or members of the zip ``archive``; each is
+    decoded by :func:`decode_image`.
     """
     out, origins, failures = bytearray(), [], []
     opened = zipfile.ZipFile(archive) if archive else None
@@ -170,12 +219,7 @@ def _decode(paths: list[str], size: int, mode: str, archive: str | None, what: s
                 with Image.open(source) as img:
                     code = PIL_MODES.index(img.mode) if img.mode in PIL_MODES else OTHER_MODE
                     width, height = img.size
-                    img.draft(mode, (size, size))  # JPEG: decode at a reduced scale >= size
-                    img, flags = as_seen(img, mode)
-                    digest = _digest(img)
-                    if img.size != (size, size):
-                        img = img.resize((size, size), Image.Resampling.LANCZOS)
-                    pixels = b"".join(band.tobytes() for band in img.split())  # [C, H, W]
+                    pixels, digest, flags = decode_image(img, size, mode)
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
                 where = f"{archive}:{path}" if archive else path
                 # PIL's own words name an in-memory buffer (<_io.BytesIO ...>), not the file
@@ -278,9 +322,10 @@ def decode_files(files: Mapping[str, Sequence[Path | str]], size: int, mode: str
                  fix: str = "delete or replace it") -> ClassStore:
     """Decode every listed image at ``size`` px into a ClassStore (in parallel when many).
 
-    Images are seen as a viewer shows them (:func:`as_seen`: transparency over white, deep
-    grey scaled to 8 bits) and squashed to ``size`` x ``size`` with a Lanczos filter. The store
-    keeps each image's content digest and origin (mode, size, flags) for the data checks.
+    Images are seen as a viewer shows them (:func:`decode_image`: upright by their EXIF
+    orientation, transparency over white, deep grey scaled to 8 bits) and squashed to
+    ``size`` x ``size`` by :func:`squash` (Lanczos). The store keeps each image's content
+    digest and origin (mode, size, flags) for the data checks.
     ``mode``: ``L`` (1 channel), ``RGB`` (3), or ``auto``: RGB, kept as 1 channel when every
     image turns out grey. ``archive``: the files are members of this zip. A file that cannot
     be decoded raises a FewshotError "cannot decode the {what} {file} (...); {fix}" (unless

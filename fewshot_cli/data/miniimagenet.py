@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
@@ -40,6 +39,7 @@ from fewshot_cli.data.images import (
     empty_store,
     fingerprint,
     list_class_folders,
+    resize_pixels,
 )
 from fewshot_cli.data.store import ClassStore, cache_file, cached_store
 from fewshot_cli.errors import FewshotError
@@ -108,7 +108,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def read_pickle(path: Path, size: int) -> ClassStore:
-    """The ClassStore of one ``mini-imagenet-cache-<split>.pkl`` (resized when size != 84)."""
+    """The ClassStore of one ``mini-imagenet-cache-<split>.pkl``, resized (when size != 84) by
+    the filter that decodes the csv and folder layouts and ``fewshot predict``
+    (:func:`~fewshot_cli.data.images.resize_pixels`): the same pixels, the same tensor."""
     fix = "replace it with a good copy or use another layout under dataset.root"
     try:
         import numpy  # noqa: F401  (the pickle holds numpy arrays)
@@ -137,11 +139,7 @@ def read_pickle(path: Path, size: int) -> ClassStore:
     for c, rows in enumerate(index):  # a loop over classes, each one batched op
         # digests of the source pixels, as a JPEG layout of the same images would give
         digests[c, : len(rows)] = torch.tensor([array_digest(source[r]) for r in rows.tolist()])
-        chunk = source[rows].permute(0, 3, 1, 2)
-        if chunk.shape[-1] != size or chunk.shape[-2] != size:
-            chunk = F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
-                                  antialias=True).round_().clamp_(0, 255).to(torch.uint8)
-        images[c, : len(rows)] = chunk
+        images[c, : len(rows)] = resize_pixels(source[rows].permute(0, 3, 1, 2), size)
     origin = torch.tensor([PIL_MODES.index("RGB"), array.shape[2], array.shape[1], 0],
                           dtype=torch.int32).expand(*images.shape[:2], 4).clone()
     return ClassStore(images, [str(n) for n in names], counts, digests=digests, origin=origin)

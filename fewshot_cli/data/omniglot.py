@@ -58,7 +58,13 @@ import torch
 from fewshot_cli.data.base import SPLITS, FewShotDataset
 from fewshot_cli.data.download import download_checked
 from fewshot_cli.data.images import RESAMPLE, decode_files, fingerprint
-from fewshot_cli.data.store import ClassStore, cache_file, cached_store, unrotated
+from fewshot_cli.data.store import (
+    ClassStore,
+    cache_file,
+    cached_store,
+    quarter_turns,
+    unrotated,
+)
 from fewshot_cli.errors import FewshotError
 
 log = logging.getLogger(__name__)
@@ -203,7 +209,7 @@ class Omniglot(FewShotDataset):
             raise FewshotError(f"dataset.image_size={image_size} must be a positive integer")
         self.root = Path(os.path.expanduser(str(root)))
         self.split, self.image_size, self.download = split, image_size, bool(download)
-        self.rotations = [int(r) for r in rotations]
+        self.rotations = quarter_turns(rotations)
         self.alphabets = self._check_alphabets(alphabets) if split == "custom" else None
         self.allow_duplicates = bool(allow_duplicates)
         # minimal: val and test are the same characters by design; vinyals_trainval: train and val

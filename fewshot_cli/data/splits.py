@@ -7,11 +7,14 @@ another split (by the content digests decoded into the cache); identical copies 
 are reported. It then writes ``split.json`` into the run folder once: per split, each class name
 and a fingerprint of its images' contents. A resumed run, and ``fewshot eval`` through
 :func:`check_split`, compare the data with that record and stop with one sentence naming what
-moved before anything is trained or scored.
+moved before anything is trained or scored. A cross-domain ``fewshot eval`` (another data set)
+is compared with the record too, by content (:func:`check_unseen`): its test classes must not
+be classes the run trained on.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -19,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
 from fewshot_cli.data.store import ClassStore
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 RECORD = "split.json"
 RECORD_VERSION = 2  # 1: the folder reader's list of class names per split, no fingerprints
 SHOWN = 3  # examples named in a one-sentence problem
+TRAIN_IMAGES = "train_images"  # the record's digests of the training images (absent before)
 
 
 @dataclass
@@ -148,13 +154,28 @@ def fingerprints(store: ClassStore) -> dict[str, str]:
     return out
 
 
+def image_digests(store: ClassStore) -> torch.Tensor:
+    """The distinct content digests of a store's images, sorted (long ``[N]``; none for a
+    store without digests, 0 for a file that could not be decoded is left out)."""
+    if store.digests is None:
+        return torch.zeros(0, dtype=torch.long)
+    real = torch.arange(store.digests.shape[1]) < store.counts.unsqueeze(1)
+    found = store.digests[real]
+    return torch.unique(found[found != 0])
+
+
 def split_record(dataset: FewShotDataset, stores: Mapping[str, ClassStore]) -> dict[str, Any]:
-    """What ``split.json`` holds: the reader, its split settings, and per split each class's
-    content fingerprint."""
+    """What ``split.json`` holds: the reader, its split settings, per split each class's
+    content fingerprint, and ``train_images``: the training images' distinct content digests
+    (base64 of sorted little-endian int64), against which a cross-domain test is checked."""
     kind = type(dataset)
-    return {"version": RECORD_VERSION, "dataset": f"{kind.__module__}.{kind.__name__}",
-            **dataset.details(), "left_out": dataset.left_out(),
-            "splits": {s: fingerprints(store) for s, store in stores.items()}}
+    record = {"version": RECORD_VERSION, "dataset": f"{kind.__module__}.{kind.__name__}",
+              **dataset.details(), "left_out": dataset.left_out(),
+              "splits": {s: fingerprints(store) for s, store in stores.items()}}
+    if "train" in stores:
+        packed = image_digests(stores["train"]).numpy().astype("<i8").tobytes()
+        record[TRAIN_IMAGES] = base64.b64encode(packed).decode()
+    return record
 
 
 def read_record(path: Path) -> dict[str, dict[str, str | None]]:
@@ -263,3 +284,67 @@ def check_split(dataset: FewShotDataset, run_dir: Path, splits: Iterable[str] = 
         return
     _moved(dataset, run_dir, splits, "restore the data as recorded (or point dataset.root at "
            "such a copy), or train a new run on the data as it is now")
+
+
+def trained_images(path: Path) -> torch.Tensor | None:
+    """The training images' content digests a ``split.json`` records (sorted long ``[N]``),
+    or None for a record from before they were kept."""
+    try:
+        packed = json.loads(Path(path).read_text()).get(TRAIN_IMAGES)
+        if packed is None:
+            return None
+        import numpy as np
+
+        return torch.from_numpy(np.frombuffer(base64.b64decode(packed), "<i8").copy())
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise FewshotError(f"cannot read the split record {path} ({err}); restore it from a "
+                           "backup, or move it away to go on without checking the data against "
+                           "it") from None
+
+
+def seen_in_training(store: ClassStore, path: Path) -> torch.Tensor:
+    """bool ``[classes, max_images]``: which images of ``store`` the run of the record
+    ``path`` trained on, by content digest; for a record without image digests, the images
+    of every class whose fingerprint is a training class's (a rotated training class has its
+    source's)."""
+    real = torch.arange(store.images.shape[1]) < store.counts.unsqueeze(1)
+    trained = trained_images(path)
+    if trained is not None and store.digests is not None:
+        return torch.isin(store.digests, trained) & real & (store.digests != 0)
+    classes = {f for f in read_record(path).get("train", {}).values() if f is not None}
+    whole = torch.tensor([f in classes for f in fingerprints(store).values()], dtype=torch.bool)
+    return real & whole.unsqueeze(1)
+
+
+def check_unseen(dataset: FewShotDataset, run_dir: Path, name: str) -> None:
+    """Before a cross-domain ``fewshot eval`` (``dataset=name``, another data set than the
+    run's) scores: none of its test images may be an image of the run's training split, by
+    content digest, as training compares its splits (:func:`seen_in_training` against the
+    run's ``split.json``). Such a figure would be called cross-domain while it tests images
+    the model was trained on (``dataset=omniglot_lake`` on a ``split=vinyals`` run: 236 of
+    Lake's test characters are Vinyals et al.'s training characters). A run folder without a
+    record is said in a log line and not checked.
+
+    Raises:
+        FewshotError: one sentence naming how many test images and classes overlap.
+    """
+    path = Path(run_dir) / RECORD
+    if not checked(dataset):
+        return
+    if not path.exists():
+        log.info("%s has no %s (a run from before fewshot recorded its split): the cross-domain "
+                 "test images are not checked against the images it was trained on", run_dir,
+                 RECORD)
+        return
+    store = dataset.load("test")
+    seen = seen_in_training(store, path)
+    if not bool(seen.any()):
+        return
+    classes = seen.any(dim=1).nonzero().squeeze(1).tolist()
+    shown = _examples([store.names[c] for c in classes])
+    raise FewshotError(
+        f"{int(seen.sum())} of the {int(store.counts.sum())} test images of dataset={name}, in "
+        f"{len(classes)} of its {store.num_classes} classes ({shown}), are images this run was "
+        f"trained on (the train split recorded in {path}, by content), so its figure would not "
+        "be cross-domain; test it on images it never saw (another data set or split), or drop "
+        "dataset= to test its own test split")

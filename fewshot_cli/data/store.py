@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +15,26 @@ import torch
 
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import atomic_torch_save, write_failure
+from fewshot_cli.options import QUARTER_TURNS, check_value
 
 # 2: images seen as a viewer shows them (transparency over white, 16-bit grey scaled), each
-# image's content digest and origin, and a checksum of the whole store
-CACHE_VERSION = 2
+# image's content digest and origin, and a checksum of the whole store; 3: EXIF orientation
+# applied, JPEGs decoded at full scale, one Lanczos resize for every layout (pickles too)
+CACHE_VERSION = 3
 CACHE_ENV = "FEWSHOT_CACHE"  # a folder for every decoded cache instead of beside the data
 
 log = logging.getLogger(__name__)
 ROTATED = "rot{:03d}"  # the last part of a rotated class's name: <class>/rot090
+
+
+def quarter_turns(degrees: Sequence[int], key: str = "dataset.rotations") -> list[int]:
+    """``degrees`` as a list of ints once checked to name each quarter turn once, from 0 to
+    270 (``[0,360]`` would make two classes of every character).
+
+    Raises:
+        FewshotError: one sentence naming ``key``, what it must be and an example."""
+    check_value(key, degrees, QUARTER_TURNS)
+    return [int(d) for d in degrees]
 
 
 def unrotated(name: str) -> str:
@@ -137,13 +149,17 @@ class ClassStore:
             partial=any(s.partial for s in stores),
         )
 
-    def rotated(self, degrees: list[int]) -> ClassStore:
-        """Each rotation by a multiple of 90 degrees becomes a class of its own (Omniglot x4)."""
-        if not degrees or list(degrees) == [0]:
+    def rotated(self, degrees: list[int], key: str = "dataset.rotations") -> ClassStore:
+        """Each rotation by a multiple of 90 degrees becomes a class of its own (Omniglot x4).
+
+        Raises:
+            FewshotError: ``degrees`` (the option ``key``) names a quarter turn twice or is not
+                made of multiples of 90 from 0 to 270 (:func:`quarter_turns`)."""
+        if not degrees:
             return self
-        for d in degrees:
-            if d % 90:
-                raise FewshotError(f"rotations must be multiples of 90 degrees, got {d}")
+        degrees = quarter_turns(degrees, key)
+        if degrees == [0]:
+            return self
         parts = [torch.rot90(self.images, (d // 90) % 4, dims=(-2, -1)) for d in degrees]
         names = [f"{n}/{ROTATED.format(d)}" for d in degrees for n in self.names]
         # a rotated character keeps its alphabet, its drawers and its source files (digests)
