@@ -33,7 +33,13 @@ from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import write_failure
 from fewshot_cli.intervals import format_mean_ci, normal_ci95
-from fewshot_cli.options import DEVICE_RULES, EVAL_RULES, check
+from fewshot_cli.options import (
+    DEVICE_RULES,
+    EVAL_RULES,
+    WHOLE_RULES,
+    check,
+    check_fixed_tasks,
+)
 from fewshot_cli.results import dataset_name, device_words, key_words, merge_result, protocol
 
 log = logging.getLogger(__name__)
@@ -184,7 +190,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt = Path(cfg.ckpt).expanduser().resolve()
     state = load_checkpoint(ckpt)
     run = run_config(state["config"], cfg)
-    check(run, {**EVAL_RULES, **DEVICE_RULES})
+    check(run, {**EVAL_RULES, **DEVICE_RULES, **WHOLE_RULES})
+    check_fixed_tasks(run, ("eval.episodes",))
     device = resolve_device(run.device.type)
     autocast = autocast_for(device, run.device.precision)
     e = run.eval
