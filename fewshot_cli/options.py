@@ -352,26 +352,33 @@ class PathKey:
     (an input that must exist), ``new_file``/``new_folder`` (an output: not the other kind, in a
     writable place), ``any`` (a data set's root: its reader checks it). ``needed``: the words for
     a command that cannot run without it (None: optional). ``sweep``: under ``-m``, a comma list
-    is a sweep over several paths (never for output folders and ``resume``).
+    is a sweep over several paths (never for output folders and ``resume``). ``or_name``: a
+    value that names no file may be a name instead (``backbone.weights=DEFAULT``).
+
+    Every path key behaves the same: ``~`` is the home folder, and a relative path is relative
+    to the folder the command was typed in, also under ``hydra.job.chdir=true``
+    (:func:`from_launch_folder`).
     """
 
     kind: str
     needed: str | None = None
     sweep: bool = True
+    or_name: bool = False
 
 
+WEIGHTS = PathKey("any", or_name=True)  # a file, or a weights name of torchvision's
 CHECKPOINT = "the best.pt or last.pt of a run (fewshot train prints it when it ends)"
 HYDRA_FOLDERS = {"hydra.run.dir": PathKey("new_folder", sweep=False),
                  "hydra.sweep.dir": PathKey("new_folder", sweep=False)}
 PATHS: dict[str, dict[str, PathKey]] = {  # every command's path keys, by command name
     "train": {"resume": PathKey("checkpoint", sweep=False), "init_from": PathKey("checkpoint"),
-              "dataset.root": PathKey("any"), "backbone.weights": PathKey("any"),
+              "dataset.root": PathKey("any"), "backbone.weights": WEIGHTS,
               **HYDRA_FOLDERS,
               "hydra.launcher.submitit_folder": PathKey("new_folder", sweep=False)},
     "eval": {"ckpt": PathKey("checkpoint", CHECKPOINT), "dataset.root": PathKey("any"),
              **HYDRA_FOLDERS},
     # ckpt= or, with no training, a pretrained backbone= (predict.py says which is missing)
-    "predict": {"ckpt": PathKey("checkpoint"), "backbone.weights": PathKey("any"),
+    "predict": {"ckpt": PathKey("checkpoint"), "backbone.weights": WEIGHTS,
                 "support": PathKey("folder", "a folder holding one sub-folder of images per "
                                              "class"),
                 "query": PathKey("file_or_folder", "an image, or a folder of images"),
@@ -391,6 +398,27 @@ def path_keys() -> dict[str, PathKey]:
         for key, rule in table.items():
             keys.setdefault(key, rule)
     return keys
+
+
+def from_launch_folder(command: str, cfg: Any, launch: Path) -> None:
+    """Make every relative path key of ``command`` in ``cfg`` (an OmegaConf config, changed in
+    place) relative to ``launch``, the folder the command was typed in: under
+    ``hydra.job.chdir=true`` the task runs in its run folder, where a path typed relative to
+    the user's folder would name another file. Hydra's own folders are Hydra's (already so);
+    interpolations, and names (``or_name``) that are no file of ``launch`` and hold no ``/``,
+    are left as they are."""
+    from omegaconf import OmegaConf
+
+    for key, rule in PATHS.get(command, {}).items():
+        value = OmegaConf.select(cfg, key, default=None) if not key.startswith("hydra.") \
+            else None
+        if not isinstance(value, str) or not value or "${" in value:
+            continue
+        path = Path(value).expanduser()
+        if path.is_absolute() or rule.or_name and "/" not in value and \
+                not os.path.lexists(launch / path):
+            continue
+        OmegaConf.update(cfg, key, str(launch / path), merge=False)
 
 
 def check_paths(command: str, cfg: Mapping) -> None:

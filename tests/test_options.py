@@ -110,3 +110,65 @@ def test_a_second_sigterm_stops_any_phase() -> None:
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ---------------------------------------------------------------- paths: ~, chdir, sweeps
+
+
+def test_every_path_key_is_relative_to_the_folder_the_command_was_typed_in(tmp_path):
+    """Under hydra.job.chdir=true the task runs in its run folder: every path key of every
+    command (options.PATHS) is still read from the folder the command was typed in; a name
+    that is no file there stays a name (backbone.weights=DEFAULT)."""
+    from fewshot_cli.options import PATHS, from_launch_folder
+
+    for command, keys in PATHS.items():
+        own = [key for key in keys if not key.startswith("hydra.")]  # Hydra's: already so
+        cfg = OmegaConf.create({})
+        for key in own:
+            OmegaConf.update(cfg, key, "data/x", force_add=True)
+        from_launch_folder(command, cfg, tmp_path)
+        for key in own:
+            assert OmegaConf.select(cfg, key) == str(tmp_path / "data" / "x"), (command, key)
+    cfg = OmegaConf.create({"backbone": {"weights": "DEFAULT"}, "dataset": {"root": "~/d"}})
+    from_launch_folder("train", cfg, tmp_path)
+    assert cfg.backbone.weights == "DEFAULT"
+    assert cfg.dataset.root == "~/d"  # absolute: the reader expands it
+
+
+def test_a_relative_dataset_root_under_chdir_is_the_one_typed(fewshot, tmp_path):
+    from image_folder import make_image_folder
+
+    make_image_folder(tmp_path / "mine", {f"c{i}": 6 for i in range(10)})
+    proc = fewshot("data", "dataset=folder", "dataset.root=mine", "dataset.image_size=16",
+                   "hydra.job.chdir=true", "hydra.run.dir=elsewhere")
+    assert proc.returncode == 0, proc.stderr
+    assert str(tmp_path / "mine") in proc.stdout, proc.stdout
+
+
+def test_tilde_in_hydra_run_dir_is_the_home_folder(fewshot, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = fewshot("train", *TINY, "train.steps=1", "train.val_every=1", "hydra.run.dir=~/x",
+                   env={"HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "x" / "last.pt").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_sweep_into_tilde_with_a_failing_run_says_why_once_and_is_reported(cli, tmp_path):
+    """hydra.sweep.dir=~/sweep is the home folder's sweep, which fewshot report '~/sweep'
+    finds; the run that fails prints its sentence once, without Hydra's lines after it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home)}
+    proc = cli("train", "-m", *TINY, "train.steps=1", "train.val_every=1",
+               "hydra.sweep.dir=~/sweep", "train.ways=1,5", env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()
+              and not line.lstrip("\r").startswith("meta-train")]
+    assert errors == ["fewshot: error: train.ways=1 must be a whole number of at least 2 and at "
+                      f"most {SIZE_MAX} (for example train.ways=5)",
+                      "fewshot: error: 1 run(s) of the sweep failed (see above)"], proc.stderr
+    assert (home / "sweep" / "1" / "last.pt").is_file() and not (tmp_path / "~").exists()
+    report = cli("report", "~/sweep", env=env)
+    assert report.returncode == 0, report.stderr
+    assert (home / "sweep" / "report.md").is_file()
