@@ -285,7 +285,7 @@ def check_fixed_tasks(cfg: Mapping, keys: tuple[str, ...]) -> None:
                 f"{key}={episodes} fixed tasks would take at least "
                 f"{episodes * per_task / 2**30:.3g} GiB of memory before the first is scored, "
                 f"more than this machine's {memory / 2**30:.3g} GiB; lower {key} (at most "
-                f"{memory // per_task} here; for example {key}=600)")
+                f"{memory // per_task} here; for example {key}={RULES['train'][key].example})")
 
 
 def check_train(cfg: Mapping) -> None:
