@@ -31,7 +31,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fewshot_cli import shell
 from fewshot_cli.config import conf_dir, group_option
 from fewshot_cli.errors import FewshotError, Interrupted
-from fewshot_cli.options import PATHS, check_command, path_keys, path_problem, removed_key
+from fewshot_cli.options import (
+    HYDRA_FOLDERS,
+    PATHS,
+    check_command,
+    from_launch_folder,
+    path_keys,
+    path_problem,
+    removed_key,
+)
 
 GROUPS = ("algo", "backbone", "dataset", "augment", "device", "experiment", "hparams_search")
 _failures: list[str] = []  # runs of a sweep that failed (the sweep goes on without them)
@@ -202,6 +210,8 @@ def quote_paths(args: list[str], command: str, multirun: bool) -> list[str]:
         if not multirun and not _exists(value) and len(cuts := _cuts(value)) == 1:
             raise FewshotError(f"{key}={value} names {len(cuts[0])} paths; add -m to run once "
                                f"per path: {shell.command(command, '-m', shell.arg(key, value))}")
+        if key.lstrip("+~") in HYDRA_FOLDERS:  # Hydra makes them as written: ~ is ours to expand
+            paths = [os.path.expanduser(p) for p in paths]
         out.append(f"{key}=" + ",".join(_as_hydra_value(p) for p in paths))
     return out
 
@@ -332,6 +342,9 @@ class Guarded:
         from fewshot_cli.engine.run_folder import discard_if_empty
 
         try:
+            if HydraConfig.initialized() and HydraConfig.get().job.chdir:
+                with open_dict(cfg):
+                    from_launch_folder(self.command, cfg, Path(HydraConfig.get().runtime.cwd))
             check_command(self.command, cfg)
             return COMMANDS[self.command].task(cfg)
         except BaseException:
@@ -340,12 +353,34 @@ class Guarded:
             raise
 
 
+# What Hydra writes after the sentence of a failed run of a sweep: the run's overrides, the
+# sentence again (SweepRunFailed's text) and its HYDRA_FULL_ERROR hint.
+SWEEP_NOISE = re.compile(r"\s*(Error executing job with overrides: |fewshot: error: a run of the "
+                         r"sweep failed: |Set the environment variable HYDRA_FULL_ERROR=1 )")
+
+
+class SweepStderr:
+    """stderr during a sweep, less what Hydra adds to a failed run's one sentence
+    (``SWEEP_NOISE``; Hydra writes each of those in one piece)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def write(self, text: str) -> int:
+        return len(text) if SWEEP_NOISE.match(text) else self.real.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
 class HeldStderr:
     """Holds back what Hydra writes to stderr until the task starts, so that a composition
-    error (an unknown key, a missing option) can be replaced by one sentence."""
+    error (an unknown key, a missing option) can be replaced by one sentence; in a ``sweep``,
+    stderr is then a SweepStderr until Hydra is done."""
 
-    def __init__(self) -> None:
+    def __init__(self, sweep: bool = False) -> None:
         self.real, self.buffer, self.released = sys.stderr, io.StringIO(), False
+        self.out = SweepStderr(self.real) if sweep else self.real
 
     def __enter__(self) -> HeldStderr:
         sys.stderr = self.buffer
@@ -354,12 +389,11 @@ class HeldStderr:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            sys.stderr = self.real
-            self.real.write(self.buffer.getvalue())
+            sys.stderr = self.out
+            self.out.write(self.buffer.getvalue())
 
     def __exit__(self, *exc: object) -> None:
-        if not self.released:
-            sys.stderr = self.real
+        sys.stderr = self.real
 
     def text(self) -> str:
         return self.buffer.getvalue()
@@ -568,7 +602,7 @@ def _main(argv: list[str] | None) -> None:
     except FewshotError as err:
         _fail(str(err), 2)
     global HELD
-    held = HELD = HeldStderr()
+    held = HELD = HeldStderr(sweep=_sweeping(rest))
     if name == "train" and _resuming(rest) and not {"-h", "--help"} & set(rest):
         if multirun:
             _fail("resume= continues one run; it cannot be part of a sweep (-m)", 2)
@@ -595,6 +629,8 @@ def _run_hydra(name: str, rest: list[str], held: HeldStderr) -> None:
     except SystemExit as done:
         if done.code not in (0, None) and not held.released:
             _fail(*condense(held.text(), name, rest))
+        if done.code not in (0, None) and _failures:  # each said why; Hydra's words dropped
+            _fail(f"{len(_failures)} run(s) of the sweep failed (see above)", 1)
         raise
     except Exception as err:  # Hydra re-raises what it cannot shorten (a resolver's error)
         ours = RESOLVER_ERROR.search(str(err))  # OmegaConf keeps only our error's text

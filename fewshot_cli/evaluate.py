@@ -40,8 +40,14 @@ from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import write_failure
 from fewshot_cli.intervals import format_mean_ci, normal_ci95
-from fewshot_cli.options import DEVICE_RULES, EVAL_RULES, check
-from fewshot_cli.results import dataset_name, key_words, merge_result, protocol
+from fewshot_cli.options import (
+    DEVICE_RULES,
+    EVAL_RULES,
+    WHOLE_RULES,
+    check,
+    check_fixed_tasks,
+)
+from fewshot_cli.results import dataset_name, device_words, key_words, merge_result, protocol
 
 log = logging.getLogger(__name__)
 #: the inner-loop family's ``algo.batchnorm`` policy that gives each kind of query statistics
@@ -191,7 +197,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt = Path(cfg.ckpt).expanduser().resolve()
     state = load_checkpoint(ckpt)
     run = run_config(state["config"], cfg)
-    check(run, {**EVAL_RULES, **DEVICE_RULES})
+    check(run, {**EVAL_RULES, **DEVICE_RULES, **WHOLE_RULES})
+    check_fixed_tasks(run, ("eval.episodes",))
     device = resolve_device(run.device.type)
     autocast = autocast_for(device, run.device.precision)
     e = run.eval
@@ -226,10 +233,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     result = summary(run, state, algo.score_name, scores, baselines)
     plain = OmegaConf.to_container(run, resolve=True)
     tested = fingerprints(dataset.load("test")) if cross else None
-    record = protocol(plain, statistics, ckpt.parent, tested)
+    record = protocol(plain, statistics, ckpt.parent, tested, plain["device"])
     result.update(query_statistics=statistics, model_query_statistics=own_statistics,
                   protocol=record)
-    if cross and record != protocol(state["config"], statistics, ckpt.parent):
+    if cross and record != protocol(state["config"], statistics, ckpt.parent,
+                                    device=plain["device"]):
         result["trained_on"] = dataset_name(state["config"])  # not the run's own test
     shape = dataset.describe(task_shape(e))
     print(report(ckpt.name, state["step"], shape, result))  # first: the figure is never lost
@@ -291,7 +299,8 @@ def report(name: str, step: int, shape: str, result: dict[str, Any]) -> str:
     lines = [f"{name} (step {step}): {shape} {where} {metric} "
              f"{shown(result[metric], result['ci95'])} (95% CI, {result['episodes']} episode"
              f"{'s' if result['episodes'] != 1 else ''}"
-             f"{f', {statistics} query statistics' if statistics else ''})"]
+             f"{f', {statistics} query statistics' if statistics else ''}"
+             f"{device_words(result)})"]
     if result.get("baselines"):
         rows = [(result["algo"], result[metric], result["ci95"])] + [
             (n, *((b["mean"], b["ci95"]) if b else (None, None)))

@@ -34,9 +34,21 @@ class Rule:
     example: str
 
 
-def _int(low: int, example: int, words: str | None = None) -> Rule:
-    return Rule("int", lambda v: v >= low, words or f"a whole number of at least {low}",
-                str(example))
+#: the largest count any option may hold: it sizes a tensor or a loop (32-bit indexing)
+SIZE_MAX = 2**31 - 1
+#: the largest seed: a 64-bit generator state, with room for the offsets added to it
+#: (validation draws with eval.seed + 1)
+SEED_MAX = 2**63 - 1
+
+
+def _int(low: int, example: int, words: str | None = None, high: int = SIZE_MAX) -> Rule:
+    return Rule("int", lambda v: low <= v <= high,
+                words or f"a whole number of at least {low} and at most {high}", str(example))
+
+
+def _seed(example: int) -> Rule:
+    return _int(0, example, f"a whole number of at least 0 and at most {SEED_MAX} (a 64-bit "
+                "seed)", SEED_MAX)
 
 
 def _number(low: float, strict: bool, example: str) -> Rule:
@@ -56,7 +68,7 @@ QUARTER_TURNS = Rule("int_list", lambda v: len(v) > 0 and len(set(v)) == len(v) 
 EPISODE = {"ways": _int(2, 5), "shots": _int(1, 1), "queries": _int(1, 15)}
 
 TRAIN_RULES: dict[str, Rule] = {
-    "seed": _int(0, 0, "a whole number (0 or more)"),
+    "seed": _seed(0),
     **{f"train.{k}": r for k, r in EPISODE.items()},
     "train.meta_batch": _int(1, 4),
     "train.batch_size": _int(1, 64),
@@ -84,8 +96,9 @@ OPTIM_OPTIONS: dict[str, Rule] = {
     "step_size": _int(1, 2000),
     "T_max": _int(1, 5000),
     "eta_min": _number(0, False, "0"),
-    "milestones": Rule("int_list", lambda v: all(m >= 1 for m in v),
-                       "a list of whole numbers of at least 1", "[2000,4000]"),
+    "milestones": Rule("int_list", lambda v: all(1 <= m <= SIZE_MAX for m in v),
+                       f"a list of whole numbers of at least 1 and at most {SIZE_MAX}",
+                       "[2000,4000]"),
 }
 OPTIM_RULES: dict[str, Rule] = {
     "train.optimizer._target_": Rule("choice", lambda v: v.startswith("torch.optim.") and
@@ -100,9 +113,9 @@ OPTIM_RULES: dict[str, Rule] = {
 EVAL_RULES: dict[str, Rule] = {
     **{f"eval.{k}": r for k, r in EPISODE.items()},
     "eval.episodes": _int(1, 600),
-    "eval.batch": Rule("int_or_auto", lambda v: v >= 1, "auto or a whole number of at least 1",
-                       "auto"),
-    "eval.seed": _int(0, 2024, "a whole number (0 or more)"),
+    "eval.batch": Rule("int_or_auto", lambda v: 1 <= v <= SIZE_MAX,
+                       f"auto or a whole number of at least 1 and at most {SIZE_MAX}", "auto"),
+    "eval.seed": _seed(2024),
     "eval.rotations": QUARTER_TURNS,
     "eval.query_statistics": Rule("choice", lambda v: v in ("inductive", "transductive"),
                                   "inductive or transductive (null: as the model was trained)",
@@ -123,12 +136,45 @@ DEVICE_RULES: dict[str, Rule] = {
 }
 
 
+# The whole-number options of the algorithms, backbones, data sets and augmentations, each with
+# its range: the floor is the one its constructor states (it checks it again, with the paper's
+# reason), the ceiling is where the number stops fitting (a 64-bit seed, a tensor's size).
+# Checked here so that a number that cannot fit is one sentence before torch starts. A new
+# whole-number option joins this table (tests/test_options.py reads conf/ to make sure).
+WHOLE_NUMBERS: dict[str, tuple[int, int]] = {
+    "algo.finetune_seed": (0, SEED_MAX), "dataset.seed": (0, SEED_MAX),
+    **{f"algo.{key}": (low, SIZE_MAX) for key, low in (
+        ("channels", 1), ("hidden", 1), ("inner_steps", 1), ("eval_inner_steps", 0),
+        ("inner_batch", 1), ("eval_inner_batch", 1), ("fce_steps", 1), ("finetune_batch", 1),
+        ("finetune_steps", 0), ("first_order_until", 0), ("msl_anneal_steps", 0),
+        ("logistic_max_iter", 1), ("generators.attention.memory", 1), ("task_chunk", 1))},
+    **{f"backbone.{key}": (low, SIZE_MAX) for key, low in (
+        ("hidden", 1), ("widths", 1), ("fc", 1), ("out_channels", 1), ("padding", 0),
+        ("pooled_blocks", 0), ("block_size", 1), ("anneal_steps", 0))},
+    **{f"dataset.{key}": (low, SIZE_MAX) for key, low in (
+        ("image_size", 1), ("channels", 1), ("images_per_class", 2), ("min_images", 1),
+        ("classes.train", 1), ("classes.val", 1), ("classes.test", 1), ("arms", 2),
+        ("pulls", 1), ("gittins_max_pulls", 0), ("ots_samples", 0))},
+    "dataset.rotations": (0, 359),
+    "augment.crop_padding": (0, SIZE_MAX),
+}
+
+
+def _whole(key: str, low: int, high: int) -> Rule:
+    rule = _seed(0) if high == SEED_MAX else _int(low, max(low, 1), high=high)
+    listed = ", or a list of them" if key.endswith(("widths", "rotations")) else ""
+    return Rule("whole", lambda v: all(rule.test(x) for x in (v if _is_list(v) else [v])),
+                rule.words + listed, rule.example)
+
+
+WHOLE_RULES: dict[str, Rule] = {key: _whole(key, *bounds) for key, bounds in WHOLE_NUMBERS.items()}
+
 PREDICT_RULES: dict[str, Rule] = {
     "batch": _int(1, 64),
     # with a pretrained backbone= and no ckpt= (no training)
     "distance": Rule("choice", lambda v: v in ("cosine", "sqeuclidean"), "cosine or sqeuclidean",
                      "cosine"),
-    "image_size": _int(1, 224, "a whole number of pixels"),
+    "image_size": _int(1, 224, f"a whole number of pixels of at least 1 and at most {SIZE_MAX}"),
 }
 
 
@@ -139,10 +185,11 @@ def _or_null(rules: Mapping[str, Rule]) -> dict[str, Rule]:
 
 
 RULES: dict[str, dict[str, Rule]] = {  # every command's rules, by command name
-    "train": {**TRAIN_RULES, **OPTIM_RULES, **EVAL_RULES, **DATASET_RULES, **DEVICE_RULES},
-    "eval": {**_or_null(EVAL_RULES), **DATASET_RULES, **DEVICE_RULES},
-    "predict": {**PREDICT_RULES, **DEVICE_RULES},
-    "data": DATASET_RULES,  # the rest of a data set's options: its reader's constructor
+    "train": {**TRAIN_RULES, **OPTIM_RULES, **EVAL_RULES, **DEVICE_RULES, **WHOLE_RULES,
+              **DATASET_RULES},
+    "eval": {**_or_null(EVAL_RULES), **DEVICE_RULES, **WHOLE_RULES, **DATASET_RULES},
+    "predict": {**PREDICT_RULES, **DEVICE_RULES, **WHOLE_RULES},
+    "data": {**WHOLE_RULES, **DATASET_RULES},  # the rest: its reader's constructor
     "report": {},
 }
 RULES["reproduce"] = RULES["train"]  # a preset's training run, then its tests
@@ -165,6 +212,9 @@ def _typed(rule: Rule, value: Any) -> bool:
         return value is None or isinstance(value, (int, float))
     if rule.kind == "int_or_auto":
         return value == "auto" or isinstance(value, int)
+    if rule.kind == "whole":  # null and words are the constructor's to judge, not fractions
+        values = value if _is_list(value) else [value]
+        return all(v is None or isinstance(v, (int, str)) for v in values)
     return isinstance(value, str)
 
 
@@ -173,6 +223,9 @@ def _passes(rule: Rule, value: Any) -> bool:
         return False
     if value is None or value == "auto" and rule.kind.startswith("int_or_auto"):
         return True
+    if rule.kind == "whole":
+        values = value if _is_list(value) else [value]
+        return rule.test is None or rule.test([v for v in values if isinstance(v, int)])
     return rule.test is None or rule.test(value)
 
 
@@ -215,11 +268,48 @@ def check_value(key: str, value: Any, rule: Rule) -> None:
 REQUIRED = "required:"
 
 
+# What one fixed task costs in memory at least before it is scored: the sampler draws every
+# fixed task up front (so that they are the same whatever the batch), two small tensors of
+# int64 indices each (torch's bookkeeping of a tensor is about 1 kB; measured 3.2 kB a task).
+TASK_OVERHEAD_BYTES = 2 * 1024
+#: the fixed-task counts, and the section that gives their task shape
+FIXED_TASKS = {"train.val_episodes": "eval", "eval.episodes": "eval"}
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fixed_tasks(cfg: Mapping, keys: tuple[str, ...]) -> None:
+    """Raise a FewshotError where the fixed tasks that ``keys`` count (of FIXED_TASKS) would
+    take more memory than this machine has, estimated from below before any is drawn: a
+    count of 10**20 is one sentence, not a process growing until the system stops it."""
+    memory = physical_memory()
+    for key in keys:
+        found, episodes = lookup(cfg, key)
+        shape = {k: lookup(cfg, f"{FIXED_TASKS[key]}.{k}")[1] for k in ("ways", "shots", "queries")}
+        if not found or memory is None or not isinstance(episodes, int) or \
+                not all(isinstance(v, int) for v in shape.values()):
+            continue
+        per_task = TASK_OVERHEAD_BYTES + 8 * shape["ways"] * (1 + shape["shots"] + shape["queries"])
+        if episodes * per_task > memory:
+            raise FewshotError(
+                f"{key}={episodes} fixed tasks would take at least "
+                f"{episodes * per_task / 2**30:.3g} GiB of memory before the first is scored, "
+                f"more than this machine's {memory / 2**30:.3g} GiB; lower {key} (at most "
+                f"{memory // per_task} here; for example {key}={RULES['train'][key].example})")
+
+
 def check_train(cfg: Mapping) -> None:
     """The options of ``fewshot train`` (the optimizer's and schedule's included), and an
     ``init_from`` a preset requires."""
     check_required(cfg)
     check(cfg, RULES["train"])
+    check_fixed_tasks(cfg, ("train.val_episodes",))
 
 
 def check_required(cfg: Mapping) -> None:
@@ -240,6 +330,8 @@ def check_command(command: str, cfg: Mapping) -> None:
     if "init_from" in PATHS.get(command, {}):
         check_required(cfg)  # before check_paths reads "required: ..." as a missing file
     check(cfg, RULES.get(command, {}))
+    if command in ("train", "reproduce"):
+        check_fixed_tasks(cfg, ("train.val_episodes",))
     check_paths(command, cfg)
 
 
@@ -276,26 +368,33 @@ class PathKey:
     (an input that must exist), ``new_file``/``new_folder`` (an output: not the other kind, in a
     writable place), ``any`` (a data set's root: its reader checks it). ``needed``: the words for
     a command that cannot run without it (None: optional). ``sweep``: under ``-m``, a comma list
-    is a sweep over several paths (never for output folders and ``resume``).
+    is a sweep over several paths (never for output folders and ``resume``). ``or_name``: a
+    value that names no file may be a name instead (``backbone.weights=DEFAULT``).
+
+    Every path key behaves the same: ``~`` is the home folder, and a relative path is relative
+    to the folder the command was typed in, also under ``hydra.job.chdir=true``
+    (:func:`from_launch_folder`).
     """
 
     kind: str
     needed: str | None = None
     sweep: bool = True
+    or_name: bool = False
 
 
+WEIGHTS = PathKey("any", or_name=True)  # a file, or a weights name of torchvision's
 CHECKPOINT = "the best.pt or last.pt of a run (fewshot train prints it when it ends)"
 HYDRA_FOLDERS = {"hydra.run.dir": PathKey("new_folder", sweep=False),
                  "hydra.sweep.dir": PathKey("new_folder", sweep=False)}
 PATHS: dict[str, dict[str, PathKey]] = {  # every command's path keys, by command name
     "train": {"resume": PathKey("checkpoint", sweep=False), "init_from": PathKey("checkpoint"),
-              "dataset.root": PathKey("any"), "backbone.weights": PathKey("any"),
+              "dataset.root": PathKey("any"), "backbone.weights": WEIGHTS,
               **HYDRA_FOLDERS,
               "hydra.launcher.submitit_folder": PathKey("new_folder", sweep=False)},
     "eval": {"ckpt": PathKey("checkpoint", CHECKPOINT), "dataset.root": PathKey("any"),
              **HYDRA_FOLDERS},
     # ckpt= or, with no training, a pretrained backbone= (predict.py says which is missing)
-    "predict": {"ckpt": PathKey("checkpoint"), "backbone.weights": PathKey("any"),
+    "predict": {"ckpt": PathKey("checkpoint"), "backbone.weights": WEIGHTS,
                 "support": PathKey("folder", "a folder holding one sub-folder of images per "
                                              "class"),
                 "query": PathKey("file_or_folder", "an image, or a folder of images"),
@@ -315,6 +414,27 @@ def path_keys() -> dict[str, PathKey]:
         for key, rule in table.items():
             keys.setdefault(key, rule)
     return keys
+
+
+def from_launch_folder(command: str, cfg: Any, launch: Path) -> None:
+    """Make every relative path key of ``command`` in ``cfg`` (an OmegaConf config, changed in
+    place) relative to ``launch``, the folder the command was typed in: under
+    ``hydra.job.chdir=true`` the task runs in its run folder, where a path typed relative to
+    the user's folder would name another file. Hydra's own folders are Hydra's (already so);
+    interpolations, and names (``or_name``) that are no file of ``launch`` and hold no ``/``,
+    are left as they are."""
+    from omegaconf import OmegaConf
+
+    for key, rule in PATHS.get(command, {}).items():
+        value = OmegaConf.select(cfg, key, default=None) if not key.startswith("hydra.") \
+            else None
+        if not isinstance(value, str) or not value or "${" in value:
+            continue
+        path = Path(value).expanduser()
+        if path.is_absolute() or rule.or_name and "/" not in value and \
+                not os.path.lexists(launch / path):
+            continue
+        OmegaConf.update(cfg, key, str(launch / path), merge=False)
 
 
 def check_paths(command: str, cfg: Mapping) -> None:

@@ -31,6 +31,11 @@ EVAL_DEFAULTS: dict[str, Any] = {"rotations": [0]}
 LOCATION_KEYS = ("_target_", "root", "download")
 #: how a query's score may depend on the other queries tested with it (see evaluate.py)
 QUERY_STATISTICS = ("inductive", "transductive")
+#: the device.* settings that change a test's figure, and fewshot eval's default for each
+#: (conf/device/auto.yaml): bf16 autocast moves a figure by more than rounding. The others,
+#: device.type and device.memory_format, only reorder the same fp32 arithmetic (see
+#: tests/test_invariance.py, "the protocol key").
+DEVICE_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
 
 
 def dataset_name(config: Mapping[str, Any]) -> str:
@@ -58,14 +63,15 @@ def recorded_test_classes(run_dir: Path) -> str | None:
 
 
 def protocol(config: Mapping[str, Any], query_statistics: str | None,
-             run_dir: Path | None = None, tested: Mapping[str, Any] | None = None
-             ) -> dict[str, Any]:
+             run_dir: Path | None = None, tested: Mapping[str, Any] | None = None,
+             device: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything that changes a test figure of a run with the plain (resolved) ``config``:
     the data set and its options (where it lives aside), the split and the test classes (the
     run in ``run_dir`` recorded them; a cross-domain test gives the fingerprints of those it
-    ``tested``), the ``eval.*`` task settings, and ``query_statistics`` ("inductive",
-    "transductive"; None for tasks without queries). The one place to add a new ingredient of
-    a result's identity."""
+    ``tested``), the ``eval.*`` task settings, ``query_statistics`` ("inductive",
+    "transductive"; None for tasks without queries) and the ``device`` settings the figure was
+    computed with (None: fewshot eval's defaults, a run's own protocol; ``config``'s device is
+    the one it trained on). The one place to add a new ingredient of a result's identity."""
     dataset = config["dataset"]
     classes = classes_digest(tested) if tested is not None else \
         recorded_test_classes(run_dir) if run_dir is not None else None
@@ -74,7 +80,8 @@ def protocol(config: Mapping[str, Any], query_statistics: str | None,
             "split": "test",
             "test_classes": classes,
             **{key: _plain(config["eval"].get(key, EVAL_DEFAULTS.get(key))) for key in EVAL_KEYS},
-            "query_statistics": query_statistics}
+            "query_statistics": query_statistics,
+            **{key: (device or {}).get(key, default) for key, default in DEVICE_DEFAULTS.items()}}
 
 
 def _plain(value: Any) -> Any:
@@ -90,24 +97,35 @@ def key_words(shape: str, record: Mapping[str, Any]) -> str:
     5-way ...``, so that tests on two data sets never share a key."""
     statistics = record.get("query_statistics")
     words = f"{shape}, {record['episodes']} episodes, seed {record['seed']}" + \
-        (f", {statistics} query statistics" if statistics else "")
+        (f", {statistics} query statistics" if statistics else "") + device_words(record)
     if record.get("trained_on"):
         classes = (record.get("protocol") or {}).get("test_classes")
         words = f"{record['dataset']} test (cross-domain, classes {classes}): {words}"
     return words
 
 
+def device_words(entry: Mapping[str, Any]) -> str:
+    """``", device.precision=bf16"`` for each device setting of an entry's protocol that is not
+    fewshot eval's default; "" for a figure computed as by default."""
+    record = entry.get("protocol") or {}
+    return "".join(f", device.{key}={record[key]}" for key, default in DEVICE_DEFAULTS.items()
+                   if record.get(key, default) != default)
+
+
 def entry_protocol(entry: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """An entry's protocol record; for an entry written before records existed, its own
     settings completed by ``defaults`` (the protocol of the run it belongs to: such entries
-    were tested on the run's data, with the model's own query statistics)."""
+    were tested on the run's data, with the model's own query statistics). An entry written
+    before its device settings were recorded counts as computed with fewshot eval's default
+    ones (``DEVICE_DEFAULTS``), never as whatever the entry it is compared with used."""
     stored = entry.get("protocol")
     if isinstance(stored, Mapping):
         # Tested before the run recorded its split (a resume records one): the run's classes.
         unknown = {"test_classes"} if stored.get("test_classes") is None else set()
-        return {**defaults, **{k: v for k, v in stored.items() if k not in unknown}}
+        return {**defaults, **DEVICE_DEFAULTS,
+                **{k: v for k, v in stored.items() if k not in unknown}}
     known = {key: entry[key] for key in (*EVAL_KEYS, "split") if key in entry}
-    return {**defaults, **known}
+    return {**defaults, **DEVICE_DEFAULTS, **known}
 
 
 def _json_kind(value: Any) -> str:

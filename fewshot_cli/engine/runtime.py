@@ -194,7 +194,8 @@ def episodes_per_batch(device: torch.device, choice: int | str) -> int:
 
 class StopRequest:
     """The first Ctrl-C (or SIGTERM: a cluster's time limit, torchrun stopping its workers)
-    asks the loop to stop after the current step and save; a second Ctrl-C aborts."""
+    asks the loop to stop after the current step and save; a second one of either aborts at
+    once, whatever the phase (a long validation never reaches the step's end)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -202,7 +203,7 @@ class StopRequest:
         self.requested = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.requested:
             raise KeyboardInterrupt
         self.requested = True
 
