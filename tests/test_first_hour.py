@@ -1,0 +1,45 @@
+"""A researcher's first hour (issue 31): the commands fewshot prints to copy, its quiet
+defaults, the help on every key, episode shapes that fit the data, progress while it works."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from fewshot_cli import shell
+
+# ---------------------------------------------------------------- commands to copy
+
+
+def _environment(tmp_path: Path, with_script: bool) -> Path:
+    """A fake environment's bin/ holding python (and the ``fewshot`` console script)."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").touch()
+    if with_script:
+        (bin_dir / "fewshot").write_text("#!/bin/sh\n")
+        (bin_dir / "fewshot").chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("on_path", [True, False])
+def test_python_m_and_torchrun_still_print_the_fewshot_command(tmp_path, monkeypatch, on_path):
+    """Started as ``python -m fewshot_cli`` (torchrun, a sweep's worker), the command printed
+    to copy names the installed ``fewshot`` script, not ``.../python3 -m fewshot_cli``."""
+    bin_dir = _environment(tmp_path, with_script=True)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setattr(shell, "_program", [str(Path(shell.__file__).with_name("__main__.py"))])
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin" if on_path else "/usr/bin")
+    expected = "fewshot" if on_path else str(bin_dir / "fewshot")
+    printed = shell.command("eval", shell.arg("ckpt", "a/best.pt"))
+    assert printed == f"{expected} eval ckpt=a/best.pt"
+
+
+def test_a_source_checkout_without_the_script_prints_python_m(tmp_path, monkeypatch):
+    bin_dir = _environment(tmp_path, with_script=False)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setattr(shell, "_program", ["-m"])
+    assert shell.program() == f"{bin_dir / 'python'} -m fewshot_cli"
