@@ -43,3 +43,31 @@ def test_a_source_checkout_without_the_script_prints_python_m(tmp_path, monkeypa
     monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
     monkeypatch.setattr(shell, "_program", ["-m"])
     assert shell.program() == f"{bin_dir / 'python'} -m fewshot_cli"
+
+
+# ---------------------------------------------------------------- quiet by default
+
+# A folder data set of 2 ways, small enough to train 2 steps in a second.
+FOLDER = ["dataset=folder", "dataset.image_size=16", "backbone.hidden=8", "train.ways=2",
+          "train.queries=2", "eval.queries=2", "train.steps=2", "train.val_every=2",
+          "train.val_episodes=2", "eval.episodes=4", "device=cpu"]
+
+
+def test_a_duplicate_within_a_split_is_said_once_per_data_cache(fewshot, tmp_path):
+    """Issue 31: every Omniglot run opened with the same warning about one duplicate pair
+    inside a split (it changes no figure): said by the first run on a data cache, not again;
+    ``fewshot data`` still lists it."""
+    import shutil
+
+    from image_folder import make_image_folder
+
+    root = make_image_folder(tmp_path / "mine", {f"c{i}": 6 for i in range(8)})
+    shutil.copy(root / "c0" / "001.png", root / "c0" / "copy.png")
+    said = "identical copy under another class or name"
+    runs = [fewshot("train", *FOLDER, f"dataset.root={root}", f"hydra.run.dir={tmp_path / r}")
+            for r in ("first", "second")]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert said in runs[0].stdout + runs[0].stderr
+    assert said not in runs[1].stdout + runs[1].stderr
+    assert said in fewshot("data", "dataset=folder", f"dataset.root={root}").stdout
