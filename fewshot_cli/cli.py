@@ -10,6 +10,7 @@ prints over several lines before the task starts and which are condensed here.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -29,7 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewshot_cli import shell
-from fewshot_cli.config import conf_dir, group_option
+from fewshot_cli.config import annotate_yaml, conf_dir, group_option, key_comments
 from fewshot_cli.errors import FewshotError, Interrupted
 from fewshot_cli.options import PATHS, check_command, path_keys, path_problem, removed_key
 
@@ -136,7 +137,7 @@ def usage() -> str:
               "  fewshot eval ckpt=outputs/<date>/<time>-protonet-omniglot/best.pt",
               "  fewshot predict ckpt=<run>/best.pt support=my_classes/ query=new_images/",
               "  fewshot data dataset=folder dataset.root=my_images/",
-              "", "`fewshot train --help` shows every key and its current value."]
+              "", "`fewshot train --help` shows every key, its current value and its meaning."]
     return "\n".join(lines)
 
 
@@ -567,6 +568,20 @@ def _main(argv: list[str] | None) -> None:
     _run_hydra(name, rest, held)
 
 
+def _help_with_meanings(show: Callable[[], None], name: str, rest: list[str]) -> str:
+    """What Hydra's ``--help`` prints (``show``), each key of the config with its meaning:
+    the comment beside it in conf/."""
+    import yaml  # PyYAML comes with omegaconf
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):  # Hydra exits 0
+        show()
+    defaults = yaml.safe_load((conf_dir() / f"{name}.yaml").read_text()).get("defaults", [])
+    choices = {k: v for d in defaults if isinstance(d, dict) for k, v in d.items()}
+    choices.update(a.split("=", 1) for a in rest if re.fullmatch(r"[\w/]+=[\w.-]+", a))
+    return annotate_yaml(out.getvalue().rstrip("\n"), key_comments(name, choices))
+
+
 def _run_hydra(name: str, rest: list[str], held: HeldStderr) -> None:
     """Compose ``conf/<name>.yaml`` with the overrides ``rest`` and run the command's task (or
     sweep over it); Hydra's own failures before the task become one sentence."""
@@ -580,7 +595,10 @@ def _run_hydra(name: str, rest: list[str], held: HeldStderr) -> None:
     app = hydra.main(config_path=str(conf_dir()), config_name=name, version_base="1.3")
     try:
         with held:
-            app(Guarded(name))()
+            if {"-h", "--help"} & set(rest):
+                print(_help_with_meanings(lambda: app(Guarded(name))(), name, rest))
+            else:
+                app(Guarded(name))()
     except SystemExit as done:
         if done.code not in (0, None) and not held.released:
             _fail(*condense(held.text(), name, rest))

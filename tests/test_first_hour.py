@@ -71,3 +71,25 @@ def test_a_duplicate_within_a_split_is_said_once_per_data_cache(fewshot, tmp_pat
     assert said in runs[0].stdout + runs[0].stderr
     assert said not in runs[1].stdout + runs[1].stderr
     assert said in fewshot("data", "dataset=folder", f"dataset.root={root}").stdout
+
+
+# ---------------------------------------------------------------- --help
+
+
+def test_train_help_shows_each_keys_meaning(fewshot):
+    """``fewshot train --help`` prints every key beside the comment that documents it in
+    conf/ (the chosen option's file for a group's keys)."""
+    out = fewshot("train", "--help", "algo=maml").stdout
+    lines: dict[str, str] = {}  # the first line of each key name (train.ways before eval.ways)
+    for line in out.splitlines():
+        lines.setdefault(line.split(":")[0].strip(), line)
+    assert "classes per training episode" in lines["ways"]
+    assert "inner step size" in lines["inner_lr"]
+    assert "null: same as hidden" in lines["out_channels"]
+    # a comment continued on the next line is joined into one
+    assert "Snell et al." in out.split("  rotations:")[-1].splitlines()[0]
+    documented = [line for line in out.split("== Config ==")[1].splitlines()
+                  if line.startswith("  ") and ":" in line and not line.strip().startswith("-")]
+    missing = [line for line in documented if "#" not in line and "_target_" not in line
+               and "_partial_" not in line and not line.rstrip().endswith(":")]
+    assert len(missing) <= len(documented) // 3, missing
