@@ -378,6 +378,9 @@ def condense(text: str, command: str, args: list[str]) -> tuple[str, int]:
         key = m.group(1)
         if gone := removed_key(key):
             return gone, 2
+        if near := closest_key(command, key, args):
+            return f"{key} is not a key of this config; did you mean {near}? ({help_hint}; " \
+                   f"to add a new key write +{key}=...)", 2
         return f"{key} is not a key of this config ({help_hint}); to add a new key write " \
                f"+{key}=...", 2
     if m := re.search(r"Could not (?:append to|delete from) config\. '?([^'\s.]+(?:\.\S+)?)", text):
@@ -408,6 +411,43 @@ def condense(text: str, command: str, args: list[str]) -> tuple[str, int]:
     lines = [line.strip() for line in text.splitlines() if line.strip() and
              "HYDRA_FULL_ERROR" not in line and not line.startswith(("Traceback", "File "))]
     return (lines[-1] if lines else "the config could not be composed") + f" ({help_hint})", 2
+
+
+def closest_key(command: str, key: str, args: list[str]) -> str | None:
+    """The key of the config these overrides compose (``args`` less the one that set
+    ``key``) that is spelled most like ``key`` (``train.ways`` for ``train.wayz``), or None."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    kept = [a for a in args if not a.startswith(("-", "hydra", f"{key}=", f"+{key}="))
+            and "=" in a]
+    groups = [a for a in kept if a.split("=", 1)[0] in GROUPS]
+    cfg = None
+    for overrides in (kept, groups):  # the groups alone when another override is wrong too
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+                cfg = compose(command, [a for a in overrides if "," not in a])
+            break
+        except Exception:  # noqa: BLE001, S112 (Hydra's errors have several types)
+            continue
+        finally:
+            GlobalHydra.instance().clear()
+    if cfg is None:
+        return None
+    keys = [k for k in _dotted_keys(OmegaConf.to_container(cfg)) if not k.startswith("hydra")]
+    found = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _dotted_keys(node: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in node.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out += [name, *(_dotted_keys(value, name) if isinstance(value, dict) else [])]
+    return out
 
 
 def _sweeping(args: list[str]) -> bool:

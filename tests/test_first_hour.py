@@ -93,3 +93,54 @@ def test_train_help_shows_each_keys_meaning(fewshot):
     missing = [line for line in documented if "#" not in line and "_target_" not in line
                and "_partial_" not in line and not line.rstrip().endswith(":")]
     assert len(missing) <= len(documented) // 3, missing
+
+
+# ---------------------------------------------------------------- shapes that fit the data
+
+
+def test_own_data_with_12_images_per_class_fails_once_naming_every_key(fewshot, tmp_path,
+                                                                      own_cache):
+    """Issue 31: the README's own-data command on 12 images per class failed on
+    train.shots + train.queries, then after that fix on eval.shots + eval.queries, each after
+    decoding. Now one sentence names every key with values that fit, before any decoding, and
+    the command with those values trains."""
+    import re
+
+    from helpers import one_sentence
+    from image_folder import make_image_folder
+
+    root = make_image_folder(tmp_path / "my_data", {f"c{i:02d}": 12 for i in range(30)})
+    typed = ["train", "dataset=folder", f"dataset.root={root}", "train.ways=5", "train.shots=1",
+             "device=cpu"]
+    sentence = one_sentence(fewshot(*typed), "train.queries=11", "eval.queries=11",
+                            "12 images per class of the train split",
+                            "12 images per class of the val split")
+    assert not own_cache.exists() or not any(own_cache.iterdir()), "decoded before the check"
+    fixes = re.search(r"; set ((?:\S+=\d+ ?)+)", sentence).group(1).split()
+    small = ["dataset.image_size=16", "backbone.hidden=8", "train.steps=2", "train.val_every=2",
+             "train.val_episodes=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = fewshot(*typed, *fixes, *small)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_key_that_follows_another_is_blamed_on_the_key_typed(fewshot):
+    """``eval.ways`` is ``${train.ways}``: a train.ways too large for the validation split
+    names train.ways, which the user typed (and eval.ways as the way to change only
+    validation)."""
+    from helpers import one_sentence
+
+    sentence = one_sentence(fewshot("train", "dataset=glyphs", "dataset.classes.train=20",
+                                    "dataset.classes.val=8", "dataset.classes.test=8",
+                                    "train.ways=10", "device=cpu"),
+                            "eval.ways=10 (from train.ways)", "8 classes of the val split",
+                            "set train.ways=8", "or eval.ways=8")
+    assert "train split" not in sentence
+
+
+def test_a_misspelt_key_gets_did_you_mean(fewshot):
+    from helpers import one_sentence
+
+    one_sentence(fewshot("train", "dataset=glyphs", "train.wayz=5"), "did you mean train.ways?",
+                 code=2)
+    one_sentence(fewshot("train", "algo=maml", "algo.inner_lrr=0.1", "trian.steps=3"),
+                 "did you mean", code=2)
