@@ -144,3 +144,33 @@ def test_a_misspelt_key_gets_did_you_mean(fewshot):
                  code=2)
     one_sentence(fewshot("train", "algo=maml", "algo.inner_lrr=0.1", "trian.steps=3"),
                  "did you mean", code=2)
+
+
+# ---------------------------------------------------------------- progress while it works
+
+
+def test_validation_and_eval_progress_counts_episodes():
+    """Bars count episodes (the unit the user set: train.val_episodes, eval.episodes), not
+    batches of them: ``score_tasks`` reports each batch's task count."""
+    import torch
+
+    from fewshot_cli.engine.metrics import score_tasks
+
+    class Scorer(torch.nn.Module):
+        def score(self, tasks: list[int]) -> torch.Tensor:
+            return torch.ones(len(tasks))
+
+    told: list[int] = []
+    scores = score_tasks(Scorer(), [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], progress=told.append)
+    assert told == [4, 4, 2] and len(scores) == 10
+
+
+def test_a_log_file_says_why_training_waits_and_names_its_units(fewshot, tmp_path):
+    """Not on a terminal (a log file), where no validation bar is drawn, the log says when
+    validation starts and on how many episodes; the bar's speed says its unit in words."""
+    from helpers import TINY, ok
+
+    done = ok(fewshot("train", *TINY, "train.steps=2", "train.val_every=2", "train.log_every=1",
+                      f"hydra.run.dir={tmp_path / 'run'}"))
+    assert "step 2: validating on 4 fixed episodes" in done.stdout
+    assert "episodes=" in done.stderr and "eps=" not in done.stderr, done.stderr
