@@ -174,3 +174,33 @@ def test_a_log_file_says_why_training_waits_and_names_its_units(fewshot, tmp_pat
                       f"hydra.run.dir={tmp_path / 'run'}"))
     assert "step 2: validating on 4 fixed episodes" in done.stdout
     assert "episodes=" in done.stderr and "eps=" not in done.stderr, done.stderr
+
+
+def test_decoding_a_data_set_shows_progress_in_images(tmp_path, monkeypatch):
+    """Decoding (minutes for a large folder, once per cache) draws a bar over the images."""
+    from image_folder import make_image_folder
+
+    from fewshot_cli.data import images
+
+    bars: list[dict] = []
+
+    class Bar:
+        def __init__(self, **kwargs) -> None:
+            self.kwargs, self.done = kwargs, 0
+            bars.append(self.__dict__)
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def update(self, n: int) -> None:
+            self.done += n
+
+    root = make_image_folder(tmp_path / "mine", {"a": 3, "b": 4})
+    monkeypatch.setattr(images, "tqdm", Bar)
+    files = {c: sorted((root / c).iterdir()) for c in ("a", "b")}
+    images.decode_files(files, 8)
+    assert len(bars) == 1 and bars[0]["done"] == bars[0]["kwargs"]["total"] == 7
+    assert bars[0]["kwargs"]["unit"] == "image" and bars[0]["kwargs"]["disable"] is None
