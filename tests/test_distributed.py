@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import run_cli
+from conftest import HUNG, run_cli
 
 from fewshot_cli.algorithms.maml import MAML
 from fewshot_cli.algorithms.protonet import ProtoNet
@@ -59,7 +59,7 @@ def torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
 
 
-def finished(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+def finished(proc: subprocess.Popen, timeout: float = HUNG) -> tuple[int, str]:
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
 
