@@ -192,7 +192,7 @@ def fewshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
         monkeypatch.chdir(cwd or tmp_path)
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
-        # as `python -m fewshot_cli` starts: the commands it prints to copy name the module
+        # as `python -m fewshot_cli` starts (the commands it prints name the fewshot script)
         monkeypatch.setattr(sys, "argv", [str(REPO / "fewshot_cli" / "__main__.py")])
         sigint = signal.getsignal(signal.SIGINT)  # an error sentence ignores Ctrl-C from then on
         root = logging.getLogger()
