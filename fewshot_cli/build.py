@@ -162,10 +162,10 @@ def source_key(cfg: DictConfig, key: str) -> str:
 
 
 def check_episodes_fit(cfg: DictConfig, dataset: FewShotDataset,
-                       shapes: Iterable[tuple[str, str]]) -> None:
-    """Before any training or decoding (readers with a listing): whether episodes of each
-    ``(section, split)`` of ``shapes`` (``("train", "train")``, ``("eval", "val")``) fit the
-    classes of that split.
+                       shapes: Iterable[tuple[str, str]], decode: bool = False) -> None:
+    """Whether episodes of each ``(section, split)`` of ``shapes`` (``("train", "train")``,
+    ``("eval", "val")``) fit the classes of that split: before any decoding where the reader
+    knows its class sizes (``class_sizes``), else only when ``decode`` allows loading them.
 
     Raises:
         FewshotError: one sentence naming every key that must change, as the user sets it
@@ -190,6 +190,9 @@ def check_episodes_fit(cfg: DictConfig, dataset: FewShotDataset,
 
     for section, split in shapes:
         node, sizes = cfg[section], dataset.class_sizes(split)
+        if sizes is None and not decode:
+            continue
+        sizes = sizes if sizes is not None else dataset.load(split).counts.tolist()
         rotations = len(set(node.get("rotations") or [0])) if dataset.rotatable else 1
         classes = len(sizes) * rotations
         if node.ways > classes:
@@ -369,10 +372,11 @@ def wire_run(cfg: DictConfig, device: torch.device, run_dir: Path,
     autocast = autocast_for(device, cfg.device.precision)
     dataset = build_dataset(cfg)
     trains_on = getattr(get_class(cfg.algo._target_), "trains_on", "episodes")
-    check_episodes_fit(cfg, dataset, [("train", "train")] * (trains_on == "episodes")
-                       + [("eval", "val")])
+    shapes = [("train", "train")] * (trains_on == "episodes") + [("eval", "val")]
+    check_episodes_fit(cfg, dataset, shapes)  # readers with a file listing: before decoding
     inputs = dict(dataset.input_spec())
     algo = procs.prepare(build_algorithm(cfg, inputs, device))
+    check_episodes_fit(cfg, dataset, shapes, decode=True)  # the others, once options passed
     config = OmegaConf.to_container(cfg, resolve=True)
     # init_from= (a new run only: a resume restores every weight from its own checkpoint)
     init_from = init_backbone(algo, cfg.init_from, config) \

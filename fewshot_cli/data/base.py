@@ -38,10 +38,11 @@ class FewShotDataset:
     def load(self, split: str) -> ClassStore:
         raise NotImplementedError
 
-    def class_sizes(self, split: str) -> list[int]:
-        """The image count of each class of ``split``, for checking task shapes before
-        training; readers that know them from a listing override this to skip decoding."""
-        return self.load(split).counts.tolist()
+    def class_sizes(self, split: str) -> list[int] | None:
+        """The image count of each class of ``split`` where it is known without decoding (a
+        reader's file listing: they override this), else None; for checking task shapes
+        before any image is decoded."""
+        return None
 
     # ---- what the data checks (fewshot_cli.data.splits) ask of an image data set
 
