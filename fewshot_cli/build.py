@@ -150,6 +150,78 @@ def task_shape(section: DictConfig) -> TaskShape:
                      tuple(int(r) for r in section.get("rotations") or (0,)))
 
 
+PAPER_QUERIES = 15  # query images per class in the papers' episodes (Snell et al., Finn et al.)
+
+
+def source_key(cfg: DictConfig, key: str) -> str:
+    """The key the user sets for ``key``: ``train.ways`` for ``eval.ways`` while that is
+    ``${train.ways}``, followed through any chain of such interpolations."""
+    for _ in range(10):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or not OmegaConf.is_interpolation(node, leaf):
+            return key
+        raw = str(node._get_node(leaf)._value())
+        m = re.fullmatch(r"\$\{([\w.]+)\}", raw)
+        if not m:
+            return key
+        key = m.group(1)
+    return key
+
+
+def check_episodes_fit(cfg: DictConfig, dataset: FewShotDataset,
+                       shapes: Iterable[tuple[str, str]], decode: bool = False) -> None:
+    """Whether episodes of each ``(section, split)`` of ``shapes`` (``("train", "train")``,
+    ``("eval", "val")``) fit the classes of that split: before any decoding where the reader
+    knows its class sizes (``class_sizes``), else only when ``decode`` allows loading them.
+
+    Raises:
+        FewshotError: one sentence naming every key that must change, as the user sets it
+            (``train.ways`` for an ``eval.ways`` that follows it), with values that fit.
+    """
+    if dataset.task_kind != IMAGE_TASKS:
+        return
+    found: list[str] = []
+    fixes: dict[str, int] = {}
+    alone: dict[str, int] = {}  # the same fix on a key that follows another, set on its own
+
+    def named(key: str, value: int | None = None, fits: int | None = None) -> str:
+        """``key=value`` as the sentence names it (and the key it follows); ``fits``: a value
+        that fits, recorded for the key the user sets."""
+        source = source_key(cfg, key)
+        if fits is not None:
+            fixes[source] = min(fits, fixes.get(source, fits))
+            if source != key:
+                alone[key] = fits
+        shown = key if value is None else f"{key}={value}"
+        return shown if source == key else f"{shown} (from {source})"
+
+    for section, split in shapes:
+        node, sizes = cfg[section], dataset.class_sizes(split)
+        if sizes is None and not decode:
+            continue
+        sizes = sizes if sizes is not None else dataset.load(split).counts.tolist()
+        rotations = len(set(node.get("rotations") or [0])) if dataset.rotatable else 1
+        classes = len(sizes) * rotations
+        if node.ways > classes:
+            found.append(f"{named(f'{section}.ways', node.ways, classes)} exceeds the "
+                         f"{classes} classes of the {split} split")
+        smallest, need = min(sizes), node.shots + node.queries
+        if need > smallest:
+            shots = node.shots if node.shots < smallest else max(1, smallest - 1)
+            queries = min(PAPER_QUERIES, max(1, smallest - shots))
+            which = "per class" if len(set(sizes)) == 1 else "of the smallest class"
+            fewer_shots = shots if shots != node.shots else None
+            found.append(f"{named(f'{section}.shots', None, fewer_shots)} + "
+                         f"{named(f'{section}.queries', None, queries)} = {need} exceeds the "
+                         f"{smallest} images {which} of the {split} split")
+    if found:
+        setting = lambda values: " ".join(f"{k}={v}" for k, v in values.items())
+        instead = f", or {setting(alone)} to change only those episodes" if alone else ""
+        raise FewshotError(f"{'; '.join(found)}; set {setting(fixes)}{instead} (or add classes "
+                           "and images)")
+
+
 def build_algorithm(cfg: DictConfig, inputs: Mapping[str, Any] | ClassStore,
                     device: torch.device | None = None) -> MetaAlgorithm:
     """Backbone sized for the data (``dataset.input_spec()``, or a store's images), wrapped by
@@ -307,8 +379,12 @@ def wire_run(cfg: DictConfig, device: torch.device, run_dir: Path,
     procs.check_meta_batch(t.meta_batch)
     autocast = autocast_for(device, cfg.device.precision)
     dataset = build_dataset(cfg)
+    trains_on = getattr(get_class(cfg.algo._target_), "trains_on", "episodes")
+    shapes = [("train", "train")] * (trains_on == "episodes") + [("eval", "val")]
+    check_episodes_fit(cfg, dataset, shapes)  # readers with a file listing: before decoding
     inputs = dict(dataset.input_spec())
     algo = procs.prepare(build_algorithm(cfg, inputs, device))
+    check_episodes_fit(cfg, dataset, shapes, decode=True)  # the others, once options passed
     config = OmegaConf.to_container(cfg, resolve=True)
     # init_from= (a new run only: a resume restores every weight from its own checkpoint)
     init_from = init_backbone(algo, cfg.init_from, config) \

@@ -10,6 +10,7 @@ prints over several lines before the task starts and which are condensed here.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -29,7 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewshot_cli import shell
-from fewshot_cli.config import conf_dir, group_option
+from fewshot_cli.config import annotate_yaml, conf_dir, group_option, key_comments
 from fewshot_cli.errors import FewshotError, Interrupted
 from fewshot_cli.options import (
     HYDRA_FOLDERS,
@@ -147,7 +148,7 @@ def usage() -> str:
               "  fewshot eval ckpt=outputs/<date>/<time>-protonet-omniglot/best.pt",
               "  fewshot predict ckpt=<run>/best.pt support=my_classes/ query=new_images/",
               "  fewshot data dataset=folder dataset.root=my_images/",
-              "", "`fewshot train --help` shows every key and its current value."]
+              "", "`fewshot train --help` shows every key, its current value and its meaning."]
     return "\n".join(lines)
 
 
@@ -414,6 +415,9 @@ def condense(text: str, command: str, args: list[str]) -> tuple[str, int]:
         key = m.group(1)
         if gone := removed_key(key):
             return gone, 2
+        if near := closest_key(command, key, args):
+            return f"{key} is not a key of this config; did you mean {near}? ({help_hint}; " \
+                   f"to add a new key write +{key}=...)", 2
         return f"{key} is not a key of this config ({help_hint}); to add a new key write " \
                f"+{key}=...", 2
     if m := re.search(r"Could not (?:append to|delete from) config\. '?([^'\s.]+(?:\.\S+)?)", text):
@@ -444,6 +448,43 @@ def condense(text: str, command: str, args: list[str]) -> tuple[str, int]:
     lines = [line.strip() for line in text.splitlines() if line.strip() and
              "HYDRA_FULL_ERROR" not in line and not line.startswith(("Traceback", "File "))]
     return (lines[-1] if lines else "the config could not be composed") + f" ({help_hint})", 2
+
+
+def closest_key(command: str, key: str, args: list[str]) -> str | None:
+    """The key of the config these overrides compose (``args`` less the one that set
+    ``key``) that is spelled most like ``key`` (``train.ways`` for ``train.wayz``), or None."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    kept = [a for a in args if not a.startswith(("-", "hydra", f"{key}=", f"+{key}="))
+            and "=" in a]
+    groups = [a for a in kept if a.split("=", 1)[0] in GROUPS]
+    cfg = None
+    for overrides in (kept, groups):  # the groups alone when another override is wrong too
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+                cfg = compose(command, [a for a in overrides if "," not in a])
+            break
+        except Exception:  # noqa: BLE001, S112 (Hydra's errors have several types)
+            continue
+        finally:
+            GlobalHydra.instance().clear()
+    if cfg is None:
+        return None
+    keys = [k for k in _dotted_keys(OmegaConf.to_container(cfg)) if not k.startswith("hydra")]
+    found = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _dotted_keys(node: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in node.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out += [name, *(_dotted_keys(value, name) if isinstance(value, dict) else [])]
+    return out
 
 
 def _sweeping(args: list[str]) -> bool:
@@ -612,6 +653,20 @@ def _main(argv: list[str] | None) -> None:
     _run_hydra(name, rest, held)
 
 
+def _help_with_meanings(show: Callable[[], None], name: str, rest: list[str]) -> str:
+    """What Hydra's ``--help`` prints (``show``), each key of the config with its meaning:
+    the comment beside it in conf/."""
+    import yaml  # PyYAML comes with omegaconf
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):  # Hydra exits 0
+        show()
+    defaults = yaml.safe_load((conf_dir() / f"{name}.yaml").read_text()).get("defaults", [])
+    choices = {k: v for d in defaults if isinstance(d, dict) for k, v in d.items()}
+    choices.update(a.split("=", 1) for a in rest if re.fullmatch(r"[\w/]+=[\w.-]+", a))
+    return annotate_yaml(out.getvalue().rstrip("\n"), key_comments(name, choices))
+
+
 def _run_hydra(name: str, rest: list[str], held: HeldStderr) -> None:
     """Compose ``conf/<name>.yaml`` with the overrides ``rest`` and run the command's task (or
     sweep over it); Hydra's own failures before the task become one sentence."""
@@ -625,7 +680,10 @@ def _run_hydra(name: str, rest: list[str], held: HeldStderr) -> None:
     app = hydra.main(config_path=str(conf_dir()), config_name=name, version_base="1.3")
     try:
         with held:
-            app(Guarded(name))()
+            if {"-h", "--help"} & set(rest):
+                print(_help_with_meanings(lambda: app(Guarded(name))(), name, rest))
+            else:
+                app(Guarded(name))()
     except SystemExit as done:
         if done.code not in (0, None) and not held.released:
             _fail(*condense(held.text(), name, rest))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,77 @@ def check_stored_config(config: Any, source: Path) -> None:
             raise FewshotError(f"{source} was refused: its config holds the interpolation "
                                f"{value[:80]!r}, which fewshot never stores; only load "
                                "checkpoints written by fewshot train")
+
+
+# ---------------------------------------------------------------- what each key means
+
+_KEY_LINE = re.compile(r"^( *)([\w.-]+):(.*)$")
+_COMMENT = re.compile(r"(?:^|\s)#\s?(.*)$")
+
+
+def yaml_comments(text: str, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the comment written beside it in a YAML file of conf/ (with the
+    comment-only lines below it that are indented past the key, which continue it).
+    ``prefix``: the key of the node the file fills (``algo`` for conf/algo/maml.yaml)."""
+    out: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    last: tuple[str, int] | None = None  # the key whose comment may continue, its indent
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            if last is not None and len(line) - len(line.lstrip()) > last[1]:
+                out[last[0]] += " " + stripped.lstrip("#").strip()
+            else:
+                last = None
+            continue
+        m = _KEY_LINE.match(line)
+        if not m:
+            last = None
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        full = ".".join(([prefix] if prefix else []) + [k for _, k in stack])
+        comment = _COMMENT.search(m.group(3))
+        last = None
+        if comment and comment.group(1).strip():
+            out[full] = comment.group(1).strip()
+            last = (full, indent)
+    return out
+
+
+def key_comments(config_name: str, choices: dict[str, str]) -> dict[str, str]:
+    """Dotted key -> its meaning, for ``fewshot <config_name> --help``: the comments of
+    conf/<config_name>.yaml and of every group's option files (the chosen option's first,
+    ``choices``: group -> option), which are the documentation of the keys."""
+    root = conf_dir()
+    out: dict[str, str] = {}
+    for group in sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
+        files = sorted((root / group).glob("*.yaml"))
+        chosen = [f for f in files if f.stem == choices.get(group)]
+        for path in [*files, *chosen]:  # the chosen option's comments last: they win
+            text = path.read_text()
+            if "# @package" not in text:  # presets (experiment/) fill other nodes
+                out.update(yaml_comments(text, group))
+    out.update(yaml_comments((root / f"{config_name}.yaml").read_text()))
+    return out
+
+
+def annotate_yaml(text: str, comments: dict[str, str]) -> str:
+    """``text`` (YAML, as ``--help`` prints a composed config) with each key's meaning from
+    ``comments`` appended to its line as a comment."""
+    stack: list[tuple[int, str]] = []
+    lines = []
+    for line in text.splitlines():
+        m = _KEY_LINE.match(line)
+        if m:
+            indent = len(m.group(1))
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            stack.append((indent, m.group(2)))
+            meaning = comments.get(".".join(k for _, k in stack))
+            if meaning and "#" not in m.group(3):
+                line = f"{line}  # {meaning}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -227,9 +227,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for name, scores in dataset.baselines(batch_tasks).items():
             baselines.setdefault(name, []).append(None if scores is None else scores.float().cpu())
 
-    progress = lambda it: tqdm(it, total=-(-e.episodes // batch), desc="eval", unit="batch")
-    scores = score_tasks(algo, tasks.fixed(e.episodes, seed=e.seed), autocast, progress,
-                         on_batch)
+    with tqdm(total=e.episodes, desc="eval", unit="episode") as bar:
+        scores = score_tasks(algo, tasks.fixed(e.episodes, seed=e.seed), autocast, bar.update,
+                             on_batch)
     result = summary(run, state, algo.score_name, scores, baselines)
     plain = OmegaConf.to_container(run, resolve=True)
     tested = fingerprints(dataset.load("test")) if cross else None

@@ -16,6 +16,7 @@ tested at. The run's folder gets ``reproduction.json`` (format: ``reproductions/
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -38,6 +39,7 @@ from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import atomic_write_text
 from fewshot_cli.intervals import format_mean_ci, student_t_ci95
 
+log = logging.getLogger(__name__)
 SHAPE = re.compile(r"(\d+)w(\d+)s")  # "20w1s": 20-way 1-shot; other shapes keep the stored eval
 RECORD = "reproduction.json"
 
@@ -277,9 +279,13 @@ def evaluate_and_record(run_dir: Path, cfg: DictConfig, overrides: list[str]
     changed = changes(run_dir, overrides)
     filled = preset_protocol(state["config"], now)
     started = time.perf_counter()
-    figures = [figure(shape, (paper.get("figures") or {}).get(shape),
-                      _evaluate(best, shape, cfg, overrides, filled), **steps, changed=changed)
-               for shape in paper["shapes"]]
+    figures = []
+    for number, shape in enumerate(paper["shapes"], 1):  # each test has its own episode bar
+        log.info("testing %s at %s (%d of the paper's %d test shapes)", best, shape, number,
+                 len(paper["shapes"]))
+        figures.append(figure(shape, (paper.get("figures") or {}).get(shape),
+                              _evaluate(best, shape, cfg, overrides, filled), **steps,
+                              changed=changed))
     record = {
         "preset": preset, "cite": paper.get("cite"), "run": str(run_dir),
         "command": " ".join(["fewshot reproduce", *overrides]),

@@ -22,14 +22,18 @@ def remember_program(argv0: str) -> None:
 
 def program() -> str:
     """``fewshot`` when that is what the shell finds on PATH; else the absolute path of the
-    script that runs (a venv that is not activated), or ``python -m fewshot_cli`` (torchrun,
-    tests)."""
+    ``fewshot`` script that runs (a venv that is not activated). Started as ``python -m
+    fewshot_cli`` (torchrun, a sweep's worker, tests), the commands still name the ``fewshot``
+    script installed beside that Python; only without one (a bare source checkout) they name
+    ``python -m fewshot_cli``."""
     argv0 = _program[0] if _program else sys.argv[0]
-    if Path(argv0).name == "fewshot":
+    started = Path(argv0).name == "fewshot"
+    script = Path(argv0) if started else Path(sys.executable).with_name("fewshot")
+    if started or script.is_file():  # the console script of this environment
         found = shutil.which("fewshot")
-        if found and os.path.realpath(found) == os.path.realpath(argv0):
+        if found and os.path.realpath(found) == os.path.realpath(script):
             return "fewshot"
-        return shlex.quote(os.path.abspath(argv0))
+        return shlex.quote(os.path.abspath(script))
     return f"{shlex.quote(sys.executable)} -m fewshot_cli"
 
 

@@ -145,9 +145,8 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
     scalars = lambda values, step: writer and [writer.add_scalar(k, v, step)
                                                for k, v in values.items()]
     # On a terminal only: a nested bar in a log file would be cursor-movement codes.
-    validation_bar = lambda it, total: _bar(iterable=it, total=total, desc="validate",
-                                            unit="batch", leave=False,
-                                            disable=None if procs.main else True)
+    validation_bar = lambda total: _bar(total=total, desc="validate", unit="episode",
+                                        leave=False, disable=None if procs.main else True)
     with stop.installed(), logging_redirect_tqdm(), _bar(
             initial=trainer.step, total=t.steps, desc="meta-train", unit="step",
             disable=not procs.main) as bar:
@@ -175,11 +174,12 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
                          "train/lr": trainer.optimizer.param_groups[0]["lr"],
                          f"train/{unit}_per_s": speed}, done)
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in values.items()},
-                                 "eps" if unit == "episodes" else "img": f"{speed:.0f}/s"},
-                                refresh=False)
+                                 unit: f"{speed:.0f}/s"}, refresh=False)  # episodes=18/s
 
             if done % t.val_every == 0 or done == t.steps or out_of_time:
                 trainer.check_finite()
+                if not sys.stderr.isatty():  # no validation bar in a log file: say why it waits
+                    log.info("step %d: validating on %d fixed episodes", done, t.val_episodes)
                 mean, ci, improved = trainer.validate(validation_bar)
                 scalars({f"val/{metric}": mean, "val/ci95": ci}, done)
                 if improved:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, eval_result, run_cli, zero_a_quarter_of_the_images
+from conftest import HUNG, REPO, eval_result, run_cli, zero_a_quarter_of_the_images
 from helpers import TINY, ok, one_sentence
 from omegaconf import OmegaConf
 
@@ -65,7 +65,7 @@ def test_two_runs_at_once_with_default_folders_keep_their_own_files(tmp_path):
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for seed in (1, 2)]
     for proc in procs:
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=HUNG)
         assert proc.returncode == 0, err
     folders = sorted(tmp_path.glob("outputs/*/*"))
     assert len(folders) == 2, folders
@@ -404,7 +404,7 @@ def test_on_a_terminal_validation_shows_progress_and_logs_stay_off_the_bar(tmp_p
         if not chunk:
             break
         chunks.append(chunk)
-    assert proc.wait(timeout=300) == 0
+    assert proc.wait(timeout=HUNG) == 0
     screen = b"".join(chunks).decode(errors="replace")
     assert "validate" in screen, "validation showed no progress"
     logged = [line for line in screen.split("\n") if "step 2: val accuracy" in line]
@@ -486,7 +486,7 @@ def test_two_ctrl_c_while_validating_tell_the_truth(tmp_path):
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=HUNG)
     message = one_sentence(subprocess.CompletedProcess([], proc.returncode, "", err), code=130)
     assert "nothing was written" not in message
     claims = re.findall(r"(last|best)\.pt \(step (\d+)\)", message) or [

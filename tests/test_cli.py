@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import eval_result
+from conftest import HUNG, eval_result
 from helpers import SMALL, failed, ok, weights
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
@@ -86,7 +86,7 @@ def stop_training(args: list[str], run: Path, sig: int) -> str:
         time.sleep(0.2)
     time.sleep(0.5)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HUNG)
     assert proc.returncode == 130, err
     return err
 

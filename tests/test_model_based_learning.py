@@ -9,15 +9,15 @@ import pytest
 from conftest import eval_result
 
 
-def train_and_test(cli, run: Path, train: list[str], tests: list[tuple[int, int, int]],
-                   timeout: float = 600) -> dict:
+def train_and_test(cli, run: Path, train: list[str], tests: list[tuple[int, int, int]]
+                   ) -> dict:
     """``fewshot train`` then ``fewshot eval`` for each (ways, queries, episodes); the result
     of each, by ways."""
-    done = cli("train", *train, "device=cpu", f"hydra.run.dir={run}", timeout=timeout)
+    done = cli("train", *train, "device=cpu", f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
     for ways, queries, episodes in tests:
         done = cli("eval", f"ckpt={run / 'best.pt'}", f"eval.ways={ways}",
-                   f"eval.queries={queries}", f"eval.episodes={episodes}", timeout=300)
+                   f"eval.queries={queries}", f"eval.episodes={episodes}")
         assert done.returncode == 0, done.stderr[-2000:]
         print(done.stdout)
     return {ways: eval_result(run, ways, 1, episodes=episodes) for ways, _, episodes in tests}

@@ -112,6 +112,7 @@ def test_reproduce_prints_paper_against_ours_and_records_everything(reproduced):
         assert f"| {shape} | {paper} |" in out
     assert out.count("changed from the preset (dataset=glyphs") == 2
     assert out.count("shortened (4 of 20000 steps)") == 2
+    assert "at 20w1s (2 of the paper's 2 test shapes)" in out  # progress between the tests
     record = json.loads((run / "reproduction.json").read_text())
     assert set(record) == RECORD_KEYS
     assert record["preset"] == "protonet_omniglot_5w1s" and record["run"] == str(run)

@@ -185,10 +185,9 @@ REPTILE = ["experiment=reptile_omniglot_5w1s", "dataset.split=minimal", "backbon
 @pytest.mark.real_data
 def test_reptile_learns_omniglot(omniglot_root: Path, cli, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    done = cli("train", *REPTILE, f"dataset.root={omniglot_root}", f"hydra.run.dir={run}",
-               timeout=1200)
+    done = cli("train", *REPTILE, f"dataset.root={omniglot_root}", f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
-    done = cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=100", timeout=600)
+    done = cli("eval", f"ckpt={run / 'best.pt'}", "eval.episodes=100")
     assert done.returncode == 0, done.stderr[-2000:]
     result = eval_result(run, 5, 1)
     print(f"Reptile Omniglot 5w1s: {100 * result['accuracy']:.1f}% ± {100 * result['ci95']:.1f}%")

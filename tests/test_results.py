@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import HUNG, run_cli
 from helpers import TINY, ok
 
 from fewshot_cli.errors import FewshotError
@@ -59,7 +59,7 @@ def test_processes_merging_at_once_keep_every_update(tmp_path):
     for w in workers:
         w.start()
     for w in workers:
-        w.join(timeout=300)
+        w.join(timeout=HUNG)
         assert w.exitcode == 0
     assert len(json.loads(path.read_text())) == 200
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".results.json.*.tmp"))
@@ -144,7 +144,7 @@ def test_eight_concurrent_evaluations_keep_eight_results(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for seed in range(8)]
     for proc in procs:
-        out, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=HUNG)
         assert proc.returncode == 0, err
         assert "results written" in out
     seeds = {e["seed"] for e in read_results(run / "results.json")["best.pt"].values()}

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import HUNG, REPO
 from helpers import ADDED_KEYS, SMALL, compose, ok, one_sentence
 from omegaconf import OmegaConf
 
@@ -171,7 +171,7 @@ def test_two_processes_share_one_study_and_run_each_trial_once(tmp_path):
             f"hydra.sweeper.storage=sqlite:///{db}", f"hydra.sweep.dir={sweep}"]
     procs = [search([*args, f"hydra.sweeper.sampler.seed={seed}"], tmp_path) for seed in (0, 1)]
     for proc in procs:
-        out, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=HUNG)
         assert proc.returncode == 0, out + err
     trials = load(db, "protonet_omniglot").trials
     assert sorted(t.number for t in trials) == list(range(4))
@@ -237,7 +237,7 @@ def test_ctrl_c_stops_the_study_and_leaves_no_trial_running(tmp_path):
         assert time.monotonic() < deadline, "the first trial never validated"
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=HUNG)
     assert proc.returncode == 130, out + err
     one_sentence(subprocess.CompletedProcess([], 130, out, err), "interrupted at step",
                  "last.pt")

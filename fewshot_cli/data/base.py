@@ -38,6 +38,12 @@ class FewShotDataset:
     def load(self, split: str) -> ClassStore:
         raise NotImplementedError
 
+    def class_sizes(self, split: str) -> list[int] | None:
+        """The image count of each class of ``split`` where it is known without decoding (a
+        reader's file listing: they override this), else None; for checking task shapes
+        before any image is decoded."""
+        return None
+
     # ---- what the data checks (fewshot_cli.data.splits) ask of an image data set
 
     #: where the data lives (``dataset.root``), for readers of files

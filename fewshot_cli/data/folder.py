@@ -240,6 +240,11 @@ class Folder(FewShotDataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return self.store().select(self.splits[split])
 
+    def class_sizes(self, split: str) -> list[int]:
+        """From the listing, before any image is decoded (an undecodable file counts)."""
+        files = self.listing[0]
+        return [len(files[name]) for name in self.splits[split]]
+
     # ---- what the data checks ask (see FewShotDataset)
 
     def identity(self, name: str) -> str:

@@ -20,16 +20,18 @@ import io
 import multiprocessing
 import os
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from fewshot_cli.data.store import ClassStore
 from fewshot_cli.errors import FewshotError
@@ -251,15 +253,18 @@ def empty_store(counts: torch.Tensor, channels: int, size: int
 
 
 def _fill(flat: torch.Tensor, rows: torch.Tensor,
-          parts: Iterable[tuple[bytes, list[tuple[int, ...]], list[str]]]
+          parts: Iterable[tuple[bytes, list[tuple[int, ...]], list[str]]],
+          progress: Callable[[int], Any] = lambda n: None
           ) -> tuple[list[tuple[int, ...]], list[str]]:
-    """Copy decoded chunks, in order, into their rows as they arrive (no second full copy);
-    returns every image's origin and the sentences of the files that failed."""
+    """Copy decoded chunks, in order, into their rows as they arrive (no second full copy),
+    telling ``progress`` how many images each brought; returns every image's origin and the
+    sentences of the files that failed."""
     start, origins, failures = 0, [], []
     for part, origin, failed in parts:
         block = torch.frombuffer(bytearray(part), dtype=torch.uint8).view(-1, flat.shape[1])
         flat[rows[start : start + len(block)]] = block
         start += len(block)
+        progress(len(block))
         origins += origin
         failures += failed
     return origins, failures
@@ -348,17 +353,21 @@ def decode_files(files: Mapping[str, Sequence[Path | str]], size: int, mode: str
     collected = _collected.get()
     job = (repeat(size), repeat(decode_mode), repeat(archive_path), repeat(what), repeat(fix),
            repeat(collected is not None))
-    if len(chunks) > 1:
-        # fork: workers need only PIL and start instantly (DataLoader's default on Linux too)
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        pool = ProcessPoolExecutor(workers, mp_context=ctx)
-        try:
-            origins, failures = _fill(flat, rows, pool.map(_decode, chunks, *job))
-        finally:  # on a bad file, do not wait for the remaining chunks
-            pool.shutdown(wait=True, cancel_futures=True)
-    else:
-        origins, failures = _fill(flat, rows, map(_decode, chunks, *job))
+    # on a terminal only (stderr), like the training bar; gone once the images are decoded
+    with tqdm(total=len(paths), desc=f"decode {what}s", unit="image", leave=False,
+              disable=None, dynamic_ncols=True) as bar:
+        if len(chunks) > 1:
+            # fork: workers need only PIL and start instantly (DataLoader's default on Linux)
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+            pool = ProcessPoolExecutor(workers, mp_context=ctx)
+            try:
+                origins, failures = _fill(flat, rows, pool.map(_decode, chunks, *job),
+                                          bar.update)
+            finally:  # on a bad file, do not wait for the remaining chunks
+                pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            origins, failures = _fill(flat, rows, map(_decode, chunks, *job), bar.update)
     if mode == "auto" and bool((images[:, :, 0] == images[:, :, 1]).all()) and \
             bool((images[:, :, 1] == images[:, :, 2]).all()):
         images = images[:, :, :1].contiguous()  # every image grey: one channel is enough

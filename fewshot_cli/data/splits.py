@@ -15,6 +15,7 @@ be classes the run trained on.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from fewshot_cli.data.base import SPLITS, FewShotDataset
-from fewshot_cli.data.store import ClassStore
+from fewshot_cli.data.store import ClassStore, cache_file, user_cache_dir
 from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import FewshotError
 from fewshot_cli.files import atomic_write_text
@@ -261,10 +262,27 @@ def record_split(dataset: FewShotDataset, run_dir: Path, write: bool = True,
     for problem in integrity_problems(dataset, stores):
         if problem.stops:
             raise FewshotError(problem.sentence)
-        log.warning("%s", problem.sentence)
+        if first_notice(dataset, problem.sentence):
+            log.warning("%s (said once per data cache; fewshot data lists every case)",
+                        problem.sentence)
+        else:
+            log.debug("%s", problem.sentence)
     if write:
         atomic_write_text(json.dumps(split_record(dataset, stores), indent=1) + "\n",
                           Path(run_dir) / RECORD)
+
+
+def first_notice(dataset: FewShotDataset, note: str) -> bool:
+    """Whether ``note`` (a warning about the data that changes no figure: a duplicate image
+    within one split) is new to this data set's cache; it is remembered there from now on, so
+    every later run stays quiet about it (``fewshot data`` still lists it)."""
+    marker = cache_file(dataset.root or user_cache_dir(), {"reader": "noted", "note": note})
+    marker = marker.with_suffix(".txt")
+    if marker.exists():
+        return False
+    with contextlib.suppress(OSError):  # a read-only cache: say it every time
+        atomic_write_text(note + "\n", marker)
+    return True
 
 
 def check_split(dataset: FewShotDataset, run_dir: Path, splits: Iterable[str] = ("test",)

@@ -29,9 +29,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
 from fewshot_cli.errors import FewshotError
+
+
+def _differentiable_all_reduce() -> Any:
+    """A sum over the ranks whose backward pass sums the gradients over the ranks too: torch's
+    functional collective where it has a backward (recent torch), else the older
+    ``torch.distributed.nn.functional.all_reduce`` (deprecated, with a FutureWarning, since)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    if hasattr(collectives, "all_reduce_setup_context"):  # its autograd formula is registered
+        return lambda x: collectives.wait_tensor(collectives.all_reduce(x, "sum",
+                                                                         dist.group.WORLD))
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce
+
+
+differentiable_all_reduce = _differentiable_all_reduce()
 
 
 def launched_by_torchrun() -> bool:

@@ -7,6 +7,7 @@ which the checkpoints store."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -154,15 +155,18 @@ class MetaTrainer:
 
     # ---- validation on fixed tasks
 
-    def validate(self, progress: Callable | None = None) -> tuple[float, float, bool]:
+    def validate(self, progress: Callable[[int], Any] | None = None
+                 ) -> tuple[float, float, bool]:
         """Mean ± 95% CI of the score on ``train.val_episodes`` fixed validation tasks, and
-        whether it is a new best (remembered; the caller saves ``best.pt``)."""
+        whether it is a new best (remembered; the caller saves ``best.pt``). ``progress(n)``
+        makes a progress bar (a context manager with ``update``) for this process's n tasks."""
         episodes, batch = self.settings.val_episodes, self.settings.val_batch
         tasks = self.val_tasks.fixed(episodes, seed=self.settings.val_seed)
-        batches = -(-episodes // batch)
-        mine = -(-(batches - self.procs.rank) // self.procs.world)  # every world-th batch
-        scores = score_tasks(self.algo, self.procs.my_batches(tasks), self.autocast,
-                             progress and (lambda it: progress(it, mine)))
+        sizes = [min(batch, episodes - start) for start in range(0, episodes, batch)]
+        mine = sum(sizes[self.procs.rank::self.procs.world])  # every world-th batch
+        with progress(mine) if progress else contextlib.nullcontext() as bar:
+            scores = score_tasks(self.algo, self.procs.my_batches(tasks), self.autocast,
+                                 bar.update if bar is not None else None)
         mean, ci = normal_ci95(self.procs.gather(scores))
         improved = mean > self.best["score"]
         if improved:
