@@ -56,6 +56,27 @@ def one_sentence(proc: subprocess.CompletedProcess, *words: str, code: int | Non
     return errors[0]
 
 
+def recorded_hparams(run: Path) -> dict[str, Any]:
+    """The hparams that TensorBoard's HPARAMS tab shows for the run folder ``run``: the
+    session start info in its event files, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    values: dict[str, Any] = {}
+    for events in sorted(run.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        try:
+            contents = acc.PluginTagToContent("hparams")
+        except KeyError:  # a file without hparams
+            continue
+        for content in contents.values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            for key, value in data.session_start_info.hparams.items():
+                values[key] = value.string_value or value.number_value
+    return values
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """The model's weights stored in the checkpoint at ``path``."""
     return load_checkpoint(path)["model"]
