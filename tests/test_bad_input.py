@@ -834,7 +834,7 @@ def test_report_names_a_run_whose_results_cannot_be_read_and_reports_the_rest(
     assert "results.json" in note and "left out" in note, proc.stdout
     assert "- 2: its .hydra files cannot be read" in proc.stdout
     own = eval_result(sweep / "1", 5, 1)["accuracy"]
-    assert "| 2 of 2 | 4 | " in proc.stdout and f"| {100 * own:.2f} |" in proc.stdout
+    assert "| 2 of 2 | 4 | " in proc.stdout and f"| {100 * own:.2f} (n=1) |" in proc.stdout
 
 
 def test_query_statistics_a_model_cannot_switch_to_are_one_sentence(fewshot, run):
