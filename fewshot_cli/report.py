@@ -556,12 +556,28 @@ def protocols(tests: list[Column]) -> dict[str, list[Column]]:
     return by_protocol
 
 
+def short_number(x: float) -> str:
+    """A tick label: 3 significant digits, in at most 6 characters (``0.003``, ``7e-4``,
+    ``1.5e-5``)."""
+    text = f"{x:.3g}"
+    if len(text) <= 6 and "e" not in text:
+        return text
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def shown(value: str | None) -> str:
+    """A key's value in a legend: as typed, or rounded (:func:`short_number`) when long."""
+    number = as_number(value)
+    return short_number(number) if number is not None and len(str(value)) > 8 else str(value)
+
+
 def key_axis(ax: Any, runs: list[Run], key: str) -> list[float]:
     """Set ``ax``'s x axis for ``key``'s values in ``runs`` and return each run's position:
     numbers on a log scale where the search samples them so (or they span 20x and more),
     ticks rounded to 3 significant digits; other values as categories. The axis spans every
     value, so that panels of one key, whichever runs have their score, read alike."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
     values = [r.overrides.get(key) for r in runs]
     numbers = [as_number(v) for v in values]
@@ -577,14 +593,18 @@ def key_axis(ax: Any, runs: list[Run], key: str) -> list[float]:
     if logged:
         ax.set_xscale("log")
         decades = math.log10(distinct[-1] / distinct[0])
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades < 1.5 else
-                                              (1.0, 3.0) if decades < 3 else (1.0,)))
+        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades < 0.7 else (1.0, 2.0, 5.0) \
+            if decades < 1.5 else (1.0, 3.0) if decades < 3 else (1.0,)
+        ax.xaxis.set_major_locator(LogLocator(subs=subs))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_minor_formatter(NullFormatter())
-    if len(distinct) <= 6:  # a grid's few values: tick exactly those
-        ax.set_xticks(distinct, labels=[f"{x:.3g}" for x in distinct])
+    typed = {v for v in values if v is not None}
+    if len(distinct) <= 6 and all(len(v) <= 6 for v in typed):  # a grid's few values as typed
+        ax.set_xticks(distinct, labels=[short_number(x) for x in distinct])
     else:
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.3g}"))
+        if not logged:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: short_number(x)))
     if logged:
         pad = (distinct[-1] / distinct[0]) ** 0.1 if distinct[-1] > distinct[0] else 2.0
         ax.set_xlim(distinct[0] / pad, distinct[-1] * pad)
@@ -638,6 +658,8 @@ def outside_legend(ax: Any, title: str | None = None) -> None:
 def plot_slice(ax: Any, runs: list[Run], key: str, metric: str) -> None:
     """Best validation score of each run against ``key``'s value, as Optuna's slice plot: one
     point per run, no means or lines (the runs differ in other settings too)."""
+    from matplotlib.ticker import MaxNLocator
+
     xs = key_axis(ax, runs, key)
     factor = scale(metric)[0]
     dots = ax.scatter(xs, [factor * r.best["score"] for r in runs], c=run_numbers(runs),
@@ -646,6 +668,7 @@ def plot_slice(ax: Any, runs: list[Run], key: str, metric: str) -> None:
         bar = ax.figure.colorbar(dots, ax=ax, pad=0.02, aspect=30)
         bar.set_label("run (Hydra's job number)", fontsize="small")
         bar.ax.tick_params(labelsize="x-small")
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(key)
     ax.set_ylabel(heading(metric, "best val"))
     ax.set_title(f"slice: best val against {key} (n={len(runs)})", fontsize="medium")
@@ -730,7 +753,8 @@ def plot_curves(ax: Any, runs: list[Run], keys: list[str], metric: str) -> None:
             continue
         values = tuple(run.overrides.get(k) for k in keys)
         group = order.index(values)
-        label = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) or "runs"
+        label = ", ".join(f"{k}={shown(v)}" for k, v in zip(keys, values, strict=True)) \
+            or "runs"
         steps, scores = zip(*run.curve, strict=True)
         colour = f"C{group % 10}" if len(keys) <= 1 else \
             colours((number - min(numbers)) / max(1, max(numbers) - min(numbers)))
