@@ -511,10 +511,8 @@ def figure(root: Path, runs: list[Run], keys: list[str], tests: list[Column]) ->
     panels: list[Callable[[Any], None]] = []
     if len(keys) > 1:  # a search: nothing averaged over runs that differ in other settings
         panels += [partial(plot_slice, runs=done, key=key, metric=metric) for key in keys]
-        importances = param_importances(done, keys)
-        if importances:
-            panels.append(partial(plot_importances, importances=importances, count=len(done),
-                                  metric=metric))
+        panels.append(partial(plot_importances, importances=param_importances(done, keys),
+                              count=len(done), metric=metric))
     elif keys:
         best = [("best val", lambda r: r.best["score"])]
         panels.append(partial(plot_key, runs=done, key=keys[0], series=best, metric=metric,
@@ -685,19 +683,19 @@ def run_numbers(runs: list[Run]) -> list[int]:
     return numbers
 
 
-def param_importances(runs: list[Run], keys: list[str]) -> dict[str, float]:
+def param_importances(runs: list[Run], keys: list[str]) -> dict[str, float] | str:
     """Optuna's fANOVA importance of each key for the runs' best validation score (fractions
-    summing to 1), over the runs that set every key; empty without Optuna (the cluster extra)
-    or with fewer than 3 such runs."""
+    summing to 1), over the finished runs that set every key; or why there are none (no
+    Optuna: the cluster extra; fewer than 3 such runs; scores that do not vary)."""
     try:
         import optuna
     except ImportError:
-        return {}
+        return "parameter importance needs Optuna:\npip install 'fewshot[cluster]'"
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     runs = [r for r in runs if all(r.overrides.get(k) is not None for k in keys)]
     if len(runs) < 3:
-        return {}
+        return f"parameter importance needs 3 finished\nruns setting every key; {len(runs)} do"
     distributions: dict[str, Any] = {}
     for key in keys:
         numbers = [as_number(r.overrides[key]) for r in runs]
@@ -719,18 +717,28 @@ def param_importances(runs: list[Run], keys: list[str]) -> dict[str, float]:
             study.add_trials(trials)
             return optuna.importance.get_param_importances(
                 study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError) as err:  # e.g. every run scored the same
+        return f"Optuna found no importances:\n{str(err).splitlines()[0][:60]}"
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
-def plot_importances(ax: Any, importances: dict[str, float], count: int, metric: str) -> None:
-    """Horizontal bars of :func:`param_importances`, the most important on top."""
+def plot_importances(ax: Any, importances: dict[str, float] | str, count: int,
+                     metric: str) -> None:
+    """Horizontal bars of :func:`param_importances`, the most important on top; or why there
+    are none, written in the panel."""
+    ax.set_title(f"parameter importance (Optuna fANOVA, n={count})", fontsize="medium")
+    if isinstance(importances, str):
+        ax.text(0.5, 0.5, importances, ha="center", va="center", fontsize="small",
+                transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
     keys = list(importances)[::-1]
     ax.barh(range(len(keys)), [importances[k] for k in keys], color="C0")
     ax.set_yticks(range(len(keys)), labels=keys)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"share of the variance of best val {metric}")
-    ax.set_title(f"parameter importance (Optuna fANOVA, n={count})", fontsize="medium")
     ax.grid(alpha=0.3, axis="x")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import re
@@ -223,3 +224,23 @@ def test_protocols_that_read_alike_get_their_differences_in_the_label(tmp_path):
     assert labels == ["best.pt 5-way 1-shot, 3 episodes [dataset_options.image_size=28]",
                       "best.pt 5-way 1-shot, 3 episodes [dataset_options.image_size=32]"]
     assert [c.label() for r in runs for c in r.tests] == labels
+
+
+@pytest.mark.parametrize("lrs", [
+    (0.0006824078427098838, 0.0007447144904083078, 0.0012520653814999472),  # overlapped
+    (3e-6, 1e-4, 2.5e-3, 0.05, 0.09, 1.2e-5, 7e-4, 0.02)])
+def test_a_search_figure_reads_at_any_spread_of_values(tmp_path, lrs):
+    """Issue 31.5: a 3-trial search's learning rates became three full-precision tick labels
+    on each other. Runs as read_run makes them, lr searched on a log scale; every run scored
+    the same, where Optuna cannot rank the keys: the panel says so instead."""
+    runs = [Run(tmp_path / str(i), {"train.lr": repr(lr), "algo.distance": ("cosine", "l2")[i % 2]},
+                step=4, steps=4, best={"score": 0.5, "ci95": 0.1, "step": 4},
+                curve=[(2, 0.4), (4, 0.5)], config=str(i), log_keys={"train.lr"})
+           for i, lr in enumerate(lrs)]
+    for keys in (["train.lr"], ["train.lr", "algo.distance"]):
+        fig = figure(tmp_path, runs, keys, [])
+        assert_readable(fig)
+        assert fig.axes[0].get_xscale() == "log"
+    if importlib.util.find_spec("optuna"):
+        why, = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert why.startswith("Optuna found no importances")
