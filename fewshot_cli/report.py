@@ -604,10 +604,10 @@ def key_axis(ax: Any, runs: list[Run], key: str) -> list[float]:
             ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: short_number(x)))
     if logged:
-        pad = (distinct[-1] / distinct[0]) ** 0.1 if distinct[-1] > distinct[0] else 2.0
+        pad = (distinct[-1] / distinct[0]) ** 0.15 if distinct[-1] > distinct[0] else 2.0
         ax.set_xlim(distinct[0] / pad, distinct[-1] * pad)
     else:
-        pad = 0.1 * (distinct[-1] - distinct[0]) or 0.5 * (abs(distinct[0]) or 1.0)
+        pad = 0.15 * (distinct[-1] - distinct[0]) or 0.5 * (abs(distinct[0]) or 1.0)
         ax.set_xlim(distinct[0] - pad, distinct[-1] + pad)
     return numbers
 
