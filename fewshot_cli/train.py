@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.run_folder import RunFolder
 from fewshot_cli.engine.runtime import StopRequest, pad_host_heap, resolve_device
 from fewshot_cli.engine.trainer import MetaTrainer
+from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import Interrupted
 from fewshot_cli.intervals import format_mean_ci
 from fewshot_cli.options import check_train
@@ -36,6 +38,10 @@ from fewshot_cli.shell import arg, command
 
 log = logging.getLogger(__name__)
 HPARAM_SECTIONS = ("train", "algo", "backbone", "dataset", "device", "augment")
+# Settings that mean nothing to some runs, left out of their hparams: the image task shape and
+# augmentation to a bandit learner (RL²), the minibatch size to algorithms trained on episodes.
+IMAGE_ONLY = ("train.ways", "train.shots", "train.queries", "train.batch_size", "augment")
+BATCHES_ONLY = ("train.batch_size",)
 # Called after each validation with (training step, validation score, whether it is the run's
 # last); returns why the run should stop early (a search pruning a hopeless trial), or None.
 ValidationHook = Callable[[int, float, bool], "str | None"]
@@ -114,11 +120,10 @@ def meta_train(trainer: MetaTrainer, on_validation: ValidationHook | None = None
     main = trainer.procs.main
     writer = SummaryWriter(str(run_dir), purge_step=trainer.step or None) if main else None
     try:
+        summaries = write_hparams(writer, trainer) if writer is not None else None
         stopped = _loop(trainer, writer, on_validation)
         if writer is not None:
-            writer.add_hparams(hparams(trainer.config),
-                               {f"hparam/best_val_{metric}": trainer.best["score"]},
-                               run_name=".")
+            writer.file_writer.add_summary(summaries[2], trainer.step)  # the session's end
     except BaseException:
         with contextlib.suppress(Exception):  # (a full disk) must not hide why the run stopped
             writer and writer.close()
@@ -184,6 +189,7 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
                 scalars({f"val/{metric}": mean, "val/ci95": ci}, done)
                 if improved:
                     trainer.save("best.pt")
+                    scalars({f"hparam/best_val_{metric}": trainer.best["score"]}, done)
                 trainer.save("last.pt")
                 best = trainer.best
                 log.info("step %d: val %s %s (best %s at step %d)", done, metric,
@@ -216,13 +222,36 @@ def _flat(node: Mapping, prefix: str) -> dict[str, Any]:
     return out
 
 
-def hparams(plain: Mapping[str, Any]) -> dict[str, Any]:
+def hparams(plain: Mapping[str, Any], task_kind: str = IMAGE_TASKS,
+            trains_on: str = "episodes") -> dict[str, Any]:
     """The run's settings for TensorBoard's HPARAMS tab, from its config as plain data: every
     option of the groups, by key (``algo.inner_lr``), and the group options chosen
-    (``algo=metasgd``)."""
+    (``algo=metasgd``); only those that apply to an algorithm learning ``task_kind`` tasks
+    from ``trains_on`` (its class attributes): no ``train.ways`` for RL² on bandits."""
     values: dict[str, Any] = {"seed": plain["seed"]}
     for section in HPARAM_SECTIONS:
         if isinstance(plain.get(section), Mapping):
             values.update(_flat(plain[section], section))
     values.update({k: v for k, v in (plain.get("choices") or {}).items() if v is not None})
-    return values
+    left_out = (IMAGE_ONLY if task_kind != IMAGE_TASKS else ()) + \
+        (BATCHES_ONLY if trains_on != "batches" else ())
+    return {k: v for k, v in values.items()
+            if not any(k == key or k.startswith(f"{key}.") for key in left_out)}
+
+
+def write_hparams(writer: SummaryWriter, trainer: MetaTrainer) -> tuple[Any, Any, Any]:
+    """Write the run's hparams (:func:`hparams`) into its TensorBoard events as it starts, so a
+    run stopped early or interrupted has them too; the metric, ``hparam/best_val_<metric>``,
+    is written at each validation that improves on the best. Returns TensorBoard's three
+    summaries (experiment, session start, session end), the last to write when the run ends."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    algo, metric = trainer.algo, trainer.algo.score_name
+    summaries = hparams_summaries(hparams(trainer.config, algo.task_kind, algo.trains_on),
+                                  {f"hparam/best_val_{metric}": trainer.best["score"]})
+    for summary in summaries[:2]:
+        writer.file_writer.add_summary(summary, trainer.step)
+    if math.isfinite(trainer.best["score"]):  # resumed: the best so far, after the purge
+        writer.add_scalar(f"hparam/best_val_{metric}", trainer.best["score"], trainer.step)
+    writer.flush()
+    return summaries

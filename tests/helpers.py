@@ -56,6 +56,67 @@ def one_sentence(proc: subprocess.CompletedProcess, *words: str, code: int | Non
     return errors[0]
 
 
+def recorded_hparams(run: Path) -> dict[str, Any]:
+    """The hparams that TensorBoard's HPARAMS tab shows for the run folder ``run``: the
+    session start info in its event files, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    values: dict[str, Any] = {}
+    for events in sorted(run.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        try:
+            contents = acc.PluginTagToContent("hparams")
+        except KeyError:  # a file without hparams
+            continue
+        for content in contents.values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            for key, value in data.session_start_info.hparams.items():
+                values[key] = value.string_value or value.number_value
+    return values
+
+
+def assert_readable(fig: Any) -> None:
+    """A report figure (``fewshot_cli.report.figure``) that shows everything it draws: every
+    panel and text inside the canvas, no legend over any panel's data, no two tick labels of
+    an axis on each other, and a run count (``n=3``) beside every mean drawn."""
+    from matplotlib.legend import Legend
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox.padded(1)  # a pixel of rounding
+
+    def inside(box: Any) -> bool:
+        return canvas.x0 <= box.x0 and box.x1 <= canvas.x1 and \
+            canvas.y0 <= box.y0 and box.y1 <= canvas.y1
+
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    for ax in panels:  # its tight box holds what it draws: labels, title, legend, texts
+        assert inside(ax.get_tightbbox(renderer)), f"panel {ax.get_title()!r} is clipped"
+    for text in [fig._suptitle, *fig.texts]:
+        if text is not None and text.get_text():
+            assert inside(text.get_window_extent(renderer)), f"{text.get_text()!r} is clipped"
+    for legend in fig.findobj(Legend):
+        box = legend.get_window_extent(renderer)
+        for ax in panels:
+            assert not box.overlaps(ax.bbox), f"a legend covers panel {ax.get_title()!r}"
+    for ax in panels:
+        for axis, centre, (low, high) in ((ax.xaxis, lambda b: (b.x0 + b.x1) / 2,
+                                           ax.bbox.intervalx),
+                                          (ax.yaxis, lambda b: (b.y0 + b.y1) / 2,
+                                           ax.bbox.intervaly)):
+            labels = [box for t in axis.get_ticklabels() if t.get_visible() and t.get_text()
+                      and low - 1 <= centre(box := t.get_window_extent(renderer)) <= high + 1]
+            for i, a in enumerate(labels):
+                assert not any(a.overlaps(b) for b in labels[i + 1:]), \
+                    f"tick labels overlap on {ax.get_title()!r}: {axis.get_ticklabels()}"
+        means = sum(len(bars.lines[0].get_xdata()) for bars in ax.containers
+                    if hasattr(bars, "has_yerr"))
+        counts = [t for t in ax.texts if t.get_text().startswith("n=")]
+        assert len(counts) == means, f"{ax.get_title()!r}: {means} means, {len(counts)} counts"
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """The model's weights stored in the checkpoint at ``path``."""
     return load_checkpoint(path)["model"]

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import HUNG, REPO, eval_result, run_cli, zero_a_quarter_of_the_images
-from helpers import TINY, ok, one_sentence
+from helpers import TINY, failed, ok, one_sentence, recorded_hparams
 from omegaconf import OmegaConf
 
 from fewshot_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+from fewshot_cli.report import read_scalars
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -360,24 +362,34 @@ def test_a_nan_loss_is_logged_in_the_run_and_keeps_the_last_good_checkpoint(cli,
 
 
 def test_hparams_name_the_variant_and_every_group(run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    values = {}
-    for events in run.glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        try:
-            contents = acc.PluginTagToContent("hparams")
-        except KeyError:  # the scalars' file; add_hparams writes a file of its own
-            continue
-        for content in contents.values():
-            data = plugin_data_pb2.HParamsPluginData.FromString(content)
-            for key, value in data.session_start_info.hparams.items():
-                values[key] = value.string_value or value.number_value
+    values = recorded_hparams(run)
     assert values["algo"] == "protonet" and values["dataset"] == "glyphs"
     assert values["algo.distance"] == "sqeuclidean" and values["backbone.hidden"] == 8
     assert values["dataset.classes.train"] == 20 and values["train.ways"] == 5
+    assert "train.batch_size" not in values  # ProtoNet trains on episodes, not minibatches
+
+
+def test_an_interrupted_run_has_its_hparams(fewshot, tmp_path, monkeypatch):
+    """Issue 31.8: hparams were written once training ended, so a run stopped by Ctrl-C (or a
+    cluster's SIGTERM) had none in TensorBoard. A real SIGINT sent from inside step 3."""
+    from fewshot_cli.engine.trainer import MetaTrainer
+
+    step = MetaTrainer.train_step
+
+    def interrupted(self, at, *args, **kwargs):
+        if at == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, at, *args, **kwargs)
+
+    monkeypatch.setattr(MetaTrainer, "train_step", interrupted)
+    run = tmp_path / "run"
+    err = failed(fewshot("train", *TINY, "train.steps=50", "train.val_every=2",
+                         f"hydra.run.dir={run}"))
+    assert "interrupted at step 3" in err
+    values = recorded_hparams(run)
+    assert values["algo"] == "protonet" and values["train.steps"] == 50
+    best = read_scalars(run, ("hparam/best_val_accuracy",))["hparam/best_val_accuracy"]
+    assert [s for s, _ in best] == [2]  # the metric, as far as the run got
 
 
 def test_on_a_terminal_validation_shows_progress_and_logs_stay_off_the_bar(tmp_path):
@@ -822,7 +834,7 @@ def test_report_names_a_run_whose_results_cannot_be_read_and_reports_the_rest(
     assert "results.json" in note and "left out" in note, proc.stdout
     assert "- 2: its .hydra files cannot be read" in proc.stdout
     own = eval_result(sweep / "1", 5, 1)["accuracy"]
-    assert "| 2 of 2 | 4 | " in proc.stdout and f"| {100 * own:.2f} |" in proc.stdout
+    assert "| 2 of 2 | 4 | " in proc.stdout and f"| {100 * own:.2f} (n=1) |" in proc.stdout
 
 
 def test_query_statistics_a_model_cannot_switch_to_are_one_sentence(fewshot, run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import re
@@ -10,13 +11,13 @@ import statistics
 
 import pytest
 from conftest import eval_result
-from helpers import SMALL, failed, ok
+from helpers import SMALL, assert_readable, failed, ok
 from omegaconf import OmegaConf
 from PIL import Image
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
 from fewshot_cli.errors import FewshotError
-from fewshot_cli.report import Column, Run, report, result_columns, run_status
+from fewshot_cli.report import Column, Run, figure, report, result_columns, run_status
 
 T95_ONE_DOF = 12.7062  # Student t, two-sided 95%, 1 degree of freedom (two seeds)
 
@@ -29,9 +30,11 @@ DIVERGES_AT_4 = ["train.steps=10", "train.val_every=2",
 
 
 def expected_cell(values: list[float]) -> str:
-    """Two seeds' mean ± 95% CI in percent, computed here independently of fewshot.report."""
+    """Two seeds' mean ± 95% CI in percent and their count, computed here independently of
+    fewshot.report."""
     mean = statistics.fmean(values)
-    return f"{100 * mean:.2f} ± {100 * T95_ONE_DOF * statistics.stdev(values) / math.sqrt(2):.2f}"
+    ci = 100 * T95_ONE_DOF * statistics.stdev(values) / math.sqrt(2)
+    return f"{100 * mean:.2f} ± {ci:.2f} (n=2)"
 
 
 def test_report_on_a_sweep_of_two_shots_and_two_seeds(cli, tmp_path):
@@ -70,10 +73,10 @@ def test_report_on_a_sweep_of_two_shots_and_two_seeds(cli, tmp_path):
         assert float(row["test best.pt score"]) == pytest.approx(test)
         assert float(row["episodes_per_s"]) > 0
 
-    # Two panels (accuracy against train.shots, validation curves) at 110 dpi, and the two
-    # groups' curves drawn in matplotlib's first two colours.
+    # Three panels (best val and the test against train.shots, validation curves) at 110 dpi,
+    # and the two groups' curves drawn in matplotlib's first two colours.
     png = Image.open(sweep / "report.png").convert("RGB")
-    assert png.size == (1056, 418)
+    assert png.size == (1848, 429)
     colours = {colour for _, colour in png.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours
 
@@ -88,9 +91,25 @@ def test_report_on_a_sweep_of_two_shots_and_two_seeds(cli, tmp_path):
     test = [t for s, _, t in runs.values() if s == shots]
     assert f"| {shots} | 2 of 2 | 6 | {expected_cell(val)} | {expected_cell(test)} | " in again
     other = eval_result(extra.parent, 5, shots, episodes=3)
-    label = f"test accuracy best.pt 5-way {shots}-shot (2 queries), 3 episodes, seed 7, " \
-            "inductive query statistics (%)"
-    assert label in again and f" | {100 * other['accuracy']:.2f} | " in again
+    assert "| test accuracy best.pt (%) | test accuracy best.pt P1 (%) |" in again
+    assert f"- P1: 5-way {shots}-shot (2 queries), 3 episodes, seed 7, inductive query " \
+           "statistics\n" in again
+    assert f" | {100 * other['accuracy']:.2f} (n=1) | " in again
+
+    # Issue 31.5: the full protocol as a legend label pushed the panel off the canvas, and the
+    # test of 1 run of 2 was drawn as the group's. Now a panel per protocol, named P1 as in
+    # report.md, legends beside the axes, and a count beside every mean.
+    found = report(OmegaConf.create({"dir": str(sweep), "out": str(tmp_path / "again")}))
+    fig = figure(sweep, found["runs"], found["keys"], found["tests"])
+    assert_readable(fig)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert list(panels) == ["best val against train.shots", "test (own protocol) against "
+                            "train.shots", "test (P1) against train.shots",
+                            "validation curves (dashed: not finished)"]
+    counts = lambda title: sorted(t.get_text() for t in panels[title].texts)
+    assert counts("best val against train.shots") == ["n=2", "n=2"]
+    assert counts("test (P1) against train.shots") == ["n=1"]
+    assert Image.open(tmp_path / "again" / "report.png").size == (1848, 858)  # 3 + 1 panels
 
 
 def test_report_lists_unfinished_runs_and_bad_folders(fewshot, tmp_path):
@@ -103,7 +122,7 @@ def test_report_lists_unfinished_runs_and_bad_folders(fewshot, tmp_path):
     assert re.search(r"- diverged: (unfinished: step 2 of 10|failed: .*(NaN|nan))", out), out
     row, = csv.DictReader((elsewhere / "report.csv").open())
     assert row["status"] in ("unfinished", "failed") and row["step"] == "2"
-    assert Image.open(elsewhere / "report.png").size == (528, 418)  # the curves panel alone
+    assert Image.open(elsewhere / "report.png").size == (616, 429)  # the curves panel alone
     assert not list(runs.glob("report.*"))
 
     with pytest.raises(FewshotError, match="is not a folder"):
@@ -153,7 +172,8 @@ def test_report_reads_each_runs_metric_and_counts_a_repeated_run_once(cli, tmp_p
     ci = T95_ONE_DOF * statistics.stdev(counted) / math.sqrt(2)
     assert "| runs | finished | steps | best val total_reward | test total_reward best.pt | " \
            "episodes/s |" in out, out
-    assert f"| all | 2 of 2 (+1 repeated) | 4 | {mean:.2f} ± {ci:.2f} | {test:.2f} | " in out
+    assert f"| all | 2 of 2 (+1 repeated) | 4 | {mean:.2f} ± {ci:.2f} (n=2) | {test:.2f} (n=1) " \
+           "| " in out
     assert "- 1 repeats 0" in out
     assert not [line for line in out.splitlines() if line.startswith("|") and "%" in line]
     assert f"best val total_reward {max(counted):.2f} ±" in out
@@ -189,8 +209,9 @@ def test_within_group_and_ordinary_tests_of_one_shape_never_share_a_column(fewsh
     (run / "results.json").write_text(json.dumps(results))
     out = ok(fewshot("report", str(tmp_path))).stdout
     assert "test accuracy best.pt (%) | test accuracy last.pt (%) | test accuracy best.pt " \
-           f"{lake} (%) |" in out, out
-    assert f"| {100 * plain['accuracy']:.2f} | 45.60 | 12.30 |" in out
+           "P1 (%) |" in out, out
+    assert f"- P1: {lake}\n" in out
+    assert f"| {100 * plain['accuracy']:.2f} (n=1) | 45.60 (n=1) | 12.30 (n=1) |" in out
 
 
 def test_protocols_that_read_alike_get_their_differences_in_the_label(tmp_path):
@@ -203,3 +224,23 @@ def test_protocols_that_read_alike_get_their_differences_in_the_label(tmp_path):
     assert labels == ["best.pt 5-way 1-shot, 3 episodes [dataset_options.image_size=28]",
                       "best.pt 5-way 1-shot, 3 episodes [dataset_options.image_size=32]"]
     assert [c.label() for r in runs for c in r.tests] == labels
+
+
+@pytest.mark.parametrize("lrs", [
+    (0.0006824078427098838, 0.0007447144904083078, 0.0012520653814999472),  # overlapped
+    (3e-6, 1e-4, 2.5e-3, 0.05, 0.09, 1.2e-5, 7e-4, 0.02)])
+def test_a_search_figure_reads_at_any_spread_of_values(tmp_path, lrs):
+    """Issue 31.5: a 3-trial search's learning rates became three full-precision tick labels
+    on each other. Runs as read_run makes them, lr searched on a log scale; every run scored
+    the same, where Optuna cannot rank the keys: the panel says so instead."""
+    runs = [Run(tmp_path / str(i), {"train.lr": repr(lr), "algo.distance": ("cosine", "l2")[i % 2]},
+                step=4, steps=4, best={"score": 0.5, "ci95": 0.1, "step": 4},
+                curve=[(2, 0.4), (4, 0.5)], config=str(i), log_keys={"train.lr"})
+           for i, lr in enumerate(lrs)]
+    for keys in (["train.lr"], ["train.lr", "algo.distance"]):
+        fig = figure(tmp_path, runs, keys, [])
+        assert_readable(fig)
+        assert fig.axes[0].get_xscale() == "log"
+    if importlib.util.find_spec("optuna"):
+        why, = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert why.startswith("Optuna found no importances")

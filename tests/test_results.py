@@ -168,8 +168,9 @@ def test_eval_names_the_query_statistics_and_can_test_the_other_rule(tmp_path):
                                                                        "transductive"]
     assert {e["model_query_statistics"] for e in entries.values()} == {"transductive"}
     report = ok(run_cli(["report", str(tmp_path)], tmp_path)).stdout
-    assert "| test accuracy best.pt (%) | test accuracy best.pt 5-way 1-shot (3 queries), " \
-           "8 episodes, seed 2024, inductive query statistics (%) |" in report
+    assert "| test accuracy best.pt (%) | test accuracy best.pt P1 (%) |" in report
+    assert "- P1: 5-way 1-shot (3 queries), 8 episodes, seed 2024, inductive query " \
+           "statistics\n" in report
 
 
 def test_the_test_classes_a_run_recorded_are_part_of_the_protocol(tmp_path):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import compose, failed, ok, weights
+from helpers import compose, failed, ok, recorded_hparams, weights
 
 from fewshot_cli.algorithms.rl2 import RL2, gae, sample
 from fewshot_cli.backbones.gru import GRUPolicy
@@ -151,3 +151,16 @@ def test_rl2_learns_to_match_thompson_sampling_on_k5_n10(cli, tmp_path):
     assert result["episodes"] == 1000
     assert result["total_reward"] >= ts["mean"] - ts["ci95"], out
     assert result["total_reward"] > result["baselines"]["random"]["mean"] + 0.8, out
+
+
+def test_rl2_hparams_hold_no_image_settings(fewshot, tmp_path):
+    """Issue 31.8: an RL² run recorded train.ways, train.shots, train.queries and augment in
+    TensorBoard's hparams, settings that mean nothing to a bandit learner."""
+    run = tmp_path / "run"
+    ok(fewshot("train", *TINY, "train.steps=2", "train.val_every=2", f"hydra.run.dir={run}"))
+    values = recorded_hparams(run)
+    assert values["algo"] == "rl2" and values["dataset.arms"] == 5
+    assert values["train.meta_batch"] == 32 and values["algo.discount"] == pytest.approx(0.99)
+    image = [k for k in values if k.split(".")[0] == "augment" or k in
+             ("train.ways", "train.shots", "train.queries", "train.batch_size")]
+    assert not image, image

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from helpers import SMALL, ok
+from helpers import SMALL, assert_readable, ok
 from omegaconf import OmegaConf
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
+from fewshot_cli.report import figure, report
 
 SHORT = [*SMALL, "train.steps=2", "train.val_every=2"]
 
@@ -64,6 +65,24 @@ def test_optuna_sweep_of_three_trials_names_its_best(cli, tmp_path):
     overrides = list(OmegaConf.load(sweep / str(best) / ".hydra" / "overrides.yaml"))
     assert {f"{k}={v}" for k, v in found.best_params.items()} <= set(overrides)
     assert f"best run: {best} (train.lr=" in ok(cli("report", str(sweep))).stdout
+
+    # Issue 31.5: the report drew lr on a linear axis with full-precision ticks, joined trials
+    # of other distances by lines and averaged them "over seeds". Now a slice per searched key
+    # (lr on the log scale it is searched on), Optuna's importances, and no mean anywhere.
+    found = report(OmegaConf.create({"dir": str(sweep), "out": str(tmp_path / "report")}))
+    assert found["keys"] == ["train.lr", "algo.distance"]
+    fig = figure(sweep, found["runs"], found["keys"], found["tests"])
+    assert_readable(fig)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible() and ax.get_title()}
+    assert list(panels) == ["slice: best val against train.lr (n=3)",
+                            "slice: best val against algo.distance (n=3)",
+                            "parameter importance (Optuna fANOVA, n=3)",
+                            "validation curves (colour: run number)"]
+    assert panels["slice: best val against train.lr (n=3)"].get_xscale() == "log"
+    assert not [ax for ax in fig.axes if ax.containers and ax.get_title().startswith("slice")]
+    assert not [line for ax in panels.values() for line in ax.lines
+                if ax.get_title().startswith("slice")]
+    assert "average nothing across them" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_slurm_launcher_config_composes(fewshot):
