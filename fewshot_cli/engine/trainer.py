@@ -7,6 +7,7 @@ which the checkpoints store."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 
 from fewshot_cli.algorithms.base import MetaAlgorithm
 from fewshot_cli.data.base import FewShotDataset
+from fewshot_cli.draws import task_seeds
 from fewshot_cli.engine.checkpoint import code_version, save_checkpoint
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.metrics import score_tasks
@@ -44,6 +46,17 @@ class TrainSettings:
     batch_size: int | None = None    # images per step of a minibatch-trained algorithm
     max_minutes: float | None = None  # stop once the training steps have spent this long
     budget_clock: str = "wall"        # wall | cpu: the clock max_minutes is measured on
+
+
+def seeded(tasks: Any, seed: int, step: int, device: torch.device | str = "cpu") -> Any:
+    """``tasks`` with the seeds of the random draws of training step ``step`` of a run seeded
+    ``seed``, one per task (or image) of the global meta-batch, given before it is split over
+    ranks (see ``fewshot_cli.draws``); tasks that carry their own randomness (bandit trials)
+    are returned as they are."""
+    if "seeds" not in {f.name for f in dataclasses.fields(tasks)}:
+        return tasks
+    count = next(v.shape[0] for v in vars(tasks).values() if isinstance(v, torch.Tensor))
+    return dataclasses.replace(tasks, seeds=task_seeds(seed, step, count, device))
 
 
 @dataclass
@@ -108,7 +121,8 @@ class MetaTrainer:
         start = self._clock()
         self.algo.train()
         self.algo.set_step(step)
-        tasks = self.procs.shard(self.train_tasks.sample())
+        tasks = self.procs.shard(seeded(self.train_tasks.sample(), self.settings.seed, step,
+                                        self.device))
         with self.autocast():
             loss, metrics = self.algo.meta_loss(tasks)
         self.optimizer.zero_grad(set_to_none=True)
