@@ -76,7 +76,15 @@ class DropBlock(nn.Module):
         seeds = draws.uniform((m, c, h - size + 1, w - size + 1), self.stream, x.device) < gamma
         seeds = F.pad(seeds.to(x.dtype), (size - 1,) * 4)
         keep = 1 - F.max_pool2d(seeds, size, stride=1)  # each seed blanks the block below-right
-        return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
+        # Rescaled by the kept fraction (Ghiasi et al.'s count(M) / count_ones(M)): of the whole
+        # batch, or, when the tasks draw by their seeds, of each task's own rows, so that a
+        # task's features do not depend on the tasks computed beside it.
+        given = draws.current()
+        groups = 1 if given is None or not given.seeds.dim() else given.seeds.numel()
+        per_task = keep.reshape(groups, -1)
+        scale = per_task.shape[1] / per_task.sum(1).clamp_min(1.0)
+        scale = scale.view(groups, 1).expand(groups, m // groups).reshape(m, 1, 1, 1)
+        return x * keep * scale.to(x.dtype)
 
 
 class ResidualBlock(nn.Module):

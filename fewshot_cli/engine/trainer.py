@@ -65,7 +65,9 @@ class RunParts:
     (on its device; wrapped for data parallelism under torchrun), the training and validation
     task samplers (labelled minibatches for a transfer baseline), the optimizer and its
     schedule, the mixed-precision context, the input shape the model was sized for (kept in
-    checkpoints for ``fewshot predict``), and the record of ``init_from=`` (kept in checkpoints)."""
+    checkpoints for ``fewshot predict``), the record of ``init_from=`` (kept in checkpoints), and
+    the keys the config computed from ``train.steps`` when the run started (kept in checkpoints:
+    a resume may not change ``train.steps`` under them)."""
 
     dataset: FewShotDataset
     algo: MetaAlgorithm
@@ -76,6 +78,7 @@ class RunParts:
     autocast: Callable
     inputs: dict[str, Any]
     init_from: dict[str, Any] | None = None  # the pretrained backbone a new run started from
+    follows_steps: tuple[str, ...] = ()
 
 
 class MetaTrainer:
@@ -90,6 +93,7 @@ class MetaTrainer:
         self.train_tasks, self.val_tasks = parts.train_tasks, parts.val_tasks
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
         self.autocast, self.init_from = parts.autocast, parts.init_from
+        self.follows_steps = parts.follows_steps
         self.step = 0
         self.best = {"score": -math.inf, "ci95": math.nan, "step": 0}
         self.code = [code_version()]  # every version of the code that trained this run, in order
@@ -207,6 +211,7 @@ class MetaTrainer:
             "trained_seconds": self.trained_seconds,
             "wall_seconds": self.wall_seconds,
             "init_from": self.init_from,
+            "follows_steps": list(self.follows_steps),
             "best": {"accuracy" if self.algo.score_name == "accuracy" else "score":
                      self.best["score"], "ci95": self.best["ci95"], "step": self.best["step"],
                      "metric": self.algo.score_name},
@@ -232,5 +237,6 @@ class MetaTrainer:
         self._wall_before = state.get("wall_seconds", None if self.step else 0.0)
         self._wall_start = time.perf_counter()
         self.init_from = state.get("init_from")
+        self.follows_steps = tuple(state.get("follows_steps", ()))
         self.best = {"score": best.get("score", best.get("accuracy")), "ci95": best["ci95"],
                      "step": best["step"]}
