@@ -27,6 +27,7 @@ import torch
 _MASK = 0xFFFFFFFF
 # odd multipliers below 2**31: 32-bit values times them never overflow int64
 _MULTIPLIERS = (0x7FEB352D, 0x446CA68B, 0x2C1B3C6D, 0x297A2D39)
+_WEYL = 0x9E3779B9  # 2**32 / golden ratio: consecutive elements start far apart
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +103,15 @@ def uniform(shape: tuple[int, ...] | torch.Size, stream: int, device: torch.devi
         raise ValueError(f"{rows} rows cannot be split over {groups} tasks' seeds")
     head = _combine(_combine(draws.seeds.to(device).reshape(-1, 1), draws.tag), stream)
     row = _combine(head, torch.arange(rows // groups, device=device).view(1, -1))
-    bits = _combine(row.reshape(rows, 1), torch.arange(per_row, device=device).view(1, -1))
-    return ((bits >> 8).float() * 2.0**-24).view(*shape)
+    # Per element (the hot part, as many numbers as the layer's input): the row's key plus a
+    # Weyl sequence over the element index, then two rounds of xor-shift-multiply.
+    weyl = (torch.arange(per_row, device=device) * _WEYL).view(1, -1)
+    x = (row.reshape(rows, 1) + weyl) & _MASK
+    for m in _MULTIPLIERS[:2]:
+        x = x ^ (x >> 16)
+        x = (x * m) & _MASK
+    x = x ^ (x >> 15)
+    return ((x >> 8).float() * 2.0**-24).view(*shape)
 
 
 def integers(low: int, high: int, shape: tuple[int, ...], stream: int,
