@@ -352,9 +352,11 @@ RESUME_STEPS = 3  # the uninterrupted run's length; each algorithm stops at step
 
 def resume_run(name: str, *extra: str) -> list[str]:
     """``fewshot train`` of algorithm ``name`` with dropout and DropBlock (its ramp over 2
-    steps), validating every step, on tiny glyphs."""
-    return ["train", *algorithm_overrides(name), *BACKBONES["resnet12_dropblock"],
-            "backbone.anneal_steps=2", *(o for o in TINY if not o.startswith("backbone.")),
+    steps; Relation on its own backbone), validating every step, on tiny glyphs."""
+    random_layers = [] if refused(name, "resnet12_dropblock") else \
+        [*BACKBONES["resnet12_dropblock"], "backbone.anneal_steps=2"]
+    return ["train", *algorithm_overrides(name), *random_layers,
+            *(o for o in TINY if not o.startswith("backbone.")),
             "dataset.image_size=16", "train.ways=3",
             "eval.ways=3", "train.val_every=1", "train.val_episodes=2", "train.queries=1",
             "train.batch_size=4", "train.meta_batch=2", *extra]
