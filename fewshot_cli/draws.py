@@ -82,12 +82,6 @@ def current() -> Draws | None:
     return _current.get()
 
 
-def tagged(tag: int) -> Draws | None:
-    """The context in force with its tag replaced by ``tag`` (None without a context)."""
-    draws = _current.get()
-    return None if draws is None else Draws(draws.seeds, tag)
-
-
 def uniform(shape: tuple[int, ...] | torch.Size, stream: int, device: torch.device,
             draws: Draws | None = None) -> torch.Tensor:
     """Uniform numbers in [0, 1) of ``shape`` ``[rows, ...]``: the rows split evenly over the
