@@ -273,9 +273,11 @@ def two_processes_against_one(cases: list[tuple[str, str]]) -> None:
                             f"{name} on {backbone}, rank {rank}")
 
 
+# Without ResNet-18 (ILL_CONDITIONED): its batch statistics of 1x1 maps part one process's
+# ProtoNet meta-gradient from two processes' by rounding alone (1.2 on 553, no random layer).
 SPLIT_CASES = [(name, backbone) for name in ALGORITHMS for backbone in BACKBONES
-               if not refused(name, backbone) and ("how the work is split", name)
-               not in EXCEPTIONS]
+               if not refused(name, backbone) and backbone != "torchvision"
+               and ("how the work is split", name) not in EXCEPTIONS]
 # A representative few for the everyday loop, with dropout and DropBlock: batch-wide BatchNorm
 # and DropBlock's rescaling (ProtoNet), an algorithm's own draws (Siamese's pairs).
 SPLIT_FEW = [("protonet", "resnet12_dropblock"), ("siamese", "resnet12_dropblock")]
