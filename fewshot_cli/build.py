@@ -395,8 +395,31 @@ def wire_run(cfg: DictConfig, device: torch.device, run_dir: Path,
     val_tasks = dataset.sampler("val", task_shape(e), val_batch, device, prefix="eval")
     optimizer, scheduler = build_optimizer(cfg, algo)
     parts = RunParts(dataset, algo, train_tasks, val_tasks, optimizer, scheduler, autocast,
-                     inputs, init_from)
+                     inputs, init_from, () if cfg.get("resume") else steps_followers(cfg))
     return MetaTrainer(parts, train_settings(cfg, val_batch), config, device, run_dir, procs)
+
+
+_READS_STEPS = re.compile(r"\$\{[^}]*\btrain\.steps\b")
+
+
+def steps_followers(cfg: DictConfig) -> tuple[str, ...]:
+    """The keys whose value ``cfg`` computes from ``train.steps`` (``${train.steps}`` in any
+    interpolation, e.g. Reptile's ``algo.anneal_steps``): schedules fixed when a run starts,
+    which a resume with another ``train.steps`` would leave at the old length."""
+    found: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{prefix}[{i}]")
+        elif isinstance(node, str) and _READS_STEPS.search(node) and prefix != "train.steps":
+            found.append(prefix)
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return tuple(found)
 
 
 def training_data(cfg: DictConfig, dataset: FewShotDataset, algo: MetaAlgorithm,

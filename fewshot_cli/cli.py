@@ -558,6 +558,7 @@ def resume(args: list[str]) -> float:
                                f"{key}")
         else:
             OmegaConf.update(cfg, key, o.value(), merge=False)
+    _check_steps_followers(state, cfg)
     cfg.resume = str(path)
     # its init_from only records where the run began (the checkpoint holds every weight since):
     # that file may have moved or gone
@@ -567,6 +568,20 @@ def resume(args: list[str]) -> float:
     logging.getLogger(__name__).info("resuming %s at step %d%s", path, state["step"],
                                      f" with {' '.join(args[1:])}" if len(args) > 1 else "")
     return train(cfg, path.expanduser().resolve().parent, state=state)
+
+
+def _check_steps_followers(state: dict[str, Any], cfg: DictConfig) -> None:
+    """A resume with another ``train.steps`` would leave the schedules computed from it (Reptile's
+    outer-step annealing, a ``${train.steps}`` scheduler) at the old length, so it would not be
+    the run of the new length: refuse it."""
+    before, after = state["config"]["train"]["steps"], cfg.train.steps
+    keys = state.get("follows_steps") or []
+    if after != before and keys:
+        raise FewshotError(
+            f"resume cannot change train.steps from {before} to {after}: {', '.join(keys)} "
+            f"{'was' if len(keys) == 1 else 'were'} set from train.steps when the run started, "
+            f"so the resumed run would not be the run of {after} steps; start a new run with "
+            f"train.steps={after}")
 
 
 def _group_file(group: str, option: str) -> Path:

@@ -90,6 +90,7 @@ class Episode:
     ways: int
     shots: int
     queries: int
+    seeds: torch.Tensor | None = None
 
     @property
     def meta_batch(self) -> int:
@@ -150,9 +151,11 @@ class LabelledBatch:
     non-episodic pretraining of transfer baselines (Chen et al. 2019; Tian et al. 2020).
 
     images ``float [M, C, H, W]`` in [0, 1]; labels ``long [M]``, each image's class index in
-    its split (0..classes-1); classes: how many classes the split holds.
+    its split (0..classes-1); classes: how many classes the split holds. seeds ``long [M]``:
+    each image's seed for the random layers it meets (see ``Episode``).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: int
+    seeds: torch.Tensor | None = None

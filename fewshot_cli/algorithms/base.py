@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_cli.draws import drawn_by
 from fewshot_cli.episode import IMAGE_TASKS, Backbone, Episode, TaskShape
 from fewshot_cli.errors import FewshotError
 
@@ -110,7 +111,8 @@ class FewShotAlgorithm(MetaAlgorithm):
         return loss, logits
 
     def meta_loss(self, tasks: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, logits = self.loss(tasks)
+        with drawn_by(tasks.seeds):  # each task's random numbers are its own
+            loss, logits = self.loss(tasks)
         acc = accuracy(logits.detach().float(), tasks.query_y).mean()
         return loss, {"loss": loss.detach(), "accuracy": acc}
 

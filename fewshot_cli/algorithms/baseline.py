@@ -39,6 +39,7 @@ from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm, embed_episode
 from fewshot_cli.algorithms.protonet import prototypes
+from fewshot_cli.draws import drawn_by
 from fewshot_cli.episode import Backbone, LabelledBatch
 from fewshot_cli.errors import FewshotError
 
@@ -144,7 +145,8 @@ class Baseline(FewShotAlgorithm):
         """Cross-entropy of the head over every base class on one labelled minibatch."""
         if self.head is None:
             raise RuntimeError("Baseline.set_base_classes must be called before training")
-        features = self.backbone(tasks.images).flatten(1)
+        with drawn_by(tasks.seeds):  # each image's dropout masks are its own
+            features = self.backbone(tasks.images).flatten(1)
         weight, other = self.head["weight"], self.head["bias_or_norm"]
         logits = head_scores(self.classifier, features, weight, other,
                              self.head_scale(weight.shape[0])).float()

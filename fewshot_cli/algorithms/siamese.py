@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_cli.algorithms.base import FewShotAlgorithm
+from fewshot_cli.draws import integers
 from fewshot_cli.episode import Backbone, Episode
 
 
@@ -56,9 +57,10 @@ class SiameseNet(FewShotAlgorithm):
         # another class: balanced pairs, and no image is paired with itself.
         cls = torch.arange(n, device=codes.device).view(1, n, 1).expand(b, n, s)
         idx = torch.arange(s, device=codes.device).view(1, 1, s).expand(b, n, s)
-        same_idx = (idx + torch.randint(1, s, idx.shape, device=codes.device)) % s
-        other_cls = (cls + torch.randint(1, n, cls.shape, device=codes.device)) % n
-        other_idx = torch.randint(0, s, idx.shape, device=codes.device)
+        # each task's pairs are drawn by its own seed (fewshot_cli.draws), when it has one
+        same_idx = (idx + integers(1, s, idx.shape, 0, codes.device)) % s
+        other_cls = (cls + integers(1, n, cls.shape, 1, codes.device)) % n
+        other_idx = integers(0, s, idx.shape, 2, codes.device)
         batch = torch.arange(b, device=codes.device).view(b, 1, 1).expand(b, n, s)
         partners = torch.cat([codes[batch, cls, same_idx], codes[batch, other_cls, other_idx]])
         anchors = torch.cat([codes, codes])

@@ -12,8 +12,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_cli import draws
 from fewshot_cli.episode import IMAGE_TASKS
 from fewshot_cli.errors import FewshotError
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is drawn by the task's seed (:mod:`fewshot_cli.draws`) when
+    the algorithm gives one, so a task's mask does not depend on how the work is split;
+    ``stream`` tells this layer's numbers from the other random layers'."""
+
+    def __init__(self, p: float, stream: int) -> None:
+        super().__init__(p)
+        self.stream = stream
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[M, ...] -> [M, ...]``; the identity in eval mode."""
+        if not self.training or self.p <= 0 or draws.current() is None:
+            return super().forward(x)
+        keep = draws.uniform(x.shape, self.stream, x.device) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)
 
 
 class DropBlock(nn.Module):
@@ -26,9 +44,11 @@ class DropBlock(nn.Module):
     random numbers but not change a tensor it keeps.
     """
 
-    def __init__(self, drop_prob: float, block_size: int, anneal_steps: int = 0) -> None:
+    def __init__(self, drop_prob: float, block_size: int, anneal_steps: int = 0,
+                 stream: int = 0) -> None:
         super().__init__()
         self.drop_prob, self.block_size, self.anneal_steps = drop_prob, block_size, anneal_steps
+        self.stream = stream  # tells its numbers from the other random layers' (fewshot_cli.draws)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def set_step(self, step: int) -> None:
@@ -53,10 +73,18 @@ class DropBlock(nn.Module):
         # Block corners are drawn where a whole block fits; gamma makes the expected dropped
         # fraction equal to ``rate`` (Ghiasi et al., eq. 1).
         gamma = rate / size**2 * (h * w) / ((h - size + 1) * (w - size + 1))
-        seeds = (torch.rand(m, c, h - size + 1, w - size + 1, device=x.device) < gamma)
+        seeds = draws.uniform((m, c, h - size + 1, w - size + 1), self.stream, x.device) < gamma
         seeds = F.pad(seeds.to(x.dtype), (size - 1,) * 4)
         keep = 1 - F.max_pool2d(seeds, size, stride=1)  # each seed blanks the block below-right
-        return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
+        # Rescaled by the kept fraction (Ghiasi et al.'s count(M) / count_ones(M)): of the whole
+        # batch, or, when the tasks draw by their seeds, of each task's own rows, so that a
+        # task's features do not depend on the tasks computed beside it.
+        given = draws.current()
+        groups = 1 if given is None or not given.seeds.dim() else given.seeds.numel()
+        per_task = keep.reshape(groups, -1)
+        scale = per_task.shape[1] / per_task.sum(1).clamp_min(1.0)
+        scale = scale.view(groups, 1).expand(groups, m // groups).reshape(m, 1, 1, 1)
+        return x * keep * scale.to(x.dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -113,9 +141,9 @@ class ResNet12(nn.Module):
                                "DropBlock off, the papers use 0.9")
         drop = 1.0 - keep_prob
         # As in Lee et al. and Tian et al.: plain dropout early, DropBlock in the last two blocks.
-        drops = [nn.Dropout(drop) if drop else nn.Identity() for _ in range(2)] + \
-            [DropBlock(drop, block_size, anneal_steps) if drop else nn.Identity()
-             for _ in range(2)]
+        drops = [Dropout(drop, stream=i) if drop else nn.Identity() for i in range(2)] + \
+            [DropBlock(drop, block_size, anneal_steps, stream=i) if drop else nn.Identity()
+             for i in range(2, 4)]
         ins = [in_channels, *widths[:-1]]
         self.blocks = nn.Sequential(*[
             ResidualBlock(ins[i], widths[i], slope, drops[i], track_running_stats)

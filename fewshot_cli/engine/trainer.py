@@ -8,6 +8,7 @@ which the checkpoints store."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 
 from fewshot_cli.algorithms.base import MetaAlgorithm
 from fewshot_cli.data.base import FewShotDataset
+from fewshot_cli.draws import task_seeds
 from fewshot_cli.engine.checkpoint import code_version, save_checkpoint
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.metrics import score_tasks
@@ -47,13 +49,26 @@ class TrainSettings:
     budget_clock: str = "wall"        # wall | cpu: the clock max_minutes is measured on
 
 
+def seeded(tasks: Any, seed: int, step: int, device: torch.device | str = "cpu") -> Any:
+    """``tasks`` with the seeds of the random draws of training step ``step`` of a run seeded
+    ``seed``, one per task (or image) of the global meta-batch, given before it is split over
+    ranks (see ``fewshot_cli.draws``); tasks that carry their own randomness (bandit trials)
+    are returned as they are."""
+    if "seeds" not in {f.name for f in dataclasses.fields(tasks)}:
+        return tasks
+    count = next(v.shape[0] for v in vars(tasks).values() if isinstance(v, torch.Tensor))
+    return dataclasses.replace(tasks, seeds=task_seeds(seed, step, count, device))
+
+
 @dataclass
 class RunParts:
     """The objects a run trains with, built by ``build.wire_run``: the data set, the algorithm
     (on its device; wrapped for data parallelism under torchrun), the training and validation
     task samplers (labelled minibatches for a transfer baseline), the optimizer and its
     schedule, the mixed-precision context, the input shape the model was sized for (kept in
-    checkpoints for ``fewshot predict``), and the record of ``init_from=`` (kept in checkpoints)."""
+    checkpoints for ``fewshot predict``), the record of ``init_from=`` (kept in checkpoints), and
+    the keys the config computed from ``train.steps`` when the run started (kept in checkpoints:
+    a resume may not change ``train.steps`` under them)."""
 
     dataset: FewShotDataset
     algo: MetaAlgorithm
@@ -64,6 +79,7 @@ class RunParts:
     autocast: Callable
     inputs: dict[str, Any]
     init_from: dict[str, Any] | None = None  # the pretrained backbone a new run started from
+    follows_steps: tuple[str, ...] = ()
 
 
 class MetaTrainer:
@@ -78,6 +94,7 @@ class MetaTrainer:
         self.train_tasks, self.val_tasks = parts.train_tasks, parts.val_tasks
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
         self.autocast, self.init_from = parts.autocast, parts.init_from
+        self.follows_steps = parts.follows_steps
         self.step = 0
         self.best = {"score": -math.inf, "ci95": math.nan, "step": 0}
         self.code = [code_version()]  # every version of the code that trained this run, in order
@@ -109,7 +126,8 @@ class MetaTrainer:
         start = self._clock()
         self.algo.train()
         self.algo.set_step(step)
-        tasks = self.procs.shard(self.train_tasks.sample())
+        tasks = self.procs.shard(seeded(self.train_tasks.sample(), self.settings.seed, step,
+                                        self.device))
         with self.autocast():
             loss, metrics = self.algo.meta_loss(tasks)
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,6 +215,7 @@ class MetaTrainer:
             "trained_seconds": self.trained_seconds,
             "wall_seconds": self.wall_seconds,
             "init_from": self.init_from,
+            "follows_steps": list(self.follows_steps),
             "best": {"accuracy" if self.algo.score_name == "accuracy" else "score":
                      self.best["score"], "ci95": self.best["ci95"], "step": self.best["step"],
                      "metric": self.algo.score_name},
@@ -222,5 +241,6 @@ class MetaTrainer:
         self._wall_before = state.get("wall_seconds", None if self.step else 0.0)
         self._wall_start = time.perf_counter()
         self.init_from = state.get("init_from")
+        self.follows_steps = tuple(state.get("follows_steps", ()))
         self.best = {"score": best.get("score", best.get("accuracy")), "ci95": best["ci95"],
                      "step": best["step"]}

@@ -3,9 +3,11 @@
 :func:`task_step` is one update of one task: ``grad`` of the support loss with respect to a
 dict of fast weights, handed to the update rule. :func:`adaptation` maps it over the tasks
 either by ``vmap`` or by a Python loop (``batching``); both run the very same step, so they
-agree to rounding (without random layers: vmap draws every task's random numbers at once, the
-loop task by task). The first step of every task starts from the same weights, so it runs as
-one batched forward with shared weights. :func:`adapt` returns each task's adapted weights.
+agree to rounding, random layers included when each task has a seed (``seeds``): a task's
+random numbers are then drawn from its seed and the step (``fewshot_cli.draws``), the same in
+the loop, under vmap, chunk by chunk and in ``checkpoint_steps``' recomputed forward. The
+first step of every task starts from the same weights, so it runs as one batched forward with
+shared weights. :func:`adapt` returns each task's adapted weights.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 from torch.utils.checkpoint import checkpoint
 
+from fewshot_cli import draws
 from fewshot_cli.algorithms.inner_loop.rules import Params, UpdateRule
 from fewshot_cli.errors import FewshotError
 
@@ -68,6 +71,30 @@ def _looped(fn: Callable, in_dims: tuple[int | None, ...], *args: Any) -> Any:
 def loop_map(fn: Callable, in_dims: tuple[int | None, ...]) -> Callable:
     """``vmap``'s contract as a Python loop over dim 0: tensors or dicts of tensors in and out."""
     return partial(_looped, fn, in_dims)
+
+
+#: the draw tags of a task's forward passes besides inner step ``t`` (tag ``t``)
+QUERY_TAG, MSL_TAG, SUPPORT_FEATURES_TAG, MINIBATCH_TAG = 2**21, 2**20, 2**22, 2**23
+
+
+def _under_seed(fn: Callable, tag: int, *args: Any) -> Any:
+    *args, seed = args
+    with draws.drawn_by(seed, tag):
+        return fn(*args)
+
+
+def seeded_map(mode: str, fn: Callable, in_dims: tuple[int | None, ...],
+               seeds: torch.Tensor | None, tag: int) -> Callable:
+    """``task_map(mode)(fn, in_dims)``, each task's call drawing its random numbers from its
+    seed in ``seeds`` ``long [B]`` and ``tag`` (without seeds: as the enclosing context)."""
+    if seeds is None:
+        return task_map(mode)(fn, in_dims)
+    return partial(_seeds_last, task_map(mode)(partial(_under_seed, fn, tag), (*in_dims, 0)),
+                   seeds)
+
+
+def _seeds_last(mapped: Callable, seeds: torch.Tensor, *args: Any) -> Any:
+    return mapped(*args, seeds)
 
 
 def task_map(mode: str) -> Callable:
@@ -119,12 +146,14 @@ def flat_step(step: Callable, names: list[str], state_names: list[str], x: torch
 
 
 def draw_minibatches(tasks: int, rows: int, steps: int, size: int, device: torch.device,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     seeds: torch.Tensor | None = None) -> torch.Tensor:
     """Support rows ``long [tasks, steps, size]`` for each inner step of each task: the rows in
     a random order, again and again, cut into minibatches of ``size`` (every row once per pass,
-    as openai/supervised-reptile's ``_mini_batches`` without replacement, reptile.py 223-248)."""
+    as openai/supervised-reptile's ``_mini_batches`` without replacement, reptile.py 223-248).
+    ``seeds`` ``long [tasks]``: each task's order drawn from its seed (else torch's generator)."""
     passes = -(-steps * size // rows)
-    order = torch.rand(tasks, passes, rows, device=device, generator=generator).argsort(-1)
+    given = None if seeds is None else draws.Draws(seeds, MINIBATCH_TAG)
+    order = draws.uniform((tasks, passes, rows), 0, device, given).argsort(-1)
     return order.flatten(1)[:, :steps * size].view(tasks, steps, size)
 
 
@@ -136,7 +165,8 @@ def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def adaptation(logits_of: LogitsOf, fast: Params, rule: UpdateRule, support: torch.Tensor,
                support_y: torch.Tensor, steps: int, *, first_order: bool, mode: str,
                checkpoint_steps: bool = False, shared_start: bool = True,
-               minibatches: torch.Tensor | None = None) -> Iterator[Params]:
+               minibatches: torch.Tensor | None = None,
+               seeds: torch.Tensor | None = None) -> Iterator[Params]:
     """Each task's fast weights after every one of ``steps`` updates of ``rule``, in turn.
 
     ``logits_of(fast, x)`` classifies one task's inputs; ``support`` is ``[B, M, ...]`` with
@@ -144,7 +174,8 @@ def adaptation(logits_of: LogitsOf, fast: Params, rule: UpdateRule, support: tor
     (unbatched) weights ``fast``; else ``fast`` is batched ``[B, ...]``. ``first_order`` feeds
     the rule the gradients and loss as constants (no second derivatives). ``minibatches``
     ``long [B, steps, m]`` picks the support rows each step sees (default: all of them).
-    ``checkpoint_steps`` recomputes each step in the backward pass. Yields batched fast
+    ``checkpoint_steps`` recomputes each step in the backward pass. ``seeds`` ``long [B]``: each
+    task's seed for its random layers (step ``t`` draws with tag ``t``). Yields batched fast
     weights ``{name: [B, ...]}``.
     """
     problem, tmap, names = InnerProblem(logits_of, rule, first_order), task_map(mode), list(fast)
@@ -152,7 +183,7 @@ def adaptation(logits_of: LogitsOf, fast: Params, rule: UpdateRule, support: tor
     state_names = list(state)
     for t in range(steps):
         start = None if t == 0 and shared_start else 0  # the shared weights and initial state
-        mapped = tmap(partial(task_step, problem, t), (start, start, 0, 0))
+        mapped = seeded_map(mode, partial(task_step, problem, t), (start, start, 0, 0), seeds, t)
         x, y = support, support_y
         if minibatches is not None:
             x, y = _rows(support, minibatches[:, t]), _rows(support_y, minibatches[:, t])

@@ -16,15 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from fewshot_cli import draws
 from fewshot_cli.algorithms.base import FewShotAlgorithm
 from fewshot_cli.algorithms.inner_loop.adapt import (
+    MSL_TAG,
+    QUERY_TAG,
+    SUPPORT_FEATURES_TAG,
     adaptation,
     batching_mode,
     check_batching,
     draw_minibatches,
     full_precision,
     last,
-    task_map,
+    seeded_map,
 )
 from fewshot_cli.algorithms.inner_loop.batchnorm import (
     check_batchnorm,
@@ -42,7 +46,8 @@ class InnerTasks:
     """A meta-batch as the inner loop sees it: the weights it keeps (``slow``) and the initial
     weights it adapts (``fast``); each task's support and query inputs, images or (when only the
     head adapts) their features, embedded once; how the tasks are mapped (``mode``); and whether
-    queries are normalised with the support set's statistics (``from_support``)."""
+    queries are normalised with the support set's statistics (``from_support``); each task's
+    seed for its random layers (``seeds`` ``long [B]``, None: torch's generator)."""
 
     slow: Params
     fast: Params
@@ -51,6 +56,7 @@ class InnerTasks:
     query: torch.Tensor | None
     mode: str
     from_support: bool
+    seeds: torch.Tensor | None = None
 
 
 def carry_gradients(params: list[torch.Tensor], grads: list[torch.Tensor | None],
@@ -60,6 +66,17 @@ def carry_gradients(params: list[torch.Tensor], grads: list[torch.Tensor | None]
     θ − φ), handed to a trainer that calls ``backward()`` on the loss."""
     surrogate = sum((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None)
     return surrogate - surrogate.detach() + value
+
+
+def task_seeds(tasks: int) -> torch.Tensor | None:
+    """The seeds ``long [tasks]`` of the episode whose meta-loss is being computed (see
+    ``fewshot_cli.draws``), or None outside one."""
+    given = draws.current()
+    if given is None or given.seeds.dim() != 1:
+        return None
+    if len(given.seeds) != tasks:
+        raise ValueError(f"{len(given.seeds)} task seeds for {tasks} tasks")
+    return given.seeds
 
 
 class InnerLoopLearner(FewShotAlgorithm):
@@ -156,8 +173,11 @@ class InnerLoopLearner(FewShotAlgorithm):
     # ---- adapting and classifying a meta-batch
 
     def _tasks(self, support: torch.Tensor, support_y: torch.Tensor | None,
-               query: torch.Tensor | None, mode: str, evaluate: bool) -> InnerTasks:
-        """The meta-batch as the inner loop sees it (ANIL embeds both sets once here)."""
+               query: torch.Tensor | None, mode: str, evaluate: bool,
+               seeds: torch.Tensor | None = None) -> InnerTasks:
+        """The meta-batch as the inner loop sees it (ANIL embeds both sets once here); ``seeds``
+        default to those of the meta-loss's episode (``fewshot_cli.draws``)."""
+        seeds = task_seeds(len(support)) if seeds is None else seeds
         use_native_kernel(self.backbone, mode == "loop")
         params = self._network_params()
         names = self._fast_names()
@@ -165,36 +185,39 @@ class InnerLoopLearner(FewShotAlgorithm):
         slow = {n: p for n, p in params.items() if n not in fast}
         from_support = evaluate and self.batchnorm == "support"
         if self.head_only:  # ANIL: the body is fixed in the inner loop, so embed once per task
-            tmap = task_map(mode)
             if query is not None:
-                query = tmap(partial(self._query_features, from_support), (None, 0, 0))(
-                    slow, support, query)
-            support = tmap(self._embed, (None, 0))(slow, support)
-        return InnerTasks(slow, fast, support, support_y, query, mode, from_support)
+                query = seeded_map(mode, partial(self._query_features, from_support),
+                                   (None, 0, 0), seeds, QUERY_TAG)(slow, support, query)
+            support = seeded_map(mode, self._embed, (None, 0), seeds, SUPPORT_FEATURES_TAG)(
+                slow, support)
+        return InnerTasks(slow, fast, support, support_y, query, mode, from_support, seeds)
 
-    def _minibatches(self, support: torch.Tensor, steps: int, evaluate: bool
-                     ) -> torch.Tensor | None:
-        """The support rows each step sees, or None for all of them. Evaluation draws them
-        from a fixed seed, so an episode is adapted the same way in every run."""
+    def _minibatches(self, support: torch.Tensor, steps: int, evaluate: bool,
+                     seeds: torch.Tensor | None) -> torch.Tensor | None:
+        """The support rows each step sees, or None for all of them; drawn from each task's
+        seed. Evaluation draws every task's from seed 0, so an episode is adapted the same way
+        in every run, whatever batch it is evaluated in."""
         size = self.eval_inner_batch if evaluate else self.inner_batch
         tasks, rows = support.shape[:2]
         if size is None or size >= rows or not steps:
             return None
-        seeded = torch.Generator(support.device).manual_seed(0) if evaluate else None
-        return draw_minibatches(tasks, rows, steps, size, support.device, seeded)
+        if evaluate:
+            seeds = torch.zeros(tasks, dtype=torch.long, device=support.device)
+        return draw_minibatches(tasks, rows, steps, size, support.device, seeds)
 
     def _adaptation(self, tasks: InnerTasks, steps: int, first_order: bool, evaluate: bool
                     ) -> Iterator[Params]:
         return adaptation(partial(self._logits, tasks.slow), tasks.fast, self.rule,
                           tasks.support, tasks.support_y, steps, first_order=first_order,
                           mode=tasks.mode, checkpoint_steps=self.checkpoint_steps,
-                          minibatches=self._minibatches(tasks.support, steps, evaluate))
+                          minibatches=self._minibatches(tasks.support, steps, evaluate,
+                                                        tasks.seeds), seeds=tasks.seeds)
 
     def _classify(self, tasks: InnerTasks, fast: Params, adapted: bool) -> torch.Tensor:
         """Query logits ``[B, N*Q, ways]`` with each task's weights (``adapted``: batched)."""
         logits = partial(self._query_logits, tasks.slow, tasks.from_support)
-        return task_map(tasks.mode)(logits, (0 if adapted else None, 0, 0))(
-            fast, tasks.support, tasks.query)
+        return seeded_map(tasks.mode, logits, (0 if adapted else None, 0, 0), tasks.seeds,
+                          QUERY_TAG)(fast, tasks.support, tasks.query)
 
     def adapted_weights(self, support: torch.Tensor, support_y: torch.Tensor,
                         steps: int | None = None, first_order: bool = True,
@@ -219,17 +242,19 @@ class InnerLoopLearner(FewShotAlgorithm):
     def adapt_and_classify(self, support: torch.Tensor, support_y: torch.Tensor,
                            query: torch.Tensor, steps: int, first_order: bool, mode: str,
                            query_y: torch.Tensor | None = None,
-                           msl_weights: list[float] | None = None, evaluate: bool = False
+                           msl_weights: list[float] | None = None, evaluate: bool = False,
+                           seeds: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query logits ``[B, N*Q, ways]`` after ``steps`` inner steps on each task's support
         set, and the weighted query losses of the intermediate steps (0 without MSL).
-        ``evaluate`` applies the BatchNorm policy's test-time statistics."""
-        tasks = self._tasks(support, support_y, query, mode, evaluate)
+        ``evaluate`` applies the BatchNorm policy's test-time statistics; ``seeds``
+        ``long [B]``: the tasks' seeds for random draws (default: the episode's)."""
+        tasks = self._tasks(support, support_y, query, mode, evaluate, seeds)
         fast, extra = tasks.fast, tasks.support.new_zeros(())
         for t, fast in enumerate(self._adaptation(tasks, steps, first_order, evaluate)):
             if msl_weights is not None and t < steps - 1:  # MAML++'s multi-step loss
-                losses = task_map(mode)(partial(self._query_loss, tasks.slow), (0, 0, 0))(
-                    fast, tasks.query, query_y)
+                losses = seeded_map(mode, partial(self._query_loss, tasks.slow), (0, 0, 0),
+                                    tasks.seeds, MSL_TAG + t)(fast, tasks.query, query_y)
                 extra = extra + msl_weights[t] * losses.mean()
         return self._classify(tasks, fast, adapted=steps > 0), extra
 
@@ -245,10 +270,13 @@ class InnerLoopLearner(FewShotAlgorithm):
         """Mean query cross-entropy after ``steps`` inner steps on each task (MSL-weighted if
         ``msl_weights``), and the query logits; meta-batched as ``batching`` says."""
 
+        seeds = task_seeds(episode.meta_batch)
+
         def run(mode: str, tasks: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
             logits, extra = self.adapt_and_classify(
                 episode.support[tasks], episode.support_y[tasks], episode.query[tasks],
-                steps, first_order, mode, episode.query_y[tasks], msl_weights)
+                steps, first_order, mode, episode.query_y[tasks], msl_weights,
+                seeds=None if seeds is None else seeds[tasks])
             final = F.cross_entropy(full_precision(logits.flatten(0, 1)),
                                     episode.query_y[tasks].flatten())
             return (msl_weights[-1] if msl_weights else 1.0) * final + extra, logits
