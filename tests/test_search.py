@@ -266,3 +266,30 @@ def test_a_bad_search_option_is_one_sentence(cli, tmp_path, args, words):
                f"hydra.sweep.dir={tmp_path / 'sweep'}", *args)
     one_sentence(proc, *words)
     assert not (tmp_path / "sweep").exists() or not list((tmp_path / "sweep").rglob("*.pt"))
+
+
+def test_a_study_is_one_search_and_refuses_any_other(cli, tmp_path):
+    """A stored study keeps what makes it one search (algorithm, data set, metric, direction,
+    space, every other scored key); continuing it with anything else is refused in one
+    sentence naming what differs, before any trial runs."""
+    db = tmp_path / "study.db"
+    args = [*SMALL, "train.ways=5", "train.val_every=2", "hydra.sweeper.n_trials=2",
+            f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.study_name=s"]
+    first = ["hparams_search=protonet_omniglot", *args]
+    ok(cli("train", *first, "train.steps=2", "hydra.sweeper.n_trials=1",
+           f"hydra.sweep.dir={tmp_path / 'a'}"))
+    refused = {  # what differs: the words its sentence must name
+        "train.steps=4": ["train.steps is 4 here but 2 in the study"],
+        "hydra.sweeper.direction=minimize": ["made to maximize", "direction=minimize"],
+        "hparams_search=matching_omniglot": ["algo is matching here but protonet"],
+        "algo.distance=choice(cosine,sqeuclidean)": ["search space of algo.distance"],
+    }
+    for change, words in refused.items():
+        new = [change, *args, "train.steps=2"] if change.startswith("hparams_search") else [
+            *first, "train.steps=2", change] if "steps" not in change else [*first, change]
+        sweep = tmp_path / change.replace("=", "_").replace("(", "").replace(")", "")
+        proc = cli("train", *new, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}")
+        one_sentence(proc, "study s", "hydra.sweeper.study_name", *words, code=1)
+        assert not list(sweep.glob("*/last.pt")), change
+    trials = load(db, "s").trials
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE")]  # none RUNNING

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import math
 import sys
@@ -48,6 +49,11 @@ PRUNERS = {"median": optuna.pruners.MedianPruner,
 PRUNED_AT = "fewshot.pruned_at_step"  # user attribute set by the run's hook when it stops
 RUN_DIR = "fewshot.run_dir"           # user attribute: the trial's run folder
 NOT_RUN = "fewshot.not_run"           # user attribute of a trial asked past n_trials
+SEARCH = "fewshot.search"             # study user attribute: what makes its trials one search
+# Keys that do not change a trial's score (where the data are, the device, how evaluation is
+# batched): a study may be continued with other values of them.
+UNSCORED = ("hydra", "dataset.root", "dataset.download", "device", "eval.batch",
+            "algo.batching", "algo.task_chunk", "algo.checkpoint_steps")
 _STUDIES: dict[str, optuna.Study] = {}  # in-memory studies, for trials run in this process
 
 
@@ -178,14 +184,67 @@ def as_override(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A plain config as ``{"train.lr": 0.001, ...}``."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(flat_config(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def search_identity(config: DictConfig | None, space: dict[str, BaseDistribution],
+                    direction: str) -> dict[str, str]:
+    """What makes trials one search, as ``{key: value}`` text (kept with the study, as its
+    user attribute ``fewshot.search``): the algorithm, the data set, the metric the runs
+    return, the direction, each searched key's distribution, and every other key of the run's
+    config but those of ``UNSCORED``."""
+    found = {"direction": direction}
+    found.update({f"search space of {k}": repr(d) for k, d in sorted(space.items())})
+    if config is None:
+        return found
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
+    found.update({g: str(choices.get(g)) for g in ("algo", "dataset")})
+    found["metric"] = metric_of(OmegaConf.select(config, "algo._target_", default=None))
+    plain = OmegaConf.to_container(config, resolve=False)
+    for key, value in sorted(flat_config(plain).items()):
+        if key in space or key.startswith(tuple(f"{u}." for u in UNSCORED)) or key in UNSCORED:
+            continue
+        found[key] = json.dumps(value)
+    return found
+
+
+def metric_of(target: str | None) -> str:
+    """The score an algorithm's run returns (its class's ``score_name``), accuracy by default."""
+    from hydra.utils import get_class
+
+    try:
+        return str(getattr(get_class(target), "score_name", "accuracy")) if target else "?"
+    except Exception:  # an algorithm that cannot be imported fails in its trial, not here
+        return str(target)
+
+
+def identity_differences(stored: dict[str, str], mine: dict[str, str]) -> list[str]:
+    """``train.steps is 2 here but 60 in the study``, for each key on which they differ (the
+    algorithm, data set, metric and direction first)."""
+    first = ("algo", "dataset", "metric", "direction")
+    keys = sorted({*stored, *mine}, key=lambda k: (k not in first, first.index(k)
+                                                    if k in first else 0, k))
+    return [f"{k} is {mine.get(k, '(unset)')} here but {stored.get(k, '(unset)')} in the study"
+            for k in keys if stored.get(k) != mine.get(k)]
+
+
 # ---------------------------------------------------------------- the study
 
 
 class Search:
     """One invocation's share of a study: asks trials until the study holds ``n_trials``."""
 
-    def __init__(self, options: DictConfig, launcher: Any, sweep_dir: str) -> None:
+    def __init__(self, options: DictConfig, launcher: Any, sweep_dir: str,
+                 config: DictConfig | None = None) -> None:
         self.options, self.launcher, self.sweep_dir = options, launcher, Path(sweep_dir)
+        self.config = config  # the composed config: what identifies the search
         if options.direction not in ("maximize", "minimize"):
             raise error(f"hydra.sweeper.direction={options.direction} is not a direction; "
                         "choose maximize or minimize")
@@ -206,7 +265,7 @@ class Search:
 
     def run(self, arguments: Sequence[str]) -> None:
         space, fixed = search_space(self.options, arguments)
-        study = self.open_study()
+        study = self.open_study(search_identity(self.config, space, self.options.direction))
         before = study.get_trials(deepcopy=False)
         running = [t.number for t in before if t.state == TrialState.RUNNING]
         log.info("study %s (%s): %d trials so far, asking up to n_trials=%d in all",
@@ -249,16 +308,35 @@ class Search:
             raise error(f"{failures} trial(s) of study {study.study_name} failed (their errors "
                         f"are in their folders' train.log: fewshot report {self.sweep_dir})")
 
-    def open_study(self) -> optuna.Study:
+    def open_study(self, identity: dict[str, str]) -> optuna.Study:
+        """The study, new or continued; one that holds another search is refused."""
         name = self.options.study_name
+        where = f"study {name} in hydra.sweeper.storage={self.options.storage}"
         try:
             with sqlite_lock(self.options.storage):
                 study = optuna.create_study(storage=self.storage, study_name=name,
                                             sampler=self.sampler, pruner=self.pruner,
                                             direction=self.options.direction, load_if_exists=True)
-        except ValueError as err:  # e.g. the stored study optimises the other direction
-            raise error(f"study {name} in hydra.sweeper.storage={self.options.storage} cannot "
-                        f"be continued ({err}); give another hydra.sweeper.study_name") from None
+        except ValueError as err:  # e.g. a multi-objective study of the same name
+            raise error(f"{where} cannot be continued ({err}); give another "
+                        "hydra.sweeper.study_name") from None
+        stored_direction = study.direction.name.lower()
+        if stored_direction != self.options.direction:  # Optuna 5 no longer refuses it
+            raise error(f"{where} was made to {stored_direction}, not to "
+                        f"hydra.sweeper.direction={self.options.direction}; continue it with "
+                        f"hydra.sweeper.direction={stored_direction}, or give this search its "
+                        "own hydra.sweeper.study_name")
+        stored = study.user_attrs.get(SEARCH)
+        if stored is None:
+            if study.get_trials(deepcopy=False):
+                log.warning("%s holds trials of a search fewshot did not record; it is taken "
+                            "as this one from now on", where)
+            study.set_user_attr(SEARCH, identity)
+        elif differences := identity_differences(stored, identity):
+            more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+            raise error(f"{where} is another search: {'; '.join(differences[:3])}{more}; "
+                        "continue it with the same settings, or give this search its own "
+                        "hydra.sweeper.study_name")
         if self.storage is None:
             _STUDIES[study.study_name] = study
         return study
@@ -272,7 +350,16 @@ class Search:
                 if count >= self.options.n_trials:
                     break
                 study.sampler = build_sampler(self.options, trial=count)  # its number, mostly
-                trial = study.ask(fixed_distributions=space)
+                trial = study.ask()
+                try:
+                    for key, dist in space.items():
+                        trial._suggest(key, dist)
+                except Exception as err:  # a space the stored trials' cannot share
+                    trial.set_user_attr(NOT_RUN, f"could not be asked: {first_line(err)}")
+                    study.tell(trial, state=TrialState.FAIL)  # never left RUNNING
+                    raise error(f"study {study.study_name} cannot draw a trial from this "
+                                f"search space ({first_line(err)}); give this search its own "
+                                "hydra.sweeper.study_name") from None
             if trial.number >= self.options.n_trials:  # another machine asked meanwhile
                 trial.set_user_attr(NOT_RUN, "asked past n_trials by two processes at once")
                 study.tell(trial, state=TrialState.FAIL)
