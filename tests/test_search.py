@@ -27,6 +27,9 @@ GOLDEN = REPO / "tests" / "golden" / "hparams_search"
 # change), and the differences meant: the old sweeper read range(1, 5) as 1 to 5, while Hydra's
 # range, which ours follows, excludes its stop.
 INTENDED = {"maml_omniglot": {"algo.inner_steps": "range(1, 6)"}}
+# ... and in the run's config: MAML's trials validate with at least the inner steps they train
+# with (the old space validated with 3 while searching up to 5).
+INTENDED_TASK = {"maml_omniglot": {"algo.eval_inner_steps": 5}}
 # A short search whose learning rate is either hopeless (1e-7: the embedding barely moves) or
 # good (1e-2); ProtoNet on the glyphs, validated every 2 of 12 steps. The median pruner may
 # stop a trial once 2 trials have finished, from the second validation on: at the first, random
@@ -55,6 +58,8 @@ def test_each_space_composes_as_before_over_the_shared_base(space):
     the run config and search it composed to before, but for INTENDED."""
     cfg = composed(space)
     golden = OmegaConf.load(GOLDEN / f"{space}.yaml")
+    for key, value in INTENDED_TASK.get(space, {}).items():
+        OmegaConf.update(golden.task, key, value)
     task = OmegaConf.create({k: v for k, v in cfg.items() if k not in ("hydra", "choices")})
     for key in ADDED_KEYS:  # added since the golden files were written, where they lack them
         parent, _, leaf = key.rpartition(".")
@@ -101,6 +106,43 @@ def test_hydra_sweeps_become_optuna_distributions():
     assert parse("a=choice(true, false)").choices == (True, False)
     assert parse("a=choice(sqeuclidean, cosine)").choices == ("sqeuclidean", "cosine")
     assert parse("a=5") is None  # fixed for every trial
+    # a descending range is the same values; a log tag is kept on integers
+    assert parse("a=range(5, 0, -1)") == optuna.distributions.IntDistribution(1, 5)
+    assert parse("a=tag(log, range(1, 100))") == optuna.distributions.IntDistribution(
+        1, 99, log=True)
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_each_shipped_space_passes_its_algorithms_constraints(space):
+    """Every shipped space, read as a search reads it (with its run's config): its keys' types
+    and the algorithm's constraints (MAML: eval_inner_steps >= inner_steps) hold."""
+    from hydra_plugins.fewshot_optuna_sweeper._search import search_space
+
+    cfg = composed(space)
+    found, _ = search_space(cfg.hydra.sweeper, [], cfg)
+    assert set(found) == set(cfg.hydra.sweeper.params)
+
+
+@pytest.mark.parametrize(("space", "args", "words"), [
+    ("protonet_omniglot", ["seed=0,1,2"], ["seed=0,1,2", "replicates", "seed=0"]),
+    ("maml_omniglot", ["algo.inner_steps=interval(1,5)"], ["algo.inner_steps is an integer",
+                                                           "range("]),
+    ("maml_omniglot", ["algo.inner_steps=3.5"], ["algo.inner_steps is an integer"]),
+    ("maml_omniglot", ["algo.inner_steps=tag(log,range(1,9,2))"], ["log scale", "step 1"]),
+    ("maml_omniglot", ["algo.eval_inner_steps=3"], ["searched up to 5",
+                                                    "algo.eval_inner_steps=5"]),
+])
+def test_a_space_that_cannot_mean_what_it_says_is_one_sentence(space, args, words):
+    from hydra_plugins.fewshot_optuna_sweeper._search import search_space
+    from hydra_plugins.fewshot_optuna_sweeper.optuna_sweeper import SearchError
+
+    cfg = composed(space, *(a for a in args if "(" not in a and "," not in a))
+    with pytest.raises(SearchError) as refused:
+        search_space(cfg.hydra.sweeper, args, cfg)
+    sentence = str(refused.value)
+    assert sentence.count("fewshot: error:") == 1 and "\n" not in sentence
+    for word in words:
+        assert word in sentence, (word, sentence)
 
 
 # ---------------------------------------------------------------- pruning

@@ -132,26 +132,52 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
 # ---------------------------------------------------------------- the search space
 
 
-def distribution(override: Override) -> BaseDistribution | None:
+def distribution(override: Override, kind: type | None = None) -> BaseDistribution | None:
     """The Optuna distribution of a sweep override (``choice``, ``range``, ``interval``,
-    ``tag(log, interval)``), or None for a plain ``key=value`` fixed for every trial."""
+    ``tag(log, ...)``), or None for a plain ``key=value`` fixed for every trial. ``kind``: the
+    type of the key's value in the config (int: ``interval`` is refused; Hydra's intervals
+    are real).
+
+    Raises:
+        SearchError: a sweep that cannot mean what it says (an interval of an integer key, a
+            log scale Optuna cannot give).
+    """
     if not override.is_sweep_override():
         return None
-    value = override.value()
-    if isinstance(value, IntervalSweep):  # Hydra's intervals are real; integers: range(...)
-        return FloatDistribution(value.start, value.end, log="log" in value.tags)
+    key, value = override.get_key_element(), override.value()
+    log_scale = "log" in getattr(value, "tags", set())
+    if isinstance(value, IntervalSweep):
+        if kind is int:
+            raise error(f"{key} is an integer, and interval({value.start}, {value.end}) draws "
+                        f"reals; search it with range(...) or choice(...), e.g. "
+                        f"{key}='range({math.ceil(value.start)}, {math.floor(value.end) + 1})'")
+        return FloatDistribution(value.start, value.end, log=log_scale)
     # choice(...) and range(...): Hydra's own list of values (range excludes its stop).
     choices = list(override.sweep_iterator(transformer=Transformer.encode))
     if isinstance(value, RangeSweep) and not value.shuffle and len(choices) > 1 and all(
             isinstance(c, int) for c in choices):
-        return IntDistribution(choices[0], choices[-1], step=choices[1] - choices[0])
+        step = abs(choices[1] - choices[0])  # a descending range is the same set of values
+        if log_scale and step != 1:
+            raise error(f"{key}={override.input_line.partition('=')[2]}: a log scale needs "
+                        "a range of step 1 (Optuna draws every integer between its ends)")
+        return IntDistribution(min(choices), max(choices), step=1 if log_scale else step,
+                               log=log_scale)
+    if log_scale:
+        raise error(f"{key}: tag(log, ...) needs interval(...) or range(...), not "
+                    f"{override.input_line.partition('=')[2]}")
     return CategoricalDistribution(choices)
 
 
-def search_space(options: DictConfig,
-                 arguments: Sequence[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
+def search_space(options: DictConfig, arguments: Sequence[str], config: DictConfig | None = None
+                 ) -> tuple[dict[str, BaseDistribution], list[str]]:
     """``hydra.sweeper.params`` and the command line's overrides: the distributions to sample,
-    and the overrides every trial gets (a key fixed on the command line leaves the search)."""
+    and the overrides every trial gets (a key fixed on the command line leaves the search).
+    With the composed ``config``, each key is checked against its type and the algorithm's
+    constraints (:func:`check_space`).
+
+    Raises:
+        SearchError: the space cannot be read, is empty, or asks for what a run refuses.
+    """
     params = [f"{k}={v}" for k, v in (options.params or {}).items()]
     try:
         parsed = OverridesParser.create().parse_overrides([*params, *arguments])
@@ -161,12 +187,29 @@ def search_space(options: DictConfig,
                     "or tag(log, interval(1e-4, 1e-2))") from None
     space: dict[str, BaseDistribution] = {}
     fixed: dict[str, str] = {}
+    integers = set()  # keys the space itself searches as integers, e.g. range(1, 6)
+    for override in parsed[:len(params)]:
+        with contextlib.suppress(Exception):
+            if isinstance(distribution(override), IntDistribution):
+                integers.add(override.get_key_element())
     for override in parsed:
         key = override.get_key_element()
-        found = distribution(override)
+        if key == "seed" and override.is_sweep_override():
+            raise error(f"{override.input_line}: a search does not search seeds, whose scores "
+                        "are replicates; search with one seed (seed=0), then train the best "
+                        "settings over seeds with fewshot train -m ... seed=0,1,2")
+        try:
+            current = OmegaConf.select(config, key, default=None) if config is not None else None
+        except Exception:  # an interpolation only a run resolves
+            current = None
+        kind = int if key in integers or (isinstance(current, int) and not isinstance(
+            current, bool)) else None
+        found = distribution(override, kind)
         if found is None:
             space.pop(key, None)
             fixed[key] = override.input_line
+            if kind is int and isinstance(override.value(), float):
+                raise error(f"{override.input_line}: {key} is an integer; give a whole number")
         else:
             fixed.pop(key, None)
             space[key] = found
@@ -174,7 +217,33 @@ def search_space(options: DictConfig,
         raise error("nothing to search: every key of hydra.sweeper.params is fixed on the "
                     "command line; leave one of them out, or add one with "
                     "hydra.sweeper.params.<key>='choice(a, b)'")
+    if config is not None:
+        check_space(config, space, fixed)
     return space, list(fixed.values())
+
+
+def check_space(config: DictConfig, space: dict[str, BaseDistribution],
+                fixed: dict[str, str]) -> None:
+    """The algorithm's constraints over the space: an inner-loop learner (MAML's family)
+    must validate with at least the inner steps it trains with (``algo.eval_inner_steps >=
+    algo.inner_steps``), or half a search's trials are scored with fewer steps than they learn.
+
+    Raises:
+        SearchError: a trial of the space would break a constraint.
+    """
+    steps, evals = space.get("algo.inner_steps"), space.get("algo.eval_inner_steps")
+    evaluated = OmegaConf.select(config, "algo.eval_inner_steps", default=None)
+    if "algo.eval_inner_steps" in fixed:
+        evaluated = OverridesParser.create().parse_override(fixed["algo.eval_inner_steps"]).value()
+    if not isinstance(steps, IntDistribution | CategoricalDistribution) or evals is not None \
+            or not isinstance(evaluated, int):
+        return
+    most = steps.high if isinstance(steps, IntDistribution) else max(
+        c for c in steps.choices if isinstance(c, int))
+    if most > evaluated:
+        raise error(f"algo.inner_steps is searched up to {most} but algo.eval_inner_steps="
+                    f"{evaluated}: those trials would validate with fewer inner steps than they "
+                    f"train with; set algo.eval_inner_steps={most} (or more)")
 
 
 def as_override(value: Any) -> str:
@@ -264,7 +333,7 @@ class Search:
         self.job_idx = 0
 
     def run(self, arguments: Sequence[str]) -> None:
-        space, fixed = search_space(self.options, arguments)
+        space, fixed = search_space(self.options, arguments, self.config)
         study = self.open_study(search_identity(self.config, space, self.options.direction))
         before = study.get_trials(deepcopy=False)
         running = [t.number for t in before if t.state == TrialState.RUNNING]
