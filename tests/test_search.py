@@ -261,6 +261,14 @@ def test_resuming_a_study_runs_only_the_rest(cli, tmp_path):
     trials = load(db, "protonet_omniglot").trials
     assert [t.number for t in trials] == [0, 1, 2]
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3  # the sampler went on
+    # the study's best and the report agree, and say when the best lies in the first folder
+    found = OmegaConf.load(tmp_path / "b" / "optimization_results.yaml")
+    best = max((t for t in trials), key=lambda t: t.value)
+    assert found.best_trial == best.number
+    assert found.best_in_this_sweep_dir == (best.number == 2)
+    report = ok(cli("report", str(tmp_path / "b"))).stdout
+    assert f"best trial {best.number} (value {best.value}) is " + (
+        "run 2" if best.number == 2 else f"another sweep folder: {tmp_path / 'a'}") in report
     out = ok(cli("train", *args, "hydra.sweeper.n_trials=3",
                  f"hydra.sweep.dir={tmp_path / 'c'}")).stdout
     assert "3 trials so far" in out and not list((tmp_path / "c").glob("*/last.pt"))

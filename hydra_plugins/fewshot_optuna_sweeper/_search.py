@@ -473,10 +473,14 @@ class Search:
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
             best = study.best_trial
+            run_dir = best.user_attrs.get(RUN_DIR)
+            elsewhere = run_dir is not None and not Path(run_dir).resolve().is_relative_to(
+                self.sweep_dir.resolve())
             result.update(best_trial=best.number, best_params=best.params, best_value=best.value,
-                          best_run_dir=best.user_attrs.get(RUN_DIR))
-            log.info("best trial %d: %s with %s, in %s", best.number, best.value, best.params,
-                     best.user_attrs.get(RUN_DIR))
+                          best_run_dir=run_dir, best_in_this_sweep_dir=not elsewhere)
+            log.info("best trial %d: %s with %s, in %s%s", best.number, best.value, best.params,
+                     run_dir, " (another sweep folder: an earlier invocation of the study)"
+                     if elsewhere else "")
         log.info("study %s: %s", study.study_name,
                  ", ".join(f"{n} {s}" for s, n in counts.items() if n))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
