@@ -343,3 +343,53 @@ def test_a_study_is_one_search_and_refuses_any_other(cli, tmp_path):
         assert not list(sweep.glob("*/last.pt")), change
     trials = load(db, "s").trials
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE")]  # none RUNNING
+
+
+def test_sweep_folders_hold_one_search_and_relative_storage_is_the_typed_folders(cli, tmp_path):
+    """hydra.job.chdir=true runs each trial in its folder: the relative SQLite path still
+    means the folder the command was typed in. A second, different search into the same
+    sweep folder is refused before any trial, leaving the first one's results alone."""
+    sweep = tmp_path / "sweep"
+    args = ["hparams_search=protonet_omniglot", *SMALL, "train.ways=5", "train.steps=2",
+            "train.val_every=2", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={sweep}",
+            "hydra.sweeper.storage=sqlite:///study.db", "hydra.job.chdir=true"]
+    ok(cli("train", *args))
+    trials = load(tmp_path / "study.db", "protonet_omniglot").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"]
+    assert not list(sweep.rglob("study.db"))  # no empty database in a trial's folder
+    results = (sweep / "optimization_results.yaml").read_text()
+    proc = cli("train", *args, "hydra.sweeper.study_name=other")
+    one_sentence(proc, f"hydra.sweep.dir={sweep} already holds study protonet_omniglot's",
+                 "its own hydra.sweep.dir", code=1)
+    assert (sweep / "optimization_results.yaml").read_text() == results
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]
+
+
+def test_a_trial_whose_worker_died_is_failed_and_the_study_goes_on(tmp_path):
+    """A launcher that raises for a batch (joblib when a worker process is killed) fails
+    that batch's trials, never leaves them RUNNING, and the study asks the next trials; the
+    search then ends in one sentence counting the failures."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.fewshot_optuna_sweeper._search import Search
+
+    class DyingOnce:
+        calls = 0
+
+        def launch(self, overrides, initial_job_idx):
+            DyingOnce.calls += 1
+            if DyingOnce.calls == 1:
+                raise RuntimeError("A worker process managed by the executor was unexpectedly "
+                                   "terminated")
+            done = JobReturn(status=JobStatus.COMPLETED)
+            done._return_value = 0.5
+            return [done for _ in overrides]
+
+    cfg = composed("protonet_omniglot", "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=none",
+                   f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}")
+    with pytest.raises(Exception, match="1 trial") as ended:  # SearchError (Hydra may have
+        Search(cfg.hydra.sweeper, DyingOnce(), str(tmp_path / "sweep"), cfg).run([])
+    assert type(ended.value).__name__ == "SearchError"  # imported its module twice)
+    assert "1 trial(s) of study protonet_omniglot failed" in str(ended.value)
+    states = [t.state.name for t in load(tmp_path / "study.db", "protonet_omniglot").trials]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"]

@@ -49,6 +49,7 @@ PRUNERS = {"median": optuna.pruners.MedianPruner,
 PRUNED_AT = "fewshot.pruned_at_step"  # user attribute set by the run's hook when it stops
 RUN_DIR = "fewshot.run_dir"           # user attribute: the trial's run folder
 NOT_RUN = "fewshot.not_run"           # user attribute of a trial asked past n_trials
+SWEEP_MARKER = ".fewshot_search.json"  # in a sweep folder: the search whose trials it holds
 SEARCH = "fewshot.search"             # study user attribute: what makes its trials one search
 # Keys that do not change a trial's score (where the data are, the device, how evaluation is
 # batched): a study may be continued with other values of them.
@@ -110,6 +111,18 @@ def sqlite_lock(url: str | None) -> Iterator[None]:
     with open(f"{url.removeprefix('sqlite:///')}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def absolute_storage(url: str | None) -> str | None:
+    """A relative SQLite path (``sqlite:///study.db``) made absolute against the folder the
+    command was typed in, so that trials running in their own folder (hydra.job.chdir=true)
+    or process find the same database; other URLs as they are."""
+    if url is None or not str(url).startswith("sqlite:///"):
+        return url
+    path = str(url).removeprefix("sqlite:///")
+    if not path or path.startswith("/") or path.startswith(":memory:"):
+        return str(url)
+    return f"sqlite:///{Path(path).expanduser().absolute()}"
 
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
@@ -329,12 +342,15 @@ class Search:
                         f"{type(launcher).__name__} runs each trial in another process; add "
                         "hydra.sweeper.storage=sqlite:///study.db (a database URL across "
                         "machines), or hydra.sweeper.pruner=none")
+        options.storage = absolute_storage(options.storage)  # trials may run elsewhere
         self.storage = open_storage(options.storage)
         self.job_idx = 0
 
     def run(self, arguments: Sequence[str]) -> None:
         space, fixed = search_space(self.options, arguments, self.config)
-        study = self.open_study(search_identity(self.config, space, self.options.direction))
+        identity = search_identity(self.config, space, self.options.direction)
+        study = self.open_study(identity)
+        self.claim_sweep_dir(study, identity)
         before = study.get_trials(deepcopy=False)
         running = [t.number for t in before if t.state == TrialState.RUNNING]
         log.info("study %s (%s): %d trials so far, asking up to n_trials=%d in all",
@@ -351,9 +367,21 @@ class Search:
                 asked = batch
                 overrides = [[*fixed, *(f"{k}={as_override(v)}" for k, v in t.params.items()),
                               f"hydra.sweeper.trial={t.number}",
-                              f"hydra.sweeper.study_name={quoted(study.study_name)}"]
+                              f"hydra.sweeper.study_name={quoted(study.study_name)}",
+                              *([f"hydra.sweeper.storage={quoted(self.options.storage)}"]
+                                if self.options.storage else [])]
                              for t in batch]
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                try:
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                except Exception as err:  # a worker process died (joblib's TerminatedWorkerError)
+                    log.warning("trials %s failed: their worker process died (%s); the study "
+                                "goes on", ", ".join(str(t.number) for t in batch),
+                                first_line(err))
+                    self.fail(study, batch, f"its worker process died: {first_line(err)}")
+                    self.job_idx += len(batch)
+                    failures += len(batch)
+                    asked = []
+                    continue
                 self.job_idx += len(returns)
                 failed = sum(self.tell(study, t, r) for t, r in zip(batch, returns, strict=True))
                 failures += failed
@@ -409,6 +437,29 @@ class Search:
         if self.storage is None:
             _STUDIES[study.study_name] = study
         return study
+
+    def claim_sweep_dir(self, study: optuna.Study, identity: dict[str, str]) -> None:
+        """Mark the sweep folder as this search's (``.fewshot_search.json``); a folder that
+        holds another search's trials, or an in-memory study's (whose numbers start again at
+        0), is refused before any trial runs."""
+        marker = self.sweep_dir / SWEEP_MARKER
+        mine = {"study_name": study.study_name, "storage": self.options.storage,
+                "search": identity}
+        try:
+            held = json.loads(marker.read_text())
+        except FileNotFoundError:
+            held = None
+        except (OSError, ValueError):
+            held = {}
+        used = held is not None or any((p / ".hydra").is_dir() for p in self.sweep_dir.glob("*"))
+        if used and (held != mine or self.options.storage is None):
+            what = f"study {held.get('study_name')}'s trials" if held else "runs"
+            memory = "" if self.options.storage else (
+                ", and an in-memory study numbers its trials from 0 again")
+            raise error(f"hydra.sweep.dir={self.sweep_dir} already holds {what}{memory}; give "
+                        "this search its own hydra.sweep.dir")
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(mine))
 
     def ask(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> list[optuna.Trial]:
         """Up to ``n_jobs`` new trials, while the study holds fewer than ``n_trials``."""
