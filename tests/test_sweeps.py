@@ -140,3 +140,16 @@ def test_a_preempted_submitit_job_saves_requeues_and_ends_as_if_never_stopped(cl
     a, b = weights(run / "last.pt"), weights(tmp_path / "straight" / "last.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_sentence_from_a_job_of_another_process_keeps_one_prefix():
+    """A run stopped in a submitit or joblib job fails the sweep with its own sentence, which
+    the sweeping process prints once: never `fewshot: error: fewshot: error:`, no --help hint."""
+    from fewshot_cli.cli import condense
+
+    held = "[2026-12-07][HYDRA] Launching 1 jobs\nfewshot: error: a run of the sweep failed: " \
+           "interrupted at step 40: saved sweep/0/last.pt; continue with fewshot train " \
+           "resume=sweep/0/last.pt\n"
+    sentence, code = condense(held, "train", ["-m"])
+    assert sentence.startswith("a run of the sweep failed: interrupted at step 40")
+    assert code == 1 and "--help" not in sentence
