@@ -447,6 +447,8 @@ def condense(text: str, command: str, args: list[str]) -> tuple[str, int]:
         return f"{m.group(1)}: {m.group(2).strip()}", 2
     lines = [line.strip() for line in text.splitlines() if line.strip() and
              "HYDRA_FULL_ERROR" not in line and not line.startswith(("Traceback", "File "))]
+    if lines and lines[-1].startswith("fewshot: error: "):  # a sentence of ours, from a job of
+        return lines[-1].removeprefix("fewshot: error: "), 1  # another process: said as it is
     return (lines[-1] if lines else "the config could not be composed") + f" ({help_hint})", 2
 
 

@@ -381,6 +381,7 @@ def summary(root: Path, runs: list[Run], keys: list[str], tests: list[Column]) -
                   "nothing across them: each point of a slice is one run, beside Optuna's "
                   "parameter importances where Optuna is installed (the cluster extra).", ""]
     lines += best_runs(root, done, keys)
+    lines += study_best(root)
     repeats = [r for r in trained if r.repeat_of is not None]
     if repeats:
         lines += ["", f"repeated runs ({len(repeats)}), the same full config seed included, "
@@ -425,6 +426,25 @@ def best_runs(root: Path, done: list[Run], keys: list[str]) -> list[str]:
                      f"{metric} {format_mean_ci(best.best['score'], best.best['ci95'], metric)} "
                      f"at step {best.best['step']}")
     return lines
+
+
+def study_best(root: Path) -> list[str]:
+    """For a search's sweep folder (``optimization_results.yaml``): the study's best trial,
+    and where it lies when that is another sweep folder (a study continued over several)."""
+    from omegaconf import OmegaConf
+
+    try:
+        found = OmegaConf.to_container(OmegaConf.load(root / "optimization_results.yaml"))
+    except Exception:  # no search here, or a file that is not the sweeper's
+        return []
+    if not isinstance(found, dict) or found.get("best_trial") is None:
+        return []
+    where = Path(str(found.get("best_run_dir")))
+    inside = where.is_relative_to(root)
+    place = f"run {where.relative_to(root)}" if inside else (
+        f"another sweep folder: {where}; this folder's runs are the study's later trials")
+    return [f"Optuna study {found.get('study_name')}: best trial {found['best_trial']} "
+            f"(value {found.get('best_value')}) is {place}"]
 
 
 def name(root: Path, run: Run) -> str:

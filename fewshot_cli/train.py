@@ -28,10 +28,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fewshot_cli.build import set_threads, wire_run
 from fewshot_cli.engine.distributed import Processes
 from fewshot_cli.engine.run_folder import RunFolder
-from fewshot_cli.engine.runtime import StopRequest, pad_host_heap, resolve_device
+from fewshot_cli.engine.runtime import (
+    StopRequest,
+    pad_host_heap,
+    requeued_checkpoint,
+    resolve_device,
+)
 from fewshot_cli.engine.trainer import MetaTrainer
 from fewshot_cli.episode import IMAGE_TASKS
-from fewshot_cli.errors import Interrupted
+from fewshot_cli.errors import FewshotError
 from fewshot_cli.intervals import format_mean_ci
 from fewshot_cli.options import check_train
 from fewshot_cli.shell import arg, command
@@ -58,6 +63,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, str] | None = N
     calls ``on_validation`` (see ValidationHook), whose answer every rank follows."""
     pad_host_heap()
     check_train(cfg)
+    if state is None:
+        state = requeued_state(cfg, run_dir)
     procs = Processes.start(resolve_device(cfg.device.type))
     try:
         run_dir = Path(procs.broadcast(str(run_dir)))
@@ -79,6 +86,30 @@ def train(cfg: DictConfig, run_dir: Path, hydra_files: dict[str, str] | None = N
             return meta_train(trainer, on_validation)
     finally:
         procs.close()
+
+
+def requeued_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint to continue from when this job is a submitit/SLURM job requeued after a
+    time limit or preemption saved ``run_dir/last.pt`` (runtime.StopRequest.leave), else None.
+
+    Raises:
+        FewshotError: that checkpoint holds another config than the requeued job's.
+    """
+    path = requeued_checkpoint(run_dir)
+    if path is None:
+        return None
+    from omegaconf import OmegaConf
+
+    from fewshot_cli.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    mine = OmegaConf.to_container(cfg, resolve=True)
+    differ = sorted(k for k in {*mine, *state["config"]} if mine.get(k) != state["config"].get(k))
+    if differ:
+        raise FewshotError(f"the requeued job cannot continue {path}: its {', '.join(differ)} "
+                           "differ from the checkpoint's; give this run its own hydra.run.dir")
+    log.info("requeued: continuing %s from step %d", path, state["step"])
+    return state
 
 
 def step_images(cfg: DictConfig, trainer: MetaTrainer) -> int:
@@ -161,8 +192,7 @@ def _loop(trainer: MetaTrainer, writer: SummaryWriter | None,
                 trainer.check_finite()
                 path = trainer.save("last.pt")
                 procs.barrier()  # no rank exits (and lets torchrun stop rank 0) mid-save
-                raise Interrupted(f"interrupted at step {step}: saved {path}; continue with "
-                                  f"{command('train', arg('resume', path))}")
+                stop.leave(step, path, command("train", arg("resume", path)))
             metrics = trainer.train_step(step, stop.requested)
             bar.update(1)
             done = step + 1

@@ -216,3 +216,40 @@ def test_the_fewshot_command_lets_waiting_threads_sleep():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True)
     assert "policy ACTIVE" in out.stdout, out.stdout + out.stderr
+
+
+def test_sigusr2_says_time_limit_or_preempted_as_submitit_tells_them_apart(tmp_path):
+    """SIGUSR2 (before a time limit or a preemption) stops like Ctrl-C; the reason comes from
+    submitit's handler of it (its job's time so far), and without submitit the sentence names
+    the signal; outside a submitit job nothing is requeued."""
+    import signal
+
+    import pytest
+
+    from fewshot_cli.engine.runtime import StopRequest
+    from fewshot_cli.errors import Interrupted
+
+    class Submitit:  # stands for submitit's SignalHandler
+        def __init__(self, timed_out: bool) -> None:
+            self.timed_out = timed_out
+
+        def has_timed_out(self) -> bool:
+            return self.timed_out
+
+        def checkpoint_and_try_requeue(self, signum, frame) -> None:
+            raise AssertionError("requeued outside a submitit job")
+
+    for timed_out, why in ((True, "time limit"), (False, "preempted")):
+        stop = StopRequest()
+        stop.previous = {signal.SIGUSR2: Submitit(timed_out).checkpoint_and_try_requeue}
+        stop._handle(signal.SIGTERM, None)
+        stop._handle(signal.SIGUSR2, None)  # the cluster's reason wins over SIGTERM's
+        assert stop.requested and stop.reason() == why
+        with pytest.raises(Interrupted, match=f"^{why} at step 7: saved .*; continue with X"):
+            stop.leave(7, tmp_path / "last.pt", "X")
+    stop = StopRequest()
+    stop._handle(signal.SIGUSR2, None)
+    assert stop.reason().startswith("stopped by SIGUSR2 (a cluster's warning")
+    stop = StopRequest()
+    stop._handle(signal.SIGINT, None)
+    assert stop.reason() == "interrupted"

@@ -27,6 +27,9 @@ GOLDEN = REPO / "tests" / "golden" / "hparams_search"
 # change), and the differences meant: the old sweeper read range(1, 5) as 1 to 5, while Hydra's
 # range, which ours follows, excludes its stop.
 INTENDED = {"maml_omniglot": {"algo.inner_steps": "range(1, 6)"}}
+# ... and in the run's config: MAML's trials validate with at least the inner steps they train
+# with (the old space validated with 3 while searching up to 5).
+INTENDED_TASK = {"maml_omniglot": {"algo.eval_inner_steps": 5}}
 # A short search whose learning rate is either hopeless (1e-7: the embedding barely moves) or
 # good (1e-2); ProtoNet on the glyphs, validated every 2 of 12 steps. The median pruner may
 # stop a trial once 2 trials have finished, from the second validation on: at the first, random
@@ -55,6 +58,8 @@ def test_each_space_composes_as_before_over_the_shared_base(space):
     the run config and search it composed to before, but for INTENDED."""
     cfg = composed(space)
     golden = OmegaConf.load(GOLDEN / f"{space}.yaml")
+    for key, value in INTENDED_TASK.get(space, {}).items():
+        OmegaConf.update(golden.task, key, value)
     task = OmegaConf.create({k: v for k, v in cfg.items() if k not in ("hydra", "choices")})
     for key in ADDED_KEYS:  # added since the golden files were written, where they lack them
         parent, _, leaf = key.rpartition(".")
@@ -101,6 +106,43 @@ def test_hydra_sweeps_become_optuna_distributions():
     assert parse("a=choice(true, false)").choices == (True, False)
     assert parse("a=choice(sqeuclidean, cosine)").choices == ("sqeuclidean", "cosine")
     assert parse("a=5") is None  # fixed for every trial
+    # a descending range is the same values; a log tag is kept on integers
+    assert parse("a=range(5, 0, -1)") == optuna.distributions.IntDistribution(1, 5)
+    assert parse("a=tag(log, range(1, 100))") == optuna.distributions.IntDistribution(
+        1, 99, log=True)
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_each_shipped_space_passes_its_algorithms_constraints(space):
+    """Every shipped space, read as a search reads it (with its run's config): its keys' types
+    and the algorithm's constraints (MAML: eval_inner_steps >= inner_steps) hold."""
+    from hydra_plugins.fewshot_optuna_sweeper._search import search_space
+
+    cfg = composed(space)
+    found, _ = search_space(cfg.hydra.sweeper, [], cfg)
+    assert set(found) == set(cfg.hydra.sweeper.params)
+
+
+@pytest.mark.parametrize(("space", "args", "words"), [
+    ("protonet_omniglot", ["seed=0,1,2"], ["seed=0,1,2", "replicates", "seed=0"]),
+    ("maml_omniglot", ["algo.inner_steps=interval(1,5)"], ["algo.inner_steps is an integer",
+                                                           "range("]),
+    ("maml_omniglot", ["algo.inner_steps=3.5"], ["algo.inner_steps is an integer"]),
+    ("maml_omniglot", ["algo.inner_steps=tag(log,range(1,9,2))"], ["log scale", "step 1"]),
+    ("maml_omniglot", ["algo.eval_inner_steps=3"], ["searched up to 5",
+                                                    "algo.eval_inner_steps=5"]),
+])
+def test_a_space_that_cannot_mean_what_it_says_is_one_sentence(space, args, words):
+    from hydra_plugins.fewshot_optuna_sweeper._search import search_space
+    from hydra_plugins.fewshot_optuna_sweeper.optuna_sweeper import SearchError
+
+    cfg = composed(space, *(a for a in args if "(" not in a and "," not in a))
+    with pytest.raises(SearchError) as refused:
+        search_space(cfg.hydra.sweeper, args, cfg)
+    sentence = str(refused.value)
+    assert sentence.count("fewshot: error:") == 1 and "\n" not in sentence
+    for word in words:
+        assert word in sentence, (word, sentence)
 
 
 # ---------------------------------------------------------------- pruning
@@ -219,6 +261,14 @@ def test_resuming_a_study_runs_only_the_rest(cli, tmp_path):
     trials = load(db, "protonet_omniglot").trials
     assert [t.number for t in trials] == [0, 1, 2]
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3  # the sampler went on
+    # the study's best and the report agree, and say when the best lies in the first folder
+    found = OmegaConf.load(tmp_path / "b" / "optimization_results.yaml")
+    best = max((t for t in trials), key=lambda t: t.value)
+    assert found.best_trial == best.number
+    assert found.best_in_this_sweep_dir == (best.number == 2)
+    report = ok(cli("report", str(tmp_path / "b"))).stdout
+    assert f"best trial {best.number} (value {best.value}) is " + (
+        "run 2" if best.number == 2 else f"another sweep folder: {tmp_path / 'a'}") in report
     out = ok(cli("train", *args, "hydra.sweeper.n_trials=3",
                  f"hydra.sweep.dir={tmp_path / 'c'}")).stdout
     assert "3 trials so far" in out and not list((tmp_path / "c").glob("*/last.pt"))
@@ -266,3 +316,80 @@ def test_a_bad_search_option_is_one_sentence(cli, tmp_path, args, words):
                f"hydra.sweep.dir={tmp_path / 'sweep'}", *args)
     one_sentence(proc, *words)
     assert not (tmp_path / "sweep").exists() or not list((tmp_path / "sweep").rglob("*.pt"))
+
+
+def test_a_study_is_one_search_and_refuses_any_other(cli, tmp_path):
+    """A stored study keeps what makes it one search (algorithm, data set, metric, direction,
+    space, every other scored key); continuing it with anything else is refused in one
+    sentence naming what differs, before any trial runs."""
+    db = tmp_path / "study.db"
+    args = [*SMALL, "train.ways=5", "train.val_every=2", "hydra.sweeper.n_trials=2",
+            f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.study_name=s"]
+    first = ["hparams_search=protonet_omniglot", *args]
+    ok(cli("train", *first, "train.steps=2", "hydra.sweeper.n_trials=1",
+           f"hydra.sweep.dir={tmp_path / 'a'}"))
+    refused = {  # what differs: the words its sentence must name
+        "train.steps=4": ["train.steps is 4 here but 2 in the study"],
+        "hydra.sweeper.direction=minimize": ["made to maximize", "direction=minimize"],
+        "hparams_search=matching_omniglot": ["algo is matching here but protonet"],
+        "algo.distance=choice(cosine,sqeuclidean)": ["search space of algo.distance"],
+    }
+    for change, words in refused.items():
+        new = [change, *args, "train.steps=2"] if change.startswith("hparams_search") else [
+            *first, "train.steps=2", change] if "steps" not in change else [*first, change]
+        sweep = tmp_path / change.replace("=", "_").replace("(", "").replace(")", "")
+        proc = cli("train", *new, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}")
+        one_sentence(proc, "study s", "hydra.sweeper.study_name", *words, code=1)
+        assert not list(sweep.glob("*/last.pt")), change
+    trials = load(db, "s").trials
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE")]  # none RUNNING
+
+
+def test_sweep_folders_hold_one_search_and_relative_storage_is_the_typed_folders(cli, tmp_path):
+    """hydra.job.chdir=true runs each trial in its folder: the relative SQLite path still
+    means the folder the command was typed in. A second, different search into the same
+    sweep folder is refused before any trial, leaving the first one's results alone."""
+    sweep = tmp_path / "sweep"
+    args = ["hparams_search=protonet_omniglot", *SMALL, "train.ways=5", "train.steps=2",
+            "train.val_every=2", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={sweep}",
+            "hydra.sweeper.storage=sqlite:///study.db", "hydra.job.chdir=true"]
+    ok(cli("train", *args))
+    trials = load(tmp_path / "study.db", "protonet_omniglot").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"]
+    assert not list(sweep.rglob("study.db"))  # no empty database in a trial's folder
+    results = (sweep / "optimization_results.yaml").read_text()
+    proc = cli("train", *args, "hydra.sweeper.study_name=other")
+    one_sentence(proc, f"hydra.sweep.dir={sweep} already holds study protonet_omniglot's",
+                 "its own hydra.sweep.dir", code=1)
+    assert (sweep / "optimization_results.yaml").read_text() == results
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]
+
+
+def test_a_trial_whose_worker_died_is_failed_and_the_study_goes_on(tmp_path):
+    """A launcher that raises for a batch (joblib when a worker process is killed) fails
+    that batch's trials, never leaves them RUNNING, and the study asks the next trials; the
+    search then ends in one sentence counting the failures."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.fewshot_optuna_sweeper._search import Search
+
+    class DyingOnce:
+        calls = 0
+
+        def launch(self, overrides, initial_job_idx):
+            DyingOnce.calls += 1
+            if DyingOnce.calls == 1:
+                raise RuntimeError("A worker process managed by the executor was unexpectedly "
+                                   "terminated")
+            done = JobReturn(status=JobStatus.COMPLETED)
+            done._return_value = 0.5
+            return [done for _ in overrides]
+
+    cfg = composed("protonet_omniglot", "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=none",
+                   f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}")
+    with pytest.raises(Exception, match="1 trial") as ended:  # SearchError (Hydra may have
+        Search(cfg.hydra.sweeper, DyingOnce(), str(tmp_path / "sweep"), cfg).run([])
+    assert type(ended.value).__name__ == "SearchError"  # imported its module twice)
+    assert "1 trial(s) of study protonet_omniglot failed" in str(ended.value)
+    states = [t.state.name for t in load(tmp_path / "study.db", "protonet_omniglot").trials]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from helpers import SMALL, assert_readable, ok
+import torch
+from helpers import SMALL, assert_readable, ok, weights
 from omegaconf import OmegaConf
 
 from fewshot_cli.engine.checkpoint import load_checkpoint
@@ -121,3 +128,47 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, tmp_path):
         int(p.name): "COMPLETE" for p in finished}
     out = ok(cli("report", str(sweep))).stdout
     assert out.count("failed: train.ways=60 exceeds") == len(failed)
+
+
+def test_a_preempted_submitit_job_saves_requeues_and_ends_as_if_never_stopped(cli, tmp_path):
+    """SIGUSR2 (what SLURM sends under submitit before a time limit or a preemption) at an
+    arbitrary step: the run saves last.pt at that step, submitit requeues the job, and the
+    requeued job continues the same run to the weights of a run never stopped."""
+    plugin("hydra_submitit_launcher")
+    args = [*SMALL, "backbone.hidden=8", "train.steps=120", "train.val_every=120"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot_cli", "train", "-m",
+                             "hydra/launcher=submitit_local", *args, f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    run = sweep / "0"
+    deadline = time.time() + 120
+    while not list(run.glob("events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.kill(int((run / ".lock").read_text()), signal.SIGUSR2)  # the job's own process
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    log = (run / "train.log").read_text()
+    stopped = re.search(r"preempted at step (\d+): saved .*last\.pt; submitit requeues", log)
+    assert stopped and 0 < int(stopped.group(1)) < 120, log
+    assert f"resuming from step {stopped.group(1)}" in log, log
+    assert "unexpected error" not in log and "already holds" not in log + err
+    assert load_checkpoint(run / "last.pt")["step"] == 120
+    ok(cli("train", *args, f"hydra.run.dir={tmp_path / 'straight'}"))
+    a, b = weights(run / "last.pt"), weights(tmp_path / "straight" / "last.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_sentence_from_a_job_of_another_process_keeps_one_prefix():
+    """A run stopped in a submitit or joblib job fails the sweep with its own sentence, which
+    the sweeping process prints once: never `fewshot: error: fewshot: error:`, no --help hint."""
+    from fewshot_cli.cli import condense
+
+    held = "[2026-12-07][HYDRA] Launching 1 jobs\nfewshot: error: a run of the sweep failed: " \
+           "interrupted at step 40: saved sweep/0/last.pt; continue with fewshot train " \
+           "resume=sweep/0/last.pt\n"
+    sentence, code = condense(held, "train", ["-m"])
+    assert sentence.startswith("a run of the sweep failed: interrupted at step 40")
+    assert code == 1 and "--help" not in sentence

@@ -171,6 +171,8 @@ class RunFolder:
                 self._log(str(err))
             elif isinstance(err, KeyboardInterrupt):
                 self._log("interrupted")
+            elif isinstance(err, SystemExit):  # submitit requeued the job (the log says why)
+                pass
             else:
                 self._log("stopped by an unexpected error", (kind, err, tb))
         self._release()

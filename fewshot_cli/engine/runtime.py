@@ -1,19 +1,24 @@
-"""Device choice, mixed precision, and a Ctrl-C that stops at a step boundary."""
+"""Device choice, mixed precision, and a Ctrl-C (or a cluster's time limit) that stops at a
+step boundary."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
+import logging
 import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
+from typing import Any, NoReturn
 
 import torch
 
-from fewshot_cli.errors import FewshotError
+from fewshot_cli.errors import FewshotError, Interrupted
 
 
 def resolve_device(kind: str) -> torch.device:
@@ -192,26 +197,109 @@ def episodes_per_batch(device: torch.device, choice: int | str) -> int:
     return choice
 
 
-class StopRequest:
-    """The first Ctrl-C (or SIGTERM: a cluster's time limit, torchrun stopping its workers)
-    asks the loop to stop after the current step and save; a second one of either aborts at
-    once, whatever the phase (a long validation never reaches the step's end)."""
+def preempt_signal() -> signal.Signals:
+    """The signal a cluster sends before it stops a job (a time limit, a preemption): SIGUSR2,
+    as submitit asks SLURM for (``--signal=USR2@90``), or ``$SUBMITIT_PREEMPT_SIGNAL``."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal, f"SIG{name}", signal.SIGUSR2)
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+REQUEUED = ".requeued"  # in a run folder: its job saved last.pt and asked to be requeued
+
+
+def requeued_checkpoint(run_dir: Path) -> Path | None:
+    """``run_dir/last.pt`` when this very job (the same submitit/SLURM job id) saved it before
+    asking to be requeued (:meth:`StopRequest.leave`), so the requeued job continues from it;
+    None otherwise (a new run, or another job's folder, which the run folder then refuses)."""
+    marker, last = run_dir / REQUEUED, run_dir / "last.pt"
+    job = submitit_job_id()
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return last if job is not None and saved.get("job") == job and last.is_file() else None
+
+
+def submitit_job_id() -> str | None:
+    """The id of the submitit job (SLURM's, or submitit's local executor's) this process runs
+    in, or None outside one."""
+    if "submitit" not in sys.modules:  # a job of submitit has imported it to unpickle us
+        return None
+    import submitit
+
+    env = submitit.JobEnvironment()
+    return str(env.job_id) if env.activated() else None
+
+
+class StopRequest:
+    """The first Ctrl-C or SIGTERM (torchrun stopping its workers, a cluster's kill) asks the
+    loop to stop after the current step and save; a second signal of any of these aborts at
+    once, whatever the phase (a long validation never reaches the step's end).
+
+    SIGUSR2 (:func:`preempt_signal`), which SLURM sends under submitit before a time limit or
+    a preemption, does the same, and then hands over to submitit's own handler of it (saved at
+    :meth:`installed`), which requeues the job: submitit's handler alone would exit mid-step,
+    after the last validation's ``last.pt``."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
+        self.signals = (signal.SIGINT, signal.SIGTERM, preempt_signal())
+        self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self.signum is None or signum == self.signals[2]:  # the cluster's reason wins
+            self.signum = signum
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         try:
             yield self
         finally:
-            for s, handler in previous.items():
+            for s, handler in self.previous.items():
                 signal.signal(s, handler)
+
+    def reason(self) -> str:
+        """Why the run stops: "interrupted", "time limit" or "preempted" (submitit tells these
+        apart by the job's time so far), or the signal's name when no submitit handler said."""
+        if self.signum != self.signals[2]:
+            return "interrupted"
+        timed_out = getattr(getattr(self.previous.get(self.signum), "__self__", None),
+                            "has_timed_out", None)
+        if timed_out is None:
+            return f"stopped by {signal.Signals(self.signum).name} (a cluster's warning of a " \
+                   "time limit or preemption)"
+        return "time limit" if timed_out() else "preempted"
+
+    def leave(self, step: int, path: Path, resume_command: str) -> NoReturn:
+        """Called once ``last.pt`` (``path``) is saved at ``step``: raise Interrupted, or, after
+        SIGUSR2 in a submitit job, let submitit requeue it (it exits the process) with a
+        marker in the run folder that makes the requeued job continue from ``path``
+        (:func:`requeued_checkpoint`).
+
+        Raises:
+            Interrupted: the run stopped and is not requeued; the sentence says how to continue.
+            SystemExit: submitit requeued the job.
+        """
+        why = self.reason()
+        handler = self.previous.get(self.signum) if self.signum is not None else None
+        job = submitit_job_id()
+        if why in ("time limit", "preempted") and callable(handler) and job is not None:
+            marker = path.parent / REQUEUED
+            marker.write_text(json.dumps({"job": job, "step": step, "reason": why}))
+            logging.getLogger("fewshot").info(
+                "%s at step %d: saved %s; submitit requeues the job, which continues from it",
+                why, step, path)
+            try:
+                handler(self.signum, None)  # checkpoints the submission, requeues, exits
+            except Exception as err:  # submitit's UncompletedJobError: not requeued
+                marker.unlink(missing_ok=True)
+                raise Interrupted(f"{why} at step {step}: saved {path}; the job was not "
+                                  f"requeued ({str(err).strip().rstrip('.')}); continue with "
+                                  f"{resume_command}") from None
+            raise SystemExit(-1)  # a handler that returned (a rank other than 0) still stops
+        raise Interrupted(f"{why} at step {step}: saved {path}; continue with {resume_command}")

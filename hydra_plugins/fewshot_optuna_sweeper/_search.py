@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import math
 import sys
@@ -48,6 +49,12 @@ PRUNERS = {"median": optuna.pruners.MedianPruner,
 PRUNED_AT = "fewshot.pruned_at_step"  # user attribute set by the run's hook when it stops
 RUN_DIR = "fewshot.run_dir"           # user attribute: the trial's run folder
 NOT_RUN = "fewshot.not_run"           # user attribute of a trial asked past n_trials
+SWEEP_MARKER = ".fewshot_search.json"  # in a sweep folder: the search whose trials it holds
+SEARCH = "fewshot.search"             # study user attribute: what makes its trials one search
+# Keys that do not change a trial's score (where the data are, the device, how evaluation is
+# batched): a study may be continued with other values of them.
+UNSCORED = ("hydra", "dataset.root", "dataset.download", "device", "eval.batch",
+            "algo.batching", "algo.task_chunk", "algo.checkpoint_steps")
 _STUDIES: dict[str, optuna.Study] = {}  # in-memory studies, for trials run in this process
 
 
@@ -106,6 +113,18 @@ def sqlite_lock(url: str | None) -> Iterator[None]:
         yield
 
 
+def absolute_storage(url: str | None) -> str | None:
+    """A relative SQLite path (``sqlite:///study.db``) made absolute against the folder the
+    command was typed in, so that trials running in their own folder (hydra.job.chdir=true)
+    or process find the same database; other URLs as they are."""
+    if url is None or not str(url).startswith("sqlite:///"):
+        return url
+    path = str(url).removeprefix("sqlite:///")
+    if not path or path.startswith("/") or path.startswith(":memory:"):
+        return str(url)
+    return f"sqlite:///{Path(path).expanduser().absolute()}"
+
+
 def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     """The storage at ``url`` (None: in memory). SQLite waits up to a minute for another
     process's write instead of failing at once: trials of one study write at the same time."""
@@ -126,26 +145,52 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
 # ---------------------------------------------------------------- the search space
 
 
-def distribution(override: Override) -> BaseDistribution | None:
+def distribution(override: Override, kind: type | None = None) -> BaseDistribution | None:
     """The Optuna distribution of a sweep override (``choice``, ``range``, ``interval``,
-    ``tag(log, interval)``), or None for a plain ``key=value`` fixed for every trial."""
+    ``tag(log, ...)``), or None for a plain ``key=value`` fixed for every trial. ``kind``: the
+    type of the key's value in the config (int: ``interval`` is refused; Hydra's intervals
+    are real).
+
+    Raises:
+        SearchError: a sweep that cannot mean what it says (an interval of an integer key, a
+            log scale Optuna cannot give).
+    """
     if not override.is_sweep_override():
         return None
-    value = override.value()
-    if isinstance(value, IntervalSweep):  # Hydra's intervals are real; integers: range(...)
-        return FloatDistribution(value.start, value.end, log="log" in value.tags)
+    key, value = override.get_key_element(), override.value()
+    log_scale = "log" in getattr(value, "tags", set())
+    if isinstance(value, IntervalSweep):
+        if kind is int:
+            raise error(f"{key} is an integer, and interval({value.start}, {value.end}) draws "
+                        f"reals; search it with range(...) or choice(...), e.g. "
+                        f"{key}='range({math.ceil(value.start)}, {math.floor(value.end) + 1})'")
+        return FloatDistribution(value.start, value.end, log=log_scale)
     # choice(...) and range(...): Hydra's own list of values (range excludes its stop).
     choices = list(override.sweep_iterator(transformer=Transformer.encode))
     if isinstance(value, RangeSweep) and not value.shuffle and len(choices) > 1 and all(
             isinstance(c, int) for c in choices):
-        return IntDistribution(choices[0], choices[-1], step=choices[1] - choices[0])
+        step = abs(choices[1] - choices[0])  # a descending range is the same set of values
+        if log_scale and step != 1:
+            raise error(f"{key}={override.input_line.partition('=')[2]}: a log scale needs "
+                        "a range of step 1 (Optuna draws every integer between its ends)")
+        return IntDistribution(min(choices), max(choices), step=1 if log_scale else step,
+                               log=log_scale)
+    if log_scale:
+        raise error(f"{key}: tag(log, ...) needs interval(...) or range(...), not "
+                    f"{override.input_line.partition('=')[2]}")
     return CategoricalDistribution(choices)
 
 
-def search_space(options: DictConfig,
-                 arguments: Sequence[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
+def search_space(options: DictConfig, arguments: Sequence[str], config: DictConfig | None = None
+                 ) -> tuple[dict[str, BaseDistribution], list[str]]:
     """``hydra.sweeper.params`` and the command line's overrides: the distributions to sample,
-    and the overrides every trial gets (a key fixed on the command line leaves the search)."""
+    and the overrides every trial gets (a key fixed on the command line leaves the search).
+    With the composed ``config``, each key is checked against its type and the algorithm's
+    constraints (:func:`check_space`).
+
+    Raises:
+        SearchError: the space cannot be read, is empty, or asks for what a run refuses.
+    """
     params = [f"{k}={v}" for k, v in (options.params or {}).items()]
     try:
         parsed = OverridesParser.create().parse_overrides([*params, *arguments])
@@ -155,12 +200,29 @@ def search_space(options: DictConfig,
                     "or tag(log, interval(1e-4, 1e-2))") from None
     space: dict[str, BaseDistribution] = {}
     fixed: dict[str, str] = {}
+    integers = set()  # keys the space itself searches as integers, e.g. range(1, 6)
+    for override in parsed[:len(params)]:
+        with contextlib.suppress(Exception):
+            if isinstance(distribution(override), IntDistribution):
+                integers.add(override.get_key_element())
     for override in parsed:
         key = override.get_key_element()
-        found = distribution(override)
+        if key == "seed" and override.is_sweep_override():
+            raise error(f"{override.input_line}: a search does not search seeds, whose scores "
+                        "are replicates; search with one seed (seed=0), then train the best "
+                        "settings over seeds with fewshot train -m ... seed=0,1,2")
+        try:
+            current = OmegaConf.select(config, key, default=None) if config is not None else None
+        except Exception:  # an interpolation only a run resolves
+            current = None
+        kind = int if key in integers or (isinstance(current, int) and not isinstance(
+            current, bool)) else None
+        found = distribution(override, kind)
         if found is None:
             space.pop(key, None)
             fixed[key] = override.input_line
+            if kind is int and isinstance(override.value(), float):
+                raise error(f"{override.input_line}: {key} is an integer; give a whole number")
         else:
             fixed.pop(key, None)
             space[key] = found
@@ -168,7 +230,33 @@ def search_space(options: DictConfig,
         raise error("nothing to search: every key of hydra.sweeper.params is fixed on the "
                     "command line; leave one of them out, or add one with "
                     "hydra.sweeper.params.<key>='choice(a, b)'")
+    if config is not None:
+        check_space(config, space, fixed)
     return space, list(fixed.values())
+
+
+def check_space(config: DictConfig, space: dict[str, BaseDistribution],
+                fixed: dict[str, str]) -> None:
+    """The algorithm's constraints over the space: an inner-loop learner (MAML's family)
+    must validate with at least the inner steps it trains with (``algo.eval_inner_steps >=
+    algo.inner_steps``), or half a search's trials are scored with fewer steps than they learn.
+
+    Raises:
+        SearchError: a trial of the space would break a constraint.
+    """
+    steps, evals = space.get("algo.inner_steps"), space.get("algo.eval_inner_steps")
+    evaluated = OmegaConf.select(config, "algo.eval_inner_steps", default=None)
+    if "algo.eval_inner_steps" in fixed:
+        evaluated = OverridesParser.create().parse_override(fixed["algo.eval_inner_steps"]).value()
+    if not isinstance(steps, IntDistribution | CategoricalDistribution) or evals is not None \
+            or not isinstance(evaluated, int):
+        return
+    most = steps.high if isinstance(steps, IntDistribution) else max(
+        c for c in steps.choices if isinstance(c, int))
+    if most > evaluated:
+        raise error(f"algo.inner_steps is searched up to {most} but algo.eval_inner_steps="
+                    f"{evaluated}: those trials would validate with fewer inner steps than they "
+                    f"train with; set algo.eval_inner_steps={most} (or more)")
 
 
 def as_override(value: Any) -> str:
@@ -178,14 +266,67 @@ def as_override(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A plain config as ``{"train.lr": 0.001, ...}``."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(flat_config(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def search_identity(config: DictConfig | None, space: dict[str, BaseDistribution],
+                    direction: str) -> dict[str, str]:
+    """What makes trials one search, as ``{key: value}`` text (kept with the study, as its
+    user attribute ``fewshot.search``): the algorithm, the data set, the metric the runs
+    return, the direction, each searched key's distribution, and every other key of the run's
+    config but those of ``UNSCORED``."""
+    found = {"direction": direction}
+    found.update({f"search space of {k}": repr(d) for k, d in sorted(space.items())})
+    if config is None:
+        return found
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
+    found.update({g: str(choices.get(g)) for g in ("algo", "dataset")})
+    found["metric"] = metric_of(OmegaConf.select(config, "algo._target_", default=None))
+    plain = OmegaConf.to_container(config, resolve=False)
+    for key, value in sorted(flat_config(plain).items()):
+        if key in space or key.startswith(tuple(f"{u}." for u in UNSCORED)) or key in UNSCORED:
+            continue
+        found[key] = json.dumps(value)
+    return found
+
+
+def metric_of(target: str | None) -> str:
+    """The score an algorithm's run returns (its class's ``score_name``), accuracy by default."""
+    from hydra.utils import get_class
+
+    try:
+        return str(getattr(get_class(target), "score_name", "accuracy")) if target else "?"
+    except Exception:  # an algorithm that cannot be imported fails in its trial, not here
+        return str(target)
+
+
+def identity_differences(stored: dict[str, str], mine: dict[str, str]) -> list[str]:
+    """``train.steps is 2 here but 60 in the study``, for each key on which they differ (the
+    algorithm, data set, metric and direction first)."""
+    first = ("algo", "dataset", "metric", "direction")
+    keys = sorted({*stored, *mine}, key=lambda k: (k not in first, first.index(k)
+                                                    if k in first else 0, k))
+    return [f"{k} is {mine.get(k, '(unset)')} here but {stored.get(k, '(unset)')} in the study"
+            for k in keys if stored.get(k) != mine.get(k)]
+
+
 # ---------------------------------------------------------------- the study
 
 
 class Search:
     """One invocation's share of a study: asks trials until the study holds ``n_trials``."""
 
-    def __init__(self, options: DictConfig, launcher: Any, sweep_dir: str) -> None:
+    def __init__(self, options: DictConfig, launcher: Any, sweep_dir: str,
+                 config: DictConfig | None = None) -> None:
         self.options, self.launcher, self.sweep_dir = options, launcher, Path(sweep_dir)
+        self.config = config  # the composed config: what identifies the search
         if options.direction not in ("maximize", "minimize"):
             raise error(f"hydra.sweeper.direction={options.direction} is not a direction; "
                         "choose maximize or minimize")
@@ -201,12 +342,15 @@ class Search:
                         f"{type(launcher).__name__} runs each trial in another process; add "
                         "hydra.sweeper.storage=sqlite:///study.db (a database URL across "
                         "machines), or hydra.sweeper.pruner=none")
+        options.storage = absolute_storage(options.storage)  # trials may run elsewhere
         self.storage = open_storage(options.storage)
         self.job_idx = 0
 
     def run(self, arguments: Sequence[str]) -> None:
-        space, fixed = search_space(self.options, arguments)
-        study = self.open_study()
+        space, fixed = search_space(self.options, arguments, self.config)
+        identity = search_identity(self.config, space, self.options.direction)
+        study = self.open_study(identity)
+        self.claim_sweep_dir(study, identity)
         before = study.get_trials(deepcopy=False)
         running = [t.number for t in before if t.state == TrialState.RUNNING]
         log.info("study %s (%s): %d trials so far, asking up to n_trials=%d in all",
@@ -223,9 +367,21 @@ class Search:
                 asked = batch
                 overrides = [[*fixed, *(f"{k}={as_override(v)}" for k, v in t.params.items()),
                               f"hydra.sweeper.trial={t.number}",
-                              f"hydra.sweeper.study_name={quoted(study.study_name)}"]
+                              f"hydra.sweeper.study_name={quoted(study.study_name)}",
+                              *([f"hydra.sweeper.storage={quoted(self.options.storage)}"]
+                                if self.options.storage else [])]
                              for t in batch]
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                try:
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                except Exception as err:  # a worker process died (joblib's TerminatedWorkerError)
+                    log.warning("trials %s failed: their worker process died (%s); the study "
+                                "goes on", ", ".join(str(t.number) for t in batch),
+                                first_line(err))
+                    self.fail(study, batch, f"its worker process died: {first_line(err)}")
+                    self.job_idx += len(batch)
+                    failures += len(batch)
+                    asked = []
+                    continue
                 self.job_idx += len(returns)
                 failed = sum(self.tell(study, t, r) for t, r in zip(batch, returns, strict=True))
                 failures += failed
@@ -249,19 +405,61 @@ class Search:
             raise error(f"{failures} trial(s) of study {study.study_name} failed (their errors "
                         f"are in their folders' train.log: fewshot report {self.sweep_dir})")
 
-    def open_study(self) -> optuna.Study:
+    def open_study(self, identity: dict[str, str]) -> optuna.Study:
+        """The study, new or continued; one that holds another search is refused."""
         name = self.options.study_name
+        where = f"study {name} in hydra.sweeper.storage={self.options.storage}"
         try:
             with sqlite_lock(self.options.storage):
                 study = optuna.create_study(storage=self.storage, study_name=name,
                                             sampler=self.sampler, pruner=self.pruner,
                                             direction=self.options.direction, load_if_exists=True)
-        except ValueError as err:  # e.g. the stored study optimises the other direction
-            raise error(f"study {name} in hydra.sweeper.storage={self.options.storage} cannot "
-                        f"be continued ({err}); give another hydra.sweeper.study_name") from None
+        except ValueError as err:  # e.g. a multi-objective study of the same name
+            raise error(f"{where} cannot be continued ({err}); give another "
+                        "hydra.sweeper.study_name") from None
+        stored_direction = study.direction.name.lower()
+        if stored_direction != self.options.direction:  # Optuna 5 no longer refuses it
+            raise error(f"{where} was made to {stored_direction}, not to "
+                        f"hydra.sweeper.direction={self.options.direction}; continue it with "
+                        f"hydra.sweeper.direction={stored_direction}, or give this search its "
+                        "own hydra.sweeper.study_name")
+        stored = study.user_attrs.get(SEARCH)
+        if stored is None:
+            if study.get_trials(deepcopy=False):
+                log.warning("%s holds trials of a search fewshot did not record; it is taken "
+                            "as this one from now on", where)
+            study.set_user_attr(SEARCH, identity)
+        elif differences := identity_differences(stored, identity):
+            more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+            raise error(f"{where} is another search: {'; '.join(differences[:3])}{more}; "
+                        "continue it with the same settings, or give this search its own "
+                        "hydra.sweeper.study_name")
         if self.storage is None:
             _STUDIES[study.study_name] = study
         return study
+
+    def claim_sweep_dir(self, study: optuna.Study, identity: dict[str, str]) -> None:
+        """Mark the sweep folder as this search's (``.fewshot_search.json``); a folder that
+        holds another search's trials, or an in-memory study's (whose numbers start again at
+        0), is refused before any trial runs."""
+        marker = self.sweep_dir / SWEEP_MARKER
+        mine = {"study_name": study.study_name, "storage": self.options.storage,
+                "search": identity}
+        try:
+            held = json.loads(marker.read_text())
+        except FileNotFoundError:
+            held = None
+        except (OSError, ValueError):
+            held = {}
+        used = held is not None or any((p / ".hydra").is_dir() for p in self.sweep_dir.glob("*"))
+        if used and (held != mine or self.options.storage is None):
+            what = f"study {held.get('study_name')}'s trials" if held else "runs"
+            memory = "" if self.options.storage else (
+                ", and an in-memory study numbers its trials from 0 again")
+            raise error(f"hydra.sweep.dir={self.sweep_dir} already holds {what}{memory}; give "
+                        "this search its own hydra.sweep.dir")
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(mine))
 
     def ask(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> list[optuna.Trial]:
         """Up to ``n_jobs`` new trials, while the study holds fewer than ``n_trials``."""
@@ -272,7 +470,16 @@ class Search:
                 if count >= self.options.n_trials:
                     break
                 study.sampler = build_sampler(self.options, trial=count)  # its number, mostly
-                trial = study.ask(fixed_distributions=space)
+                trial = study.ask()
+                try:
+                    for key, dist in space.items():
+                        trial._suggest(key, dist)
+                except Exception as err:  # a space the stored trials' cannot share
+                    trial.set_user_attr(NOT_RUN, f"could not be asked: {first_line(err)}")
+                    study.tell(trial, state=TrialState.FAIL)  # never left RUNNING
+                    raise error(f"study {study.study_name} cannot draw a trial from this "
+                                f"search space ({first_line(err)}); give this search its own "
+                                "hydra.sweeper.study_name") from None
             if trial.number >= self.options.n_trials:  # another machine asked meanwhile
                 trial.set_user_attr(NOT_RUN, "asked past n_trials by two processes at once")
                 study.tell(trial, state=TrialState.FAIL)
@@ -317,10 +524,14 @@ class Search:
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
             best = study.best_trial
+            run_dir = best.user_attrs.get(RUN_DIR)
+            elsewhere = run_dir is not None and not Path(run_dir).resolve().is_relative_to(
+                self.sweep_dir.resolve())
             result.update(best_trial=best.number, best_params=best.params, best_value=best.value,
-                          best_run_dir=best.user_attrs.get(RUN_DIR))
-            log.info("best trial %d: %s with %s, in %s", best.number, best.value, best.params,
-                     best.user_attrs.get(RUN_DIR))
+                          best_run_dir=run_dir, best_in_this_sweep_dir=not elsewhere)
+            log.info("best trial %d: %s with %s, in %s%s", best.number, best.value, best.params,
+                     run_dir, " (another sweep folder: an earlier invocation of the study)"
+                     if elsewhere else "")
         log.info("study %s: %s", study.study_name,
                  ", ".join(f"{n} {s}" for s, n in counts.items() if n))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)

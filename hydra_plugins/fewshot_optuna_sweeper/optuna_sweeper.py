@@ -20,12 +20,14 @@ class SearchError(CompactHydraException):
 
 
 def error(sentence: str) -> SearchError:
-    """``sentence`` as the CLI's one line. Until the first trial starts, fewshot's CLI holds
-    stderr and condenses what Hydra printed into its own line: no prefix then."""
+    """``sentence`` as the CLI's one line, which Hydra prints before it exits 1. Until the
+    first trial starts, fewshot's CLI holds stderr to condense what Hydra printed; a search's
+    own sentence needs no condensing (nor the CLI's hint at --help), so it releases it."""
     from fewshot_cli import cli
 
-    held = cli.HELD is not None and not cli.HELD.released
-    return SearchError(sentence if held else f"fewshot: error: {sentence}")
+    if cli.HELD is not None:
+        cli.HELD.release()
+    return SearchError(f"fewshot: error: {sentence}")
 
 
 def _search_module(error_type: type[Exception]) -> Any:
@@ -53,7 +55,7 @@ class FewshotOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         search = _search_module(SearchError).Search(self.options, self.launcher,
-                                         self.config.hydra.sweep.dir)
+                                                    self.config.hydra.sweep.dir, self.config)
         search.run(arguments)
 
     @staticmethod
