@@ -200,7 +200,10 @@ def check_episodes_fit(cfg: DictConfig, dataset: FewShotDataset,
         node, sizes = cfg[section], dataset.class_sizes(split)
         if sizes is None and not decode:
             continue
-        sizes = sizes if sizes is not None else dataset.load(split).counts.tolist()
+        names: list[str] | None = None
+        if sizes is None:  # decoded: the smallest class can be named
+            store = dataset.load(split)
+            sizes, names = store.counts.tolist(), list(store.names)
         rotations = len(set(node.get("rotations") or [0])) if dataset.rotatable else 1
         classes = len(sizes) * rotations
         if node.ways > classes:
@@ -210,7 +213,8 @@ def check_episodes_fit(cfg: DictConfig, dataset: FewShotDataset,
         if need > smallest:
             shots = node.shots if node.shots < smallest else max(1, smallest - 1)
             queries = min(PAPER_QUERIES, max(1, smallest - shots))
-            which = "per class" if len(set(sizes)) == 1 else "of the smallest class"
+            which = "per class" if len(set(sizes)) == 1 else "of the smallest class" + (
+                f" ({names[sizes.index(smallest)]})" if names else "")
             fewer_shots = shots if shots != node.shots else None
             found.append(f"{named(f'{section}.shots', None, fewer_shots)} + "
                          f"{named(f'{section}.queries', None, queries)} = {need} exceeds the "

@@ -308,7 +308,8 @@ def guarded(run: Callable[[], Any], command: str, cfg: DictConfig | None = None)
         if known is None:
             raise
         message, code = known
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if code != 130 and HydraConfig.initialized() and \
+                HydraConfig.get().mode == RunMode.MULTIRUN:  # an interruption stops the sweep
             from fewshot_cli.engine.run_folder import record_failed_run
 
             print(f"fewshot: error: {message}", file=sys.stderr)

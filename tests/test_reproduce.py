@@ -194,7 +194,7 @@ def test_a_checkpoint_from_before_code_versions_and_figures_is_reproduced(reprod
     assert state["code"] == ["not recorded", code_version()]
     assert state["wall_seconds"] is None  # part of its training time is unknown
     assert state["config"]["device"] == {"type": "cpu", "precision": "fp32",
-                                         "memory_format": "auto"}
+                                         "memory_format": "auto", "threads": "auto"}
 
 
 def test_a_record_added_to_reproductions_shows_in_the_table(reproduced, tmp_path, monkeypatch):
