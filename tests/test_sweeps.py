@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from conftest import HUNG
 from helpers import SMALL, assert_readable, ok, weights
 from omegaconf import OmegaConf
 
@@ -147,7 +148,7 @@ def test_a_preempted_submitit_job_saves_requeues_and_ends_as_if_never_stopped(cl
         time.sleep(0.2)
     time.sleep(0.5)
     os.kill(int((run / ".lock").read_text()), signal.SIGUSR2)  # the job's own process
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=HUNG)
     assert proc.returncode == 0, err
     log = (run / "train.log").read_text()
     stopped = re.search(r"preempted at step (\d+): saved .*last\.pt; submitit requeues", log)

@@ -233,8 +233,8 @@ def submitit_job_id() -> str | None:
 
 class StopRequest:
     """The first Ctrl-C or SIGTERM (torchrun stopping its workers, a cluster's kill) asks the
-    loop to stop after the current step and save; a second signal of any of these aborts at
-    once, whatever the phase (a long validation never reaches the step's end).
+    loop to stop after the current step and save; a second Ctrl-C or SIGTERM aborts at once,
+    whatever the phase (a long validation never reaches the step's end).
 
     SIGUSR2 (:func:`preempt_signal`), which SLURM sends under submitit before a time limit or
     a preemption, does the same, and then hands over to submitit's own handler of it (saved at
@@ -248,10 +248,11 @@ class StopRequest:
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
+        preempt = signum == self.signals[2]
+        if self.requested and not preempt:  # a second Ctrl-C or SIGTERM: abort now
             raise KeyboardInterrupt
         self.requested = True
-        if self.signum is None or signum == self.signals[2]:  # the cluster's reason wins
+        if self.signum is None or preempt:  # the cluster's reason wins
             self.signum = signum
 
     @contextlib.contextmanager
