@@ -624,16 +624,34 @@ def _console_logging() -> None:
 # ---------------------------------------------------------------- entry point
 
 
-# OpenMP threads that wait for work sleep instead of spinning: on a busy machine (a sweep's
-# parallel jobs, other users) spinning threads took most of the CPU from the work itself
-# (scripts/bench_threads.py measures it). Read by OpenMP when torch loads, so set before any
-# torch import; an OMP_WAIT_POLICY of the user's own is kept.
-WAIT_POLICY = "PASSIVE"
+def machine_is_shared(argv: list[str], loadavg: str | None = None) -> bool:
+    """Whether this command shares the CPU with other work: a sweep (``-m``), torchrun's local
+    ranks, or a machine whose runnable tasks (``/proc/loadavg``: the 1-minute load and the
+    tasks runnable now, this one aside) already fill the cores this process may use."""
+    if {"-m", "--multirun"} & set(argv) or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1:
+        return True
+    try:
+        fields = (loadavg if loadavg is not None else Path("/proc/loadavg").read_text()).split()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        return max(float(fields[0]), int(fields[3].split("/")[0]) - 1) >= cores
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def set_wait_policy(argv: list[str]) -> None:
+    """On a shared machine, OpenMP threads that wait for work sleep instead of spinning
+    (``OMP_WAIT_POLICY=PASSIVE``): beside busy processes the spinning threads took most of the
+    CPU from the work itself; on an idle one spinning is faster (MAML's many small kernels).
+    ``scripts/bench_threads.py`` measures both. Read by OpenMP when torch loads, so called
+    before any torch import; an OMP_WAIT_POLICY of the user's own is kept."""
+    if "OMP_WAIT_POLICY" not in os.environ and machine_is_shared(argv):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fewshot`` console script."""
-    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    set_wait_policy(sys.argv[1:] if argv is None else argv)
     try:
         _main(argv)
     except BrokenPipeError:  # `fewshot --help | head`: the reader left early, nothing is wrong

@@ -7,8 +7,9 @@ settings measured in the same run.
 - ``default``: what fewshot did before ``device.threads``: torch's thread count (one per core)
   and OpenMP's default wait policy (waiting threads spin);
 - ``one``: one thread (``OMP_NUM_THREADS=1``);
-- ``auto``: what ``fewshot train`` does now: ``device.threads=auto`` and the sleeping wait
-  policy the ``fewshot`` command sets (``OMP_WAIT_POLICY=PASSIVE``).
+- ``auto``: what ``fewshot train`` does now: ``device.threads=auto``, and the sleeping wait
+  policy (``OMP_WAIT_POLICY=PASSIVE``) where the ``fewshot`` command finds the machine shared
+  (``cli.machine_is_shared``: decided in the measuring process, beside the busy ones).
 
 A "busy process" is a pure-Python loop that never sleeps (another user's job). The fair share of
 a process beside B busy ones on C cores is min(1, C / (B + 1)) of the machine; ``auto/fair`` is
@@ -35,13 +36,17 @@ PRESETS = ["rl2_bandits_k5_n10", "protonet_omniglot_5w1s", "maml_omniglot_5w1s"]
 SETTINGS = {
     "default": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": None, "threads": None},
     "one": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": "1", "threads": None},
-    "auto": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": None, "threads": "auto"},
+    "auto": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": None, "threads": "auto"},
 }
 
 
 def child(preset: str, threads: str | None, seconds: float) -> None:
     """Run in a fresh process (the wait policy is read when torch loads): print steps/s."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if threads == "auto":  # as the fewshot command decides, before torch loads
+        from fewshot_cli.cli import set_wait_policy
+
+        set_wait_policy(["train"])
     import torch
     from time_presets import composed
 
@@ -63,7 +68,8 @@ def child(preset: str, threads: str | None, seconds: float) -> None:
             trainer.train_step(2 + steps)
             steps += 1
         rate = steps / (time.perf_counter() - start)
-    print(json.dumps({"rate": rate, "threads": torch.get_num_threads(), "line": line}))
+    print(json.dumps({"rate": rate, "threads": torch.get_num_threads(), "line": line,
+                      "policy": os.environ.get("OMP_WAIT_POLICY")}))
 
 
 def spin() -> None:
@@ -99,8 +105,8 @@ def main() -> None:
     cores = usable_cores()
     print(f"{cores} usable cores, {args.runs} runs of {args.seconds:g} s per cell (median), "
           f"steps/s; load before: {os.getloadavg()[0]:.2f}")
-    print(f"| preset | busy | {' | '.join(SETTINGS)} | auto threads | auto/default | auto/one "
-          "| auto/fair |")
+    print(f"| preset | busy | {' | '.join(SETTINGS)} | auto threads, wait | auto/default "
+          "| auto/one | auto/fair |")
     print("|---|---:|" + "---:|" * (len(SETTINGS) + 4))
     for preset in args.presets:
         idle_best = None
@@ -120,7 +126,9 @@ def main() -> None:
             share = min(1.0, cores / (busy + 1))
             fair = f"{rate['auto'] / (idle_best * share):.2f}" if idle_best else "n/a"
             print(f"| {preset} | {busy} | " + " | ".join(f"{rate[s]:.2f}" for s in SETTINGS)
-                  + f" | {cells['auto'][0]['threads']} | {rate['auto'] / rate['default']:.2f} | "
+                  + f" | {cells['auto'][0]['threads']}"
+                  f"{' passive' if cells['auto'][0]['policy'] else ''} | "
+                  f"{rate['auto'] / rate['default']:.2f} | "
                   f"{rate['auto'] / rate['one']:.2f} | {fair} |", flush=True)
 
 

@@ -198,58 +198,26 @@ def test_torchrun_ranks_on_one_machine_share_it(monkeypatch):
     assert concurrent_jobs() == 1
 
 
-def test_the_fewshot_command_lets_waiting_threads_sleep():
-    """OpenMP's default wait policy spins: on a busy machine the spinning threads took most of
-    the CPU (scripts/bench_threads.py). The command sets the sleeping policy before torch loads,
-    and a user's own policy is kept."""
+def test_waiting_threads_sleep_on_a_shared_machine_and_spin_on_an_idle_one(monkeypatch):
+    """OpenMP's default wait policy spins: beside busy processes the spinning threads took most
+    of the CPU (scripts/bench_threads.py), while on an idle machine spinning is faster. The
+    command sets the sleeping policy before torch loads where the machine is shared (a sweep,
+    torchrun's ranks, a load that fills the cores), and keeps a user's own policy."""
     import os
-    import subprocess
-    import sys
 
-    code = ("import os, sys; sys.argv = ['fewshot', 'data', '--help']\n"
-            "from fewshot_cli import cli\n"
-            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
-            "print('policy', os.environ.get('OMP_WAIT_POLICY'))")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert "policy PASSIVE" in out.stdout, out.stdout + out.stderr
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True)
-    assert "policy ACTIVE" in out.stdout, out.stdout + out.stderr
+    from fewshot_cli.cli import machine_is_shared, set_wait_policy
 
-
-def test_sigusr2_says_time_limit_or_preempted_as_submitit_tells_them_apart(tmp_path):
-    """SIGUSR2 (before a time limit or a preemption) stops like Ctrl-C; the reason comes from
-    submitit's handler of it (its job's time so far), and without submitit the sentence names
-    the signal; outside a submitit job nothing is requeued."""
-    import signal
-
-    import pytest
-
-    from fewshot_cli.engine.runtime import StopRequest
-    from fewshot_cli.errors import Interrupted
-
-    class Submitit:  # stands for submitit's SignalHandler
-        def __init__(self, timed_out: bool) -> None:
-            self.timed_out = timed_out
-
-        def has_timed_out(self) -> bool:
-            return self.timed_out
-
-        def checkpoint_and_try_requeue(self, signum, frame) -> None:
-            raise AssertionError("requeued outside a submitit job")
-
-    for timed_out, why in ((True, "time limit"), (False, "preempted")):
-        stop = StopRequest()
-        stop.previous = {signal.SIGUSR2: Submitit(timed_out).checkpoint_and_try_requeue}
-        stop._handle(signal.SIGTERM, None)
-        stop._handle(signal.SIGUSR2, None)  # the cluster's reason wins over SIGTERM's
-        assert stop.requested and stop.reason() == why
-        with pytest.raises(Interrupted, match=f"^{why} at step 7: saved .*; continue with X"):
-            stop.leave(7, tmp_path / "last.pt", "X")
-    stop = StopRequest()
-    stop._handle(signal.SIGUSR2, None)
-    assert stop.reason().startswith("stopped by SIGUSR2 (a cluster's warning")
-    stop = StopRequest()
-    stop._handle(signal.SIGINT, None)
-    assert stop.reason() == "interrupted"
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert not machine_is_shared(["train"], "0.00 0.00 0.00 1/300 1")
+    assert machine_is_shared(["train"], f"{cores}.50 1.00 1.00 1/300 1")     # the last minute
+    assert machine_is_shared(["train"], f"0.10 0.10 0.10 {cores + 1}/300 1")  # runnable now
+    assert machine_is_shared(["train", "-m", "seed=0,1"], "0.00 0.00 0.00 1/300 1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert machine_is_shared(["train"], "0.00 0.00 0.00 1/300 1")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    set_wait_policy(["train", "-m"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    set_wait_policy(["train", "-m"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
