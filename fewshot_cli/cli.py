@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewshot_cli import shell
 from fewshot_cli.config import annotate_yaml, conf_dir, group_option, key_comments
+from fewshot_cli.cores import usable_cores
 from fewshot_cli.errors import FewshotError, Interrupted
 from fewshot_cli.options import (
     HYDRA_FOLDERS,
@@ -632,9 +633,7 @@ def machine_is_shared(argv: list[str], loadavg: str | None = None) -> bool:
         return True
     try:
         fields = (loadavg if loadavg is not None else Path("/proc/loadavg").read_text()).split()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-        return max(float(fields[0]), int(fields[3].split("/")[0]) - 1) >= cores
+        return max(float(fields[0]), int(fields[3].split("/")[0]) - 1) >= usable_cores()
     except (OSError, IndexError, ValueError):
         return False
 

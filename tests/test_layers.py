@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fewshot_cli"
 COMMANDS = {"__main__", "cli", "train", "evaluate", "predict", "report", "reproduce",
             "data_check", "results"}
 GROUND = {"__init__", "episode", "files", "errors", "intervals", "shell", "config", "options",
-          "draws"}
+          "draws", "cores"}
 FLOOR = {"build": 4, "engine": 3, "algorithms": 2, "backbones": 1, "data": 1}
 NO_CONFIG = ("engine", "algorithms", "backbones", "data")  # plain values and typed records
 
